@@ -1,0 +1,1 @@
+"""Fused kernels (Triton) with plain-torch references; imported as megaevo.kernels."""

@@ -1,0 +1,114 @@
+"""The `megaevo` command: one entry point, one subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _tokenizer_train(args) -> int:
+    from megaevo.data.tokenizers import train_sentencepiece
+
+    model = train_sentencepiece(
+        inputs=args.input,
+        vocab_size=args.vocab_size,
+        output_prefix=args.output,
+        json_key=args.json_key,
+        max_sentences=args.max_sentences,
+        seed=args.seed,
+    )
+    print(f"wrote {model}")
+    return 0
+
+
+def _preprocess(args) -> int:
+    from megaevo.data.preprocess import preprocess
+
+    summary = preprocess(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer=args.tokenizer,
+        json_key=args.json_key,
+        workers=args.workers,
+        append_eod=args.append_eod,
+        on_error=args.on_error,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary.as_dict()) if args.json else summary.describe())
+    return 0
+
+
+def _inspect(args) -> int:
+    from megaevo.data import indexed
+
+    if not indexed.exists(args.path):
+        idx, bin_ = indexed.paths(args.path)
+        if idx.exists() or bin_.exists():
+            indexed.IndexedDataset(args.path)  # raises the precise error (missing partner, ...)
+        raise SystemExit(f"megaevo inspect: {args.path}: not a dataset prefix ({idx.name} and {bin_.name} not found)")
+    info = indexed.summarize(args.path)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v}")
+    return 0
+
+
+def _demo(args) -> int:
+    from megaevo.demo import run_demo
+
+    run_demo(args.dir, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megaevo", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
+    t = tok.add_parser("train", help="train a SentencePiece BPE model (byte fallback, chat special tokens)")
+    t.add_argument("--input", nargs="+", required=True, help="text or jsonl(.gz) files")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    t.add_argument("--json-key", default="text", help="field to read from jsonl inputs")
+    t.add_argument("--max-sentences", type=int, default=2_000_000, help="sample at most this many lines")
+    t.add_argument("--seed", type=int, default=1234)
+    t.set_defaults(func=_tokenizer_train)
+
+    pp = sub.add_parser("preprocess", help="tokenize jsonl text into an indexed dataset (.bin/.idx)")
+    pp.add_argument("--input", nargs="+", required=True, help="jsonl or jsonl.gz files")
+    pp.add_argument("--json-key", default="text")
+    pp.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")
+    pp.add_argument("--output-prefix", required=True)
+    pp.add_argument("--workers", type=int, default=1)
+    pp.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
+    pp.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="what to do with malformed lines")
+    pp.add_argument("--quiet", action="store_true", help="no progress bar")
+    pp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    pp.set_defaults(func=_preprocess)
+
+    ins = sub.add_parser("inspect", help="summarise a dataset prefix")
+    ins.add_argument("path")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=_inspect)
+
+    d = sub.add_parser("demo", help="build the embedded demo corpora (no download) in a work directory")
+    d.add_argument("--dir", default="megaevo-demo")
+    d.add_argument("--seed", type=int, default=1234)
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data pipeline: indexed token files, tokenizers, preprocessing, GPT samples, blending, sampling."""
