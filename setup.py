@@ -15,7 +15,8 @@ ext_modules = [
         "megaevo._C",
         sorted(glob("csrc/*.cpp")),
         cxx_std=17,
-        extra_compile_args=["-O3"],
+        extra_compile_args=["-O3", "-pthread"],
+        extra_link_args=["-pthread"],
     )
 ]
 
