@@ -40,11 +40,12 @@ def plan_epochs(tokens_per_epoch: int, seq_len: int, num_samples: int | None, ad
     """How many epochs `num_samples` samples need, and whether the last is shuffled on its own."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
+    too_few = f"the documents hold {tokens_per_epoch} tokens, too few for a single sample of {seq_len + add_extra_token}"
     if tokens_per_epoch <= add_extra_token:
-        raise ValueError(
-            f"the documents hold {tokens_per_epoch} tokens, too few for a single sample of {seq_len + add_extra_token}"
-        )
+        raise ValueError(too_few)
     if num_samples is None:
+        if tokens_per_epoch - add_extra_token < seq_len:
+            raise ValueError(too_few + " (ask for a number of samples to go over them more than once)")
         return EpochPlan(tokens_per_epoch, 1, False, 0)
     requested = num_samples * seq_len + add_extra_token
     num_epochs = max(1, -(-requested // tokens_per_epoch))
@@ -171,7 +172,7 @@ def blending_indices_reference(weights: np.ndarray, size: int) -> tuple[np.ndarr
     dataset_index = np.zeros(size, dtype=np.int16)
     sample_index = np.zeros(size, dtype=np.int64)
     taken = np.zeros(k, dtype=np.int64)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         for i in range(size):
             eligible = (weights > 0) & (weights * (i + 1) - taken >= slack - 1e-9)
             deadlines = np.where(eligible, (taken + sigma) / weights, np.inf)

@@ -1,0 +1,325 @@
+"""Tokenize jsonl(.gz) documents into an indexed dataset (`prefix.bin` + `prefix.idx`) with a worker pool.
+
+The main process reads lines and writes tokens; workers parse JSON and tokenize chunks of lines.
+Results are consumed in input order, so the output is the same for any number of workers. The
+dataset appears under its final name only when every input has been read without error.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from megaevo.data.indexed import IndexedDatasetWriter, token_dtype
+from megaevo.data.tokenizers import Tokenizer, load_tokenizer
+
+GZIP_MAGIC = b"\x1f\x8b"
+CHUNK_LINES = 512
+CHUNK_BYTES = 1 << 20
+MAX_LOCATIONS = 10  # skipped-line locations kept in the summary
+MAX_WARNINGS = 5  # skipped-line locations printed as they happen
+
+
+class PreprocessError(ValueError):
+    """An input is missing, unreadable or malformed."""
+
+
+@dataclasses.dataclass
+class PreprocessSummary:
+    inputs: list[str]
+    output_prefix: str
+    tokenizer: str
+    documents: int
+    tokens: int
+    skipped: int
+    skipped_locations: list[str]
+    empty: int  # documents whose text encodes to no tokens (not written)
+    seconds: float
+    docs_per_s: float
+    tokens_per_s: float
+    dtype: str
+    workers: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        lines = [
+            f"wrote {self.output_prefix}.bin/.idx ({self.dtype}) from {len(self.inputs)} input(s)",
+            f"  documents  {self.documents:,}",
+            f"  tokens     {self.tokens:,}",
+            f"  time       {self.seconds:.2f} s with {self.workers} worker(s): "
+            f"{self.docs_per_s:,.0f} docs/s, {self.tokens_per_s:,.0f} tokens/s",
+        ]
+        if self.empty:
+            lines.append(f"  empty      {self.empty:,} documents with no tokens were left out")
+        if self.skipped:
+            lines.append(f"  skipped    {self.skipped:,} malformed lines, first: {self.skipped_locations[0]}")
+        return "\n".join(lines)
+
+
+def open_input(path: str | os.PathLike) -> BinaryIO:
+    """Open an input for reading bytes, decompressing gzip (recognised by its magic bytes)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == GZIP_MAGIC:
+        return gzip.open(path, "rb")
+    if path.suffix == ".gz":
+        raise PreprocessError(f"{path}: named .gz but not gzip-compressed")
+    return open(path, "rb", buffering=CHUNK_BYTES)
+
+
+def check_inputs(inputs) -> list[Path]:
+    """The inputs as paths, after checking that each is a readable file."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise PreprocessError("no input files given")
+    for p in paths:
+        if not p.exists():
+            raise PreprocessError(f"{p}: input file not found")
+        if not p.is_file():
+            raise PreprocessError(f"{p}: not a file")
+        try:
+            with open_input(p) as f:
+                f.read(1)
+        except OSError as e:
+            raise PreprocessError(f"{p}: cannot read ({e.strerror or e})") from None
+    return paths
+
+
+# -- encoding (runs in workers) ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Encoded:
+    tokens: np.ndarray  # all documents of a chunk back to back
+    lengths: list[int]
+    errors: list[tuple[int, str]]  # (line offset in the chunk, reason)
+    empty: int
+
+
+def _text_of(raw: bytes, json_key: str) -> str:
+    """The document text of one jsonl line, or ValueError with the reason it is malformed."""
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ValueError("not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if json_key not in obj:
+        keys = ", ".join(repr(k) for k in list(obj)[:5])
+        raise ValueError(f"key {json_key!r} missing (keys: {keys or 'none'})")
+    text = obj[json_key]
+    if not isinstance(text, str):
+        raise ValueError(f"{json_key!r} is {type(text).__name__}, not a string")
+    return text
+
+
+def encode_lines(tokenizer: Tokenizer, lines: list[bytes], json_key: str, eod: int | None, dtype) -> _Encoded:
+    """Tokenize the documents of a chunk of jsonl lines; blank lines are ignored."""
+    docs, lengths, errors, empty = [], [], [], 0
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            text = _text_of(raw, json_key)
+        except ValueError as e:
+            errors.append((i, str(e)))
+            continue
+        ids = tokenizer.encode(text)
+        if not ids:
+            empty += 1
+            continue
+        if eod is not None:
+            ids.append(eod)
+        docs.extend(ids)
+        lengths.append(len(ids))
+    tokens = np.array(docs, dtype=np.int64)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= tokenizer.vocab_size):
+        raise ValueError(f"{tokenizer.name} produced token id {int(tokens.max())} outside its vocabulary ({tokenizer.vocab_size})")
+    return _Encoded(tokens.astype(dtype), lengths, errors, empty)
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer) -> None:
+    """Load the tokenizer once per worker; interrupts are handled by the main process."""
+    global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_tokenizer = load_tokenizer(tokenizer)
+
+
+def _encode_in_worker(task) -> _Encoded:
+    return encode_lines(_worker_tokenizer, *task)
+
+
+# -- reading and ordering ------------------------------------------------------------------------
+
+def _read_chunks(paths: list[Path]) -> Iterator[tuple[int, int, list[bytes]]]:
+    """(input index, first line number, lines) for chunks of each input in turn."""
+    for index, path in enumerate(paths):
+        lines: list[bytes] = []
+        first, size, lineno = 1, 0, 0
+        try:
+            with open_input(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    lines.append(line)
+                    size += len(line)
+                    if len(lines) >= CHUNK_LINES or size >= CHUNK_BYTES:
+                        yield index, first, lines
+                        lines, first, size = [], lineno + 1, 0
+        except (OSError, EOFError, zlib.error) as e:
+            raise PreprocessError(f"{path}: read failed after line {lineno}: {e}") from None
+        if lines:
+            yield index, first, lines
+
+
+def _encoded_chunks(chunks, encode_args, tokenizer: Tokenizer, pool, window: int):
+    """(input index, first line, _Encoded) in input order, at most `window` chunks in flight."""
+    if pool is None:
+        for index, first, lines in chunks:
+            yield index, first, encode_lines(tokenizer, lines, *encode_args)
+        return
+    pending: collections.deque = collections.deque()
+    for index, first, lines in chunks:
+        pending.append((index, first, pool.apply_async(_encode_in_worker, ((lines, *encode_args),))))
+        if len(pending) >= window:
+            index, first, result = pending.popleft()
+            yield index, first, result.get()
+    while pending:
+        index, first, result = pending.popleft()
+        yield index, first, result.get()
+
+
+def _progress_bar(enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(desc="preprocess", unit=" docs", file=sys.stderr, disable=None if enabled else True, dynamic_ncols=True)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The directories on the way to path that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+def preprocess(
+    inputs,
+    output_prefix: str | os.PathLike,
+    tokenizer: str | os.PathLike | Tokenizer,
+    json_key: str = "text",
+    workers: int = 1,
+    append_eod: bool = False,
+    on_error: str = "fail",
+    progress: bool = True,
+) -> PreprocessSummary:
+    """Tokenize the string under json_key of every line of the jsonl(.gz) inputs, in order, into output_prefix.
+
+    One sequence per document (plus the end-of-document token when append_eod). Blank lines are
+    ignored, documents that encode to no tokens are left out (counted as `empty`). A malformed
+    line raises PreprocessError naming file and line (on_error="fail", nothing is written) or is
+    skipped and counted (on_error="skip").
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    paths = check_inputs(inputs)
+    tok = load_tokenizer(tokenizer)
+    eod = None
+    if append_eod:
+        eod = tok.eod_id
+        if eod is None:
+            raise PreprocessError(f"{tok.name} has no end-of-document (eos) token, so it cannot be appended")
+    dtype = token_dtype(tok.vocab_size)
+    encode_args = (json_key, eod, dtype)
+    new_dirs = _missing_dirs(Path(output_prefix).parent)
+
+    start = time.perf_counter()
+    documents = skipped = empty = 0
+    locations: list[str] = []
+    writer = IndexedDatasetWriter(output_prefix, dtype)
+    pool = bar = None
+    try:
+        if workers > 1:  # before the progress bar starts its thread, so that workers fork a single thread
+            spec = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok
+            pool = multiprocessing.get_context().Pool(workers, _init_worker, (spec,))
+        bar = _progress_bar(progress)
+        for index, first, enc in _encoded_chunks(_read_chunks(paths), encode_args, tok, pool, 4 * workers):
+            for offset, reason in enc.errors:
+                where = f"{paths[index]}:{first + offset}: {reason}"
+                if on_error == "fail":
+                    raise PreprocessError(f"{where} (use on_error='skip' / --on-error skip to skip malformed lines)")
+                skipped += 1
+                if len(locations) < MAX_LOCATIONS:
+                    locations.append(where)
+                if skipped <= MAX_WARNINGS:
+                    bar.write(f"warning: skipping {where}", file=sys.stderr)
+            pos = 0
+            for n in enc.lengths:
+                writer.add_document(enc.tokens[pos : pos + n])
+                pos += n
+            documents += len(enc.lengths)
+            empty += enc.empty
+            bar.update(len(enc.lengths))
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
+        if pool is not None:
+            pool.close()
+            pool.join()
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for d in new_dirs:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if skipped > MAX_WARNINGS:
+        print(f"warning: skipped {skipped} malformed lines in all (first {len(locations)} in the summary)", file=sys.stderr)
+
+    seconds = time.perf_counter() - start
+    rate = 1.0 / max(seconds, 1e-9)
+    return PreprocessSummary(
+        inputs=[str(p) for p in paths],
+        output_prefix=str(writer.idx_path)[: -len(".idx")],
+        tokenizer=tok.name,
+        documents=documents,
+        tokens=writer.num_tokens,
+        skipped=skipped,
+        skipped_locations=locations,
+        empty=empty,
+        seconds=round(seconds, 4),
+        docs_per_s=round(documents * rate, 1),
+        tokens_per_s=round(writer.num_tokens * rate, 1),
+        dtype=str(dtype),
+        workers=workers,
+    )

@@ -1,0 +1,226 @@
+"""The embedded demo: corpus generators, worked math solutions, and the whole pipeline at a small scale."""
+from __future__ import annotations
+
+import json
+import sys
+from fractions import Fraction
+
+import pytest
+
+from megaevo import demo
+from megaevo.data.indexed import IndexedDataset
+
+# -- general corpus ------------------------------------------------------------------------------
+
+
+def test_general_corpus_is_deterministic_and_capped():
+    first = list(demo.general_corpus(limit_docs=40, max_bytes=200_000))
+    assert first == list(demo.general_corpus(limit_docs=40, max_bytes=200_000))
+    assert 0 < len(first) <= 40
+    assert sum(len(d.encode()) for d in first) <= 200_000
+    assert all(d.strip() for d in first)
+    assert len(list(demo.general_corpus(limit_docs=5, max_bytes=None))) == 5
+    small = list(demo.general_corpus(limit_docs=None, max_bytes=30_000))
+    assert 0 < sum(len(d.encode()) for d in small) <= 30_000
+
+
+def test_general_corpus_has_reference_pages_and_source():
+    docs = list(demo.general_corpus(limit_docs=200, max_bytes=None))
+    assert any(d.startswith("Module ") for d in docs)
+    assert any("def " in d and not d.startswith("Module ") for d in docs)
+
+
+def test_general_corpus_skips_tests_packages_and_undecodable(tmp_path):
+    body = "\n".join(f"value_{i} = {i}" for i in range(40)) + "\n"
+    files = {
+        "good.py": '"""A good module with a docstring."""\n' + body + 'def grow(x):\n    """Grow x."""\n',
+        "pkg/__init__.py": '"""A package."""\n' + body.replace("value", "pkg_value"),
+        "test/test_thing.py": body.replace("value", "TESTSUITE"),
+        "pkg/tests/test_x.py": body.replace("value", "TESTSUITE"),
+        "site-packages/third.py": body.replace("value", "THIRDPARTY"),
+        "latin1.py": "# caf\xe9\n" + body.replace("value", "LATIN"),
+        "tiny.py": "x = 1\n",
+        "notes.txt": body.replace("value", "NOTPYTHON"),
+    }
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode("latin-1" if name == "latin1.py" else "utf-8"))
+    text = "\n".join(demo.general_corpus(limit_docs=None, max_bytes=None, root=tmp_path))
+    assert "value_39 = 39" in text and "pkg_value_0" in text
+    assert "Module good\n\nA good module with a docstring.\n\ngrow(x)\nGrow x." in text
+    assert "Module pkg" not in text  # a module docstring alone makes no reference page
+    for absent in ("TESTSUITE", "THIRDPARTY", "LATIN", "NOTPYTHON", "x = 1"):
+        assert absent not in text
+    with pytest.raises(FileNotFoundError, match="no Python source files"):
+        list(demo.general_corpus(root=tmp_path / "test" / "nothing-here"))
+
+
+def test_split_text_keeps_everything_and_bounds_chunks():
+    source = "".join(f"def f{i}():\n    return {i}\n\n" for i in range(300))
+    chunks = list(demo.split_text(source, 500))
+    assert len(chunks) > 5
+    assert all(c.startswith("def f") for c in chunks)
+    assert "\n\n".join(chunks) + "\n\n" == source
+    assert max(map(len, chunks)) < 600
+    wall = "x = [\n" + "    1,\n" * 2000 + "]\n"  # no blank line anywhere
+    pieces = list(demo.split_text(wall, 1000))
+    assert len(pieces) > 1 and max(map(len, pieces)) <= 4000 + 10
+    assert "\n".join(pieces) + "\n" == wall
+
+
+def test_reference_page():
+    source = '''"""Tools."""
+
+class Box:
+    """Holds things."""
+
+    def put(self, item, *, force=False):
+        """Put an item in."""
+
+    def _hidden(self):
+        """Not shown."""
+
+
+def helper(x):
+    """Help with x."""
+'''
+    page = demo.reference_page("tools", source)
+    assert page.startswith("Module tools\n\nTools.")
+    assert "class Box\nHolds things." in page
+    assert "Box.put(self, item, *, force=False)\nPut an item in." in page
+    assert "helper(x)\nHelp with x." in page
+    assert "_hidden" not in page
+    assert demo.reference_page("broken", "def (:\n") is None
+
+
+# -- math corpus ---------------------------------------------------------------------------------
+
+
+def test_math_problems_are_seeded():
+    a = demo.math_problems(60, seed=1)
+    assert a == demo.math_problems(60, seed=1)
+    b = demo.math_problems(60, seed=2)
+    assert len(a) == len(b) == 60
+    assert len({p.text for p in a} & {p.text for p in b}) < 10
+    assert list(demo.math_corpus(60, seed=1)) == [p.text for p in a]
+
+
+def test_math_documents_hold_question_solution_and_answer():
+    problems = demo.math_problems(120, seed=3)
+    assert {p.dataset for p in problems} == set(demo.MATH_MIX)
+    assert len({p.question for p in problems}) == len(problems)
+    for p in problems:
+        assert p.text.startswith("Question: " + p.question.strip())
+        assert p.text.endswith("\nAnswer: " + p.answer)
+        assert p.answer.strip()
+        assert ("\nSolution:\n" in p.text) == (p.solution is not None)
+    with_steps = [p for p in problems if p.solution]
+    assert len(with_steps) >= 0.8 * len(problems)
+    assert {p.dataset for p in with_steps} >= set(demo.MATH_MIX) - {"basic_arithmetic", "products"}
+
+
+def test_worked_solutions_check_their_result():
+    entry = {"question": "GCD of 12 and 18?", "answer": "6", "metadata": {"numbers": [12, 18]}}
+    steps = demo.worked_solution("gcd", entry)
+    assert steps.splitlines() == ["18 = 1 × 12 + 6", "12 = 2 × 6 + 0", "The last nonzero remainder is 6, so the GCD is 6."]
+    assert demo.worked_solution("gcd", {**entry, "answer": "5"}) is None
+    assert demo.worked_solution("no_such_dataset", entry) is None
+
+    eq = {"answer": "7", "metadata": {"equation": "81 - 3*x = 60", "variable": "x"}}
+    assert demo.worked_solution("simple_equations", eq).splitlines() == [
+        "81 - 3*x = 60",
+        "Subtract 81 from both sides: -3*x = -21",
+        "Divide both sides by -3: x = 7",
+    ]
+    assert demo.worked_solution("simple_equations", {**eq, "answer": "8"}) is None
+    quadratic = {"answer": "3", "metadata": {"equation": "x*x = 9", "variable": "x"}}
+    assert demo.worked_solution("simple_equations", quadratic) is None
+
+    frac = {"answer": "$\\dfrac{3}{4}$", "metadata": {"numerator": 30, "denominator": 40}}
+    assert demo.worked_solution("fraction_simplification", frac) == "gcd(30, 40) = 10\n30 ÷ 10 = 3 and 40 ÷ 10 = 4"
+    assert demo.worked_solution("fraction_simplification", {**frac, "answer": "3/5"}) is None
+
+    chain = {"answer": "-4", "metadata": {"expression": "4 - 1 - 7"}}
+    assert demo.worked_solution("chain_sum", chain) == "4 - 1 = 3\n3 - 7 = -4"
+
+    prod = {"answer": "4264", "metadata": {"expression": "82 * 52"}}
+    assert demo.worked_solution("products", prod).splitlines()[-1] == "4100 + 164 = 4264"
+
+    primes = {"answer": "2 × 2 × 5 × 7 × 7", "metadata": {"number": 980, "factors": [2, 2, 5, 7, 7]}}
+    assert demo.worked_solution("prime_factorization", primes).splitlines()[-1] == "7 is prime."
+
+
+def test_evaluate_is_exact_and_refuses_anything_else():
+    assert demo.evaluate("1/3 + 1/6") == Fraction(1, 2)
+    assert demo.evaluate("-( -2 - 9 ) * 3", {}) == 33
+    assert demo.evaluate("2*y - 1", {"y": Fraction(5)}) == 9
+    for bad in ("__import__('os')", "x", "2 ** 3", "[1][0]"):
+        with pytest.raises(ValueError):
+            demo.evaluate(bad)
+
+
+def test_math_corpus_needs_reasoning_gym(monkeypatch):
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # makes `import reasoning_gym` fail
+    with pytest.raises(ImportError, match=r"pip install 'megaevo\[demo\]'"):
+        demo.math_problems(5, seed=0)
+
+
+# -- the whole demo ------------------------------------------------------------------------------
+
+
+def test_run_demo_small(tmp_path, capsys):
+    from megaevo.data.tokenizers import load_tokenizer
+
+    out = tmp_path / "demo"
+    result = demo.run_demo(out, seed=5, scale=0.02, vocab_size=600)
+    printed = capsys.readouterr().out
+    facts = json.loads((out / "demo.json").read_text())
+    assert facts == {k: v for k, v in result.as_dict().items() if k != "seconds"}
+    assert facts["vocab_size"] == 600 and facts["seed"] == 5
+    tokenizer = load_tokenizer(facts["tokenizer"])
+    assert tokenizer.vocab_size == 600
+
+    domains = {d["name"]: d for d in facts["domains"]}
+    assert set(domains) == {"general", "math"}
+    assert domains["math"]["corpus_documents"] == round(demo.MATH_DOCS * 0.02)
+    for name, d in domains.items():
+        corpus_lines = (out / "corpus" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(corpus_lines) == d["corpus_documents"] > 0
+        ds = IndexedDataset(d["data_prefix"])
+        ds.validate()
+        assert (ds.num_documents, len(ds), ds.num_tokens) == (d["documents"], d["sequences"], d["tokens"])
+        assert ds.num_documents == d["corpus_documents"]
+        assert d["dtype"] == "uint16" == str(ds.dtype)
+        last = [int(ds.document(i)[-1]) for i in range(ds.num_documents)]
+        assert set(last) == {tokenizer.eod_id}
+        first_text = json.loads(corpus_lines[0])["text"]
+        assert tokenizer.decode(ds.document(0)[:-1]) == first_text
+        assert f"{d['tokens']:,} tokens" in printed
+    assert json.loads((out / "corpus" / "math.jsonl").read_text().splitlines()[0])["text"].startswith("Question: ")
+
+    # A rerun reuses every output; a new seed rebuilds the math corpus and what depends on it.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "demo.json"}
+    again = demo.run_demo(out, seed=5, scale=0.02, vocab_size=600, verbose=False)
+    assert again.domains == result.domains
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    math_before = (out / "corpus" / "math.jsonl").read_text()
+    demo.run_demo(out, seed=6, scale=0.02, vocab_size=600, verbose=False)
+    assert (out / "corpus" / "general.jsonl").stat().st_mtime_ns == stamps[out / "corpus" / "general.jsonl"]
+    assert (out / "corpus" / "math.jsonl").read_text() != math_before
+    assert (out / "tokenizer" / "demo.model").stat().st_mtime_ns != stamps[out / "tokenizer" / "demo.model"]
+    assert json.loads((out / "demo.json").read_text())["seed"] == 6
+
+
+def test_run_demo_rebuilds_incomplete_outputs(tmp_path):
+    out = tmp_path / "demo"
+    first = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, verbose=False)
+    general_text = (out / "corpus" / "general.jsonl").read_text()
+    (out / "data" / "math.bin").write_bytes(b"")  # a damaged dataset
+    with open(out / "corpus" / "general.jsonl", "a") as f:  # a corpus changed behind its record
+        f.write('{"text": "extra"}\n')
+    second = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, verbose=False)
+    assert (out / "corpus" / "general.jsonl").read_text() == general_text
+    assert second.domains == first.domains
+    math_ = IndexedDataset(second.domains[1].data_prefix)
+    assert (math_.num_documents, math_.num_tokens) == (first.domains[1].documents, first.domains[1].tokens)
