@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -20,6 +19,45 @@
 namespace py = pybind11;
 
 namespace {
+
+// MT19937 giving the same stream as numpy's legacy RandomState (and std::mt19937), but generated a
+// block of 624 words at a time in loops the compiler vectorises: several times faster per draw.
+class Mt19937 {
+ public:
+  static constexpr int kN = 624, kM = 397;
+  explicit Mt19937(uint32_t seed) {
+    state_[0] = seed;
+    for (int i = 1; i < kN; ++i) state_[i] = 1812433253u * (state_[i - 1] ^ (state_[i - 1] >> 30)) + uint32_t(i);
+    pos_ = kN;
+  }
+  inline uint32_t operator()() {
+    if (pos_ == kN) refill();
+    return out_[pos_++];
+  }
+ private:
+  static inline uint32_t twist(uint32_t a, uint32_t b, uint32_t c) {
+    const uint32_t y = (a & 0x80000000u) | (b & 0x7fffffffu);
+    return c ^ (y >> 1) ^ ((0u - (y & 1u)) & 0x9908b0dfu);
+  }
+  void refill() {
+    uint32_t* s = state_;
+    for (int i = 0; i < kN - kM; ++i) s[i] = twist(s[i], s[i + 1], s[i + kM]);
+    for (int i = kN - kM; i < kN - 1; ++i) s[i] = twist(s[i], s[i + 1], s[i + kM - kN]);
+    s[kN - 1] = twist(s[kN - 1], s[0], s[kM - 1]);
+    for (int i = 0; i < kN; ++i) {
+      uint32_t y = s[i];
+      y ^= y >> 11;
+      y ^= (y << 7) & 0x9d2c5680u;
+      y ^= (y << 15) & 0xefc60000u;
+      y ^= y >> 18;
+      out_[i] = y;
+    }
+    pos_ = 0;
+  }
+  uint32_t state_[kN];
+  uint32_t out_[kN];
+  int pos_;
+};
 
 // numpy's legacy RandomState draws a bounded integer in [0, max] by masking 32-bit (or 64-bit)
 // MT19937 outputs to the smallest covering power of two and rejecting values above max.
@@ -71,7 +109,7 @@ class LegacyRng {
   }
 
  private:
-  std::mt19937 mt_;
+  Mt19937 mt_;
 };
 
 template <typename T>

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -108,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError, ImportError) as e:
+        # Bad input (files, formats, settings) gets its message, not a traceback; MEGAEVO_DEBUG=1 shows it.
+        if os.environ.get("MEGAEVO_DEBUG"):
+            raise
+        print(f"megaevo {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -441,7 +441,8 @@ def test_cli_inspect_missing(tmp_path):
     assert str(tmp_path / "nothing") in str(err.value.code)
 
 
-def test_cli_inspect_half_dataset(tmp_path):
+def test_cli_inspect_half_dataset(tmp_path, capsys):
     (tmp_path / "ds.bin").write_bytes(b"\x00\x00")
-    with pytest.raises(DatasetFormatError, match="index file not found"):
-        cli.main(["inspect", str(tmp_path / "ds")])
+    assert cli.main(["inspect", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err
+    assert "index file not found" in err and str(tmp_path / "ds.idx") in err

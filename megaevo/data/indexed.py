@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,8 @@ class IndexedDataset:
 
     def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens [offset, offset + length) of sequence idx (to its end when length is None)."""
+        if not 0 <= idx < len(self):
+            raise IndexError(f"{self.prefix}: sequence {idx} out of range ({len(self)} sequences)")
         seq_len = int(self.sequence_lengths[idx])
         if length is None:
             length = seq_len - offset
@@ -214,12 +217,12 @@ class IndexedDataset:
         return np.frombuffer(self._bin, dtype=self.dtype, count=length, offset=start)
 
     def __getitem__(self, idx: int) -> np.ndarray:
-        if not -len(self) <= idx < len(self):
-            raise IndexError(f"{self.prefix}: sequence {idx} out of range ({len(self)} sequences)")
-        return self.get(idx % len(self))
+        return self.get(idx + len(self) if idx < 0 else idx)
 
     def document(self, doc: int) -> np.ndarray:
         """All tokens of document doc (its sequences concatenated)."""
+        if not 0 <= doc < self.num_documents:
+            raise IndexError(f"{self.prefix}: document {doc} out of range ({self.num_documents} documents)")
         beg, end = int(self.document_indices[doc]), int(self.document_indices[doc + 1])
         parts = [self.get(i) for i in range(beg, end)]
         return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
@@ -238,13 +241,14 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)
         self.idx_path.parent.mkdir(parents=True, exist_ok=True)
-        tag = f".tmp-{os.getpid()}"
+        tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tmp_bin = self.bin_path.with_name(self.bin_path.name + tag)
         self._tmp_idx = self.idx_path.with_name(self.idx_path.name + tag)
         self._bin = open(self._tmp_bin, "wb")
         self._lengths: list[int] = []
         self._docs: list[int] = [0]
         self.num_tokens = 0
+        self._closed = False
 
     def add_sequence(self, tokens) -> None:
         arr = np.asarray(tokens)
@@ -287,6 +291,9 @@ class IndexedDatasetWriter:
         self._docs.extend((other.document_indices[1:] + base).tolist())
 
     def finalize(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._bin.close()
         if self._docs[-1] != len(self._lengths):
             self._docs.append(len(self._lengths))
@@ -295,6 +302,9 @@ class IndexedDatasetWriter:
         os.replace(self._tmp_idx, self.idx_path)
 
     def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._bin.close()
         for p in (self._tmp_bin, self._tmp_idx):
             p.unlink(missing_ok=True)
