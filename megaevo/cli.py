@@ -57,6 +57,15 @@ def _inspect(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from megaevo.data.indexed import merge_datasets
+
+    merged = merge_datasets(args.input, args.output_prefix)
+    print(f"wrote {merged.prefix}.bin/.idx: {merged.num_documents:,} documents, {len(merged):,} sequences, "
+          f"{merged.num_tokens:,} tokens ({merged.dtype})")
+    return 0
+
+
 def _demo(args) -> int:
     from megaevo.demo import run_demo
 
@@ -94,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("path")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=_inspect)
+
+    mg = sub.add_parser("merge", help="concatenate indexed datasets of one dtype into one")
+    mg.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in order")
+    mg.add_argument("--output-prefix", required=True)
+    mg.set_defaults(func=_merge)
 
     d = sub.add_parser("demo", help="build the embedded demo corpora (no download) in a work directory")
     d.add_argument("--dir", default="megaevo-demo")

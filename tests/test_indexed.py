@@ -221,6 +221,17 @@ def test_merge_is_concatenation(tmp_path):
     assert (tmp_path / "out" / "merged.bin").read_bytes() == expected_bin
 
 
+def test_cli_merge(tmp_path, capsys):
+    a = write_docs(tmp_path / "a", [[[1, 2]], [[3]]])
+    b = write_docs(tmp_path / "b", [[[4, 5, 6]]])
+    assert cli.main(["merge", "--input", str(a), str(b), "--output-prefix", str(tmp_path / "ab")]) == 0
+    assert "3 documents" in capsys.readouterr().out
+    merged = IndexedDataset(tmp_path / "ab")
+    assert [merged.document(d).tolist() for d in range(3)] == [[1, 2], [3], [4, 5, 6]]
+    assert cli.main(["merge", "--input", str(tmp_path / "none"), "--output-prefix", str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
 def test_merge_non_contiguous_input(tmp_path):
     """A dataset whose pointers skip bytes in .bin is merged by sequence, not by byte copy."""
     (tmp_path / "gap.bin").write_bytes(struct.pack("<5H", 1, 2, 99, 3, 4))
