@@ -1,0 +1,265 @@
+"""Config: presets, YAML and dotted overrides, type and unknown-key errors, layout validation."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from megaevo.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    Layout,
+    ModelConfig,
+    config_to_dict,
+    load_config,
+    resolve_dtype,
+    save_config,
+    validate,
+)
+
+
+def write(tmp_path, text: str, name: str = "run.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def config(*overrides: str) -> Config:
+    return load_config(None, list(overrides))
+
+
+# ---------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("name, layers, hidden, ffn", [
+    ("evolm-0.5b", 20, 1536, 3216),
+    ("evolm-1b", 22, 2048, 4896),
+    ("evolm-2b", 26, 2816, 6180),
+    ("evolm-4b", 28, 4096, 7792),
+])
+def test_evolm_presets(name, layers, hidden, ffn):
+    m = config(f"model.preset={name}").model
+    assert (m.preset, m.num_layers, m.hidden_size, m.ffn_hidden_size) == (name, layers, hidden, ffn)
+    assert (m.num_heads, m.num_kv_heads, m.vocab_size, m.max_seq_len) == (32, 4, 32000, 2048)
+    assert m.head_dim == hidden // 32
+
+
+def test_tiny_preset_is_small_and_the_default():
+    tiny = ModelConfig.from_preset("tiny")
+    assert tiny.num_layers <= 4 and tiny.hidden_size <= 128 and tiny.vocab_size == 4096
+    assert (tiny.num_heads, tiny.num_kv_heads) == (4, 2)
+    assert config().model == ModelConfig()
+    assert {k: getattr(ModelConfig(), k) for k in PRESETS["tiny"]} == PRESETS["tiny"]
+
+
+def test_explicit_fields_override_the_preset(tmp_path):
+    path = write(tmp_path, """
+        model:
+          num_layers: 4        # before or after the preset key: explicit fields win
+          preset: evolm-1b
+          recompute: selective
+    """)
+    m = load_config(path, []).model
+    assert (m.num_layers, m.hidden_size, m.recompute) == (4, 2048, "selective")
+    # a later override of the preset replaces the architecture; later explicit overrides win again
+    m = load_config(path, ["model.preset=evolm-4b", "model.hidden_size=1024"]).model
+    assert (m.preset, m.num_layers, m.hidden_size, m.recompute) == ("evolm-4b", 28, 1024, "selective")
+    assert ModelConfig.from_preset("evolm-1b", num_layers=2).num_layers == 2
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(ConfigError, match=r"model\.preset.*'evolm-3b'.*did you mean 'evolm-4b'"):
+        config("model.preset=evolm-3b")
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        ModelConfig.from_preset("llama")
+
+
+# ---------------------------------------------------------------- YAML and overrides
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, """
+        model: {preset: tiny}
+        parallel: {tp: 2, sequence_parallel: true}
+        data:
+          train: [0.95, data/math, 0.05, data/web]
+          valid: {code: data/code}
+          seq_len: 128
+        optim: {lr: 3e-4, min_lr: 3e-5, schedule: wsd}   # 3e-4 is a string to YAML
+        checkpoint: {async: true, load: auto}
+        out_dir: runs/x
+    """)
+    cfg = load_config(path, [
+        "parallel.tp=1",
+        "optim.betas=[0.9,0.98]",
+        "data.valid.web=data/web",
+        "checkpoint.load=null",
+        "train.iters=1e3",
+    ])
+    assert cfg.parallel.tp == 1 and cfg.parallel.sequence_parallel is True
+    assert cfg.data.train == [0.95, "data/math", 0.05, "data/web"]
+    assert cfg.data.valid == {"code": "data/code", "web": "data/web"}
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == (0.9, 0.98)
+    assert cfg.checkpoint.async_save is True and cfg.checkpoint.load is None
+    assert cfg.train.iters == 1000 and cfg.out_dir == "runs/x" and cfg.seq_len == 128
+    cfg = load_config(path, ["data.train={web: {prefix: d/web, weight: 1}}", "checkpoint.load=auto"])
+    assert cfg.data.train == {"web": {"prefix": "d/web", "weight": 1}}
+    assert cfg.checkpoint.load == "auto"
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(None, ["model.preset=evolm-0.5b", "optim.schedule=inf-cos", "optim.constant_lr=1e-4",
+                             "data.train={a: {prefix: p/a, weight: 2}}", "parallel.pp_layers=[10,10]",
+                             "parallel.pp=2", "checkpoint.async=true", "checkpoint.keep_last=3"])
+    path = save_config(cfg, tmp_path / "sub" / "config.yaml")
+    text = path.read_text()
+    assert "async: true" in text and "async_save" not in text
+    assert load_config(path, []) == cfg
+    assert config_to_dict(load_config(path, [])) == config_to_dict(cfg)
+    assert load_config(save_config(Config(), tmp_path / "d.yaml"), []) == Config()
+
+
+def test_empty_file_and_defaults(tmp_path):
+    assert load_config(write(tmp_path, ""), []) == Config()
+    assert config().seq_len == ModelConfig().max_seq_len
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("parallel.tp=two", "parallel.tp", "an integer"),
+    ("train.iters=1.5", "train.iters", "an integer"),
+    ("parallel.sequence_parallel=3", "parallel.sequence_parallel", "true or false"),
+    ("optim.lr=fast", "optim.lr", "a number"),
+    ("optim.betas=[0.9]", "optim.betas", "a list of 2 numbers"),
+    ("parallel.pp_layers=[2, x]", r"parallel.pp_layers\[1\]", "an integer"),
+    ("data.valid=[a, b]", "data.valid", "a mapping"),
+    ("data.train=web", "data.train", "a list or a mapping"),
+    ("model.recompute=ful", "model.recompute", "one of 'none', 'full', 'selective'.*did you mean 'full'"),
+    ("kernels.backend=cuda", "kernels.backend", "one of 'auto', 'triton', 'torch', 'apex'"),
+    ("train.dtype=fp16", "train.dtype", "one of"),
+    ("checkpoint.load=[1]", "checkpoint.load", "a string or null"),
+])
+def test_type_errors_name_the_key(override, key, expected):
+    with pytest.raises(ConfigError, match=rf"^{key}: expected {expected}"):
+        config(override)
+
+
+def test_type_error_from_a_file(tmp_path):
+    path = write(tmp_path, "train:\n  micro_batch_size: four\n")
+    with pytest.raises(ConfigError, match="train.micro_batch_size: expected an integer, got 'four'"):
+        load_config(path, [])
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        load_config(write(tmp_path, "model: evolm-1b\n"), [])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr_min=1e-5", "unknown key 'optim.lr_min' (did you mean 'optim.min_lr'?)"),
+    ("model.num_layer=3", "unknown key 'model.num_layer' (did you mean 'model.num_layers'?)"),
+    ("train.lr=1e-3", "unknown key 'train.lr' (did you mean 'optim.lr'?)"),
+    ("optimizer.lr=1e-3", "unknown key 'optimizer' (did you mean 'optim'?)"),
+    ("checkpoint.async_save=true", "unknown key 'checkpoint.async_save' (did you mean 'checkpoint.async'?)"),
+    ("model={preset: tiny, hidden: 64}", "unknown key 'model.hidden' (did you mean 'model.hidden_size'?)"),
+])
+def test_unknown_override_suggests(override, message):
+    with pytest.raises(ConfigError) as e:
+        config(override)
+    assert str(e.value) == f"override {override!r}: {message}"
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = write(tmp_path, """
+        parallel:
+          tp: 2
+          sequence_paralel: true
+    """)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [])
+    assert str(e.value) == f"{path}: unknown key 'parallel.sequence_paralel' (did you mean 'parallel.sequence_parallel'?)"
+    with pytest.raises(ConfigError, match=r"unknown key 'out_dri' \(did you mean 'out_dir'\?\)"):
+        load_config(write(tmp_path, "out_dri: x\n"), [])
+
+
+def test_malformed_override_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        config("parallel.tp")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [\n"), [])
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(write(tmp_path, "- 1\n"), [])
+
+
+# ---------------------------------------------------------------- validate
+
+
+def test_validate_returns_layout():
+    cfg = config("parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=2", "train.global_batch_size=16")
+    assert validate(cfg, 8) == Layout(world_size=8, tp=2, pp=2, dp=2, virtual_pp=1, micro_batches_per_step=4)
+    assert validate(config(), 1).dp == 1
+    # sequence parallelism with tp=1 is allowed (it does nothing)
+    assert validate(config("parallel.sequence_parallel=true"), 1).tp == 1
+
+
+@pytest.mark.parametrize("overrides, world, pattern", [
+    (["model.preset=evolm-1b", "parallel.tp=3"], 3,
+     r"model\.num_heads=32 is not divisible by parallel\.tp=3: set parallel\.tp to one of 1, 2, 4"),
+    (["model.preset=evolm-1b", "parallel.tp=8"], 8,
+     r"model\.num_kv_heads=4 is not divisible by parallel\.tp=8: set parallel\.tp to one of 1, 2, 4"),
+    (["model.num_layers=22", "parallel.pp=4"], 4,
+     r"model\.num_layers=22 is not divisible by parallel\.pp=4: choose .* 1, 2, 11, 22 .*parallel\.pp_layers"),
+    (["parallel.pp=2", "parallel.pp_layers=[3, 2]"], 2,
+     r"parallel\.pp_layers=\[3, 2\] must list 2 positive layer counts .* summing to model\.num_layers=4"),
+    (["train.micro_batch_size=2", "train.global_batch_size=12"], 4,
+     r"train\.global_batch_size=12 is not divisible by train\.micro_batch_size × DP = 2 × 4 = 8: "
+     r"use a multiple of 8 \(e\.g\. 8 or 16\)"),
+    (["parallel.tp=2"], 3, r"world size 3 is not a multiple of TP × PP = 2 × 1 = 2: launch a multiple of 2"),
+    (["model.num_kv_heads=3"], 1, r"model\.num_heads=4 is not divisible by model\.num_kv_heads=3"),
+    (["model.hidden_size=130"], 1, r"model\.hidden_size=130 is not divisible by model\.num_heads=4"),
+    (["data.seq_len=512"], 1, r"data\.seq_len=512 must be between 1 and model\.max_seq_len=256"),
+    (["optim.lr=1e-5", "optim.min_lr=1e-4"], 1, r"optim\.lr=1e-05 is below optim\.min_lr=0\.0001"),
+    (["optim.schedule=inf-cos"], 1, r"needs optim\.constant_lr"),
+    (["optim.warmup=5000"], 1, r"optim\.warmup=5000 must be between 0 and train\.iters=1000"),
+    (["parallel.pp=2", "parallel.virtual_pp=2", "train.global_batch_size=3"], 2,
+     r"micro-batches per step \(3\) to be a multiple of parallel\.pp=2"),
+    (["model.ffn_hidden_size=351", "parallel.tp=2"], 2, r"model\.ffn_hidden_size=351 is not divisible by parallel\.tp=2"),
+    (["data.train=[1, a, x, b]"], 1, r"data\.train: cannot read data blend"),
+])
+def test_validate_messages(overrides, world, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        validate(config(*overrides), world)
+
+
+def test_validate_lists_every_problem():
+    cfg = config("parallel.tp=3", "model.num_layers=3", "parallel.pp=2")
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, 5)
+    text = str(e.value)
+    assert text.startswith("invalid configuration:")
+    for part in ("world size 5", "model.num_heads=4", "model.num_kv_heads=2", "model.num_layers=3"):
+        assert part in text
+
+
+def test_valid_uneven_and_interleaved_pipeline():
+    cfg = config("model.num_layers=5", "parallel.pp=2", "parallel.pp_layers=[3, 2]")
+    assert validate(cfg, 2).pp == 2
+    cfg = config("parallel.pp=2", "parallel.virtual_pp=2", "train.global_batch_size=4")
+    assert validate(cfg, 2).micro_batches_per_step == 4
+
+
+# ---------------------------------------------------------------- derived values
+
+
+@pytest.mark.parametrize("vocab, tp, padded", [
+    (32000, 1, 32000), (32000, 2, 32000), (32000, 3, 32256), (50257, 1, 50304), (4096, 8, 4096), (1, 4, 512),
+])
+def test_padded_vocab(vocab, tp, padded):
+    assert ModelConfig(vocab_size=vocab).padded_vocab_size(tp) == padded
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto", "cuda") == "bf16"
+    assert resolve_dtype("auto", "cpu") == "fp32"
+    assert resolve_dtype("fp32", "cuda") == "fp32"
