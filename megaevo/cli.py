@@ -66,6 +66,12 @@ def _merge(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from megaevo.training.trainer import main as train_main
+
+    return train_main((["--config", args.config] if args.config else []) + args.overrides)
+
+
 def _demo(args) -> int:
     from megaevo.demo import run_demo
 
@@ -103,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("path")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=_inspect)
+
+    tr = sub.add_parser("train", help="train in this process (use torchrun -m megaevo.train for several)")
+    tr.add_argument("--config", help="YAML config file")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iters=100 parallel.tp=2")
+    tr.set_defaults(func=_train)
 
     mg = sub.add_parser("merge", help="concatenate indexed datasets of one dtype into one")
     mg.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in order")

@@ -1,0 +1,279 @@
+"""The Llama-family decoder, built as one pipeline stage from tensor-parallel layers.
+
+A :class:`LlamaStage` holds a contiguous range of decoder layers, plus the token embedding on
+the first stage and the final norm and output head on the last. With one stage and TP = 1 it is
+the whole model in one process.
+
+Tensor-parallel layout (each rank holds whole KV groups):
+
+* ``attention.qkv`` (column-parallel) has the logical rows grouped per KV group:
+  for group g, its ``heads / kv_heads`` query heads, then key head g, then value head g.
+  A contiguous TP slice is therefore a set of whole groups (:func:`fuse_qkv` / :func:`split_qkv`
+  convert from / to separate q, k, v weights in Hugging Face order).
+* ``mlp.gate_up`` (column-parallel) is gate and up stacked, declared as two chunks.
+* ``attention.dense`` and ``mlp.down`` are row-parallel; the embedding and the output head are
+  vocab-parallel, padded to a multiple of 128 x TP; padded ids get exactly zero probability.
+
+Under sequence parallelism the residual stream between TP regions is split along the sequence
+(batch, seq / tp, hidden) and the norms run on that slice.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from megaevo import kernels
+from megaevo.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                     mask_vocab_padding, skip_init, tag_param, vocab_parallel_cross_entropy)
+from megaevo.parallel.layout import ParamLayout, ParamMeta, param_meta
+from megaevo.parallel.state import ParallelState
+
+from .args import ModelArgs
+
+OUTPUT_PROJECTIONS = ("attention.dense.weight", "mlp.down.weight")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a weight replicated over TP (its gradient is partial under sequence parallelism)."""
+
+    def __init__(self, dim: int, eps: float, sequence_parallel: bool, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = tag_param(nn.Parameter(torch.ones(dim, device=device, dtype=dtype)), ParamLayout(),
+                                weight_decay=False, sequence_parallel=sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings over this rank's KV groups."""
+
+    def __init__(self, args: ModelArgs, state: ParallelState, device=None, dtype=None):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.q_per_kv = args.num_heads // args.num_kv_heads
+        self.local_kv_heads = args.num_kv_heads // state.tp_size
+        self.selective_recompute = args.recompute == "selective"
+        qkv_size = (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+        self.qkv = ColumnParallelLinear(args.hidden_size, qkv_size, state, bias=args.qkv_bias,
+                                        init_method=skip_init, device=device, dtype=dtype)
+        self.dense = RowParallelLinear(args.num_heads * args.head_dim, args.hidden_size, state,
+                                       init_method=skip_init, device=device, dtype=dtype)
+
+    def forward(self, x, cos, sin, position_ids=None, doc_ids=None):
+        qkv = self.qkv(x)
+        b, s = qkv.shape[:2]
+        qkv = qkv.view(b, s, self.local_kv_heads, self.q_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.local_kv_heads * self.q_per_kv, self.head_dim)
+        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
+        q, k = kernels.apply_rotary(q, k, cos, sin, position_ids)
+        if self.selective_recompute and torch.is_grad_enabled():
+            out = checkpoint(_attention_core, q, k, v, doc_ids, use_reentrant=False)
+        else:
+            out = _attention_core(q, k, v, doc_ids)
+        return self.dense(out.reshape(b, s, -1))
+
+
+def _attention_core(q, k, v, doc_ids):
+    return kernels.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: fused gate/up (column-parallel, two chunks), down (row-parallel)."""
+
+    def __init__(self, args: ModelArgs, state: ParallelState, device=None, dtype=None):
+        super().__init__()
+        ffn = args.ffn_hidden_size
+        self.gate_up = ColumnParallelLinear(args.hidden_size, 2 * ffn, state, chunks=(ffn, ffn),
+                                            init_method=skip_init, device=device, dtype=dtype)
+        self.down = RowParallelLinear(ffn, args.hidden_size, state, init_method=skip_init, device=device, dtype=dtype)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(kernels.swiglu(gate, up))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, args: ModelArgs, state: ParallelState, device=None, dtype=None):
+        super().__init__()
+        sp = state.sequence_parallel_active
+        self.attention_norm = RMSNorm(args.hidden_size, args.norm_eps, sp, device, dtype)
+        self.attention = Attention(args, state, device, dtype)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps, sp, device, dtype)
+        self.mlp = MLP(args, state, device, dtype)
+
+    def forward(self, x, cos, sin, position_ids=None, doc_ids=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids, doc_ids)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaStage(nn.Module):
+    """Decoder layers ``[first_layer, end_layer)`` with the embedding and/or the head.
+
+    ``forward(x, labels=None, position_ids=None, doc_ids=None)``: ``x`` is token ids (batch, seq)
+    on a stage with the embedding, else hidden states from the previous stage. Returns, on a stage
+    with the head, the per-token loss (float32, (batch, seq); 0 where ``labels == -100``) when
+    ``labels`` is given, else this rank's vocab slice of the logits (padded ids at the dtype's
+    minimum); on other stages the hidden states ((batch, seq / tp, hidden) under sequence
+    parallelism). ``position_ids`` and ``doc_ids`` are (batch, seq) over the whole sequence.
+
+    Parameters are initialised by :meth:`reset_parameters` from ``seed`` and their logical names,
+    so every layout (TP size, pipeline split) starts from the same logical weights.
+    """
+
+    def __init__(self, args: ModelArgs, state: ParallelState | None = None, first_layer: int = 0,
+                 end_layer: int | None = None, has_embedding: bool = True, has_head: bool = True, *,
+                 seed: int = 0, device=None, dtype=None):
+        super().__init__()
+        state = state or ParallelState.single()
+        args.validate(state.tp_size)
+        end_layer = args.num_layers if end_layer is None else end_layer
+        if not 0 <= first_layer <= end_layer <= args.num_layers:
+            raise ValueError(f"LlamaStage: layer range [{first_layer}, {end_layer}) is outside "
+                             f"[0, {args.num_layers}) (model.num_layers)")
+        self.args, self.state = args, state
+        self.first_layer, self.end_layer = first_layer, end_layer
+        self.vocab_padded = args.padded_vocab_size(state.tp_size)
+        self.tied_here = args.tie_embeddings and has_embedding and has_head
+        self.embedding = self.norm = self.output = None
+        if has_embedding:
+            self.embedding = VocabParallelEmbedding(args.vocab_size, args.hidden_size, state,
+                                                    padded_num_embeddings=self.vocab_padded, init_method=skip_init,
+                                                    device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(args, state, device, dtype) for _ in range(first_layer, end_layer))
+        if has_head:
+            self.norm = RMSNorm(args.hidden_size, args.norm_eps, state.sequence_parallel_active, device, dtype)
+            self.output = ColumnParallelLinear(args.hidden_size, args.vocab_size, state,
+                                               padded_out_features=self.vocab_padded, skip_weight=self.tied_here,
+                                               init_method=skip_init, device=device, dtype=dtype)
+            if args.tie_embeddings and not has_embedding:
+                self.output.weight.pipeline_tied = True
+        self._rope_cache: dict = {}
+        self.reset_parameters(seed)
+
+    @property
+    def has_embedding(self) -> bool:
+        return self.embedding is not None
+
+    @property
+    def has_head(self) -> bool:
+        return self.output is not None
+
+    def logical_name(self, local_name: str) -> str:
+        """The layer-global name of a parameter (``layers.0...`` here may be ``layers.7...`` logically)."""
+        if local_name.startswith("layers."):
+            _, index, rest = local_name.split(".", 2)
+            return f"layers.{self.first_layer + int(index)}.{rest}"
+        if local_name == "output.weight" and self.args.tie_embeddings:
+            return "embedding.weight"
+        return local_name
+
+    def named_parameters_with_meta(self) -> list[tuple[str, nn.Parameter, ParamMeta]]:
+        """``(logical_name, param, meta)`` for every parameter of this stage, each listed once."""
+        return [(self.logical_name(n), p, param_meta(self.logical_name(n), p, self.state.tp_rank, self.state.tp_size))
+                for n, p in self.named_parameters()]
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Initialise every parameter from its full logical tensor, seeded by ``seed`` and its logical name.
+
+        Norm weights are 1, biases 0, the output projections of each block N(0, std / sqrt(2 L)),
+        everything else N(0, std).
+        """
+        std = self.args.init_std
+        for name, param, meta in self.named_parameters_with_meta():
+            full = torch.empty(meta.logical_shape, device=param.device, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                full.fill_(1.0)
+            elif name.endswith(".bias"):
+                full.zero_()
+            else:
+                gen = torch.Generator(device=param.device)
+                gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                scale = std / math.sqrt(2 * self.args.num_layers) if name.endswith(OUTPUT_PROJECTIONS) else std
+                full.normal_(0.0, scale, generator=gen)
+            param.copy_(meta.layout.shard(full, meta.tp_rank, meta.tp_size))
+
+    def rope_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos/sin tables for ``max_seq_len`` positions, cached per device (never cast with the model)."""
+        key = str(device)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = kernels.rotary_tables(self.args.head_dim, self.args.max_seq_len,
+                                                          self.args.rope_theta, device=device)
+        return self._rope_cache[key]
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+        h = self.embedding(x) if self.has_embedding else x
+        cos, sin = self.rope_tables(h.device)
+        full_recompute = self.args.recompute == "full" and torch.is_grad_enabled()
+        for layer in self.layers:
+            if full_recompute:
+                h = checkpoint(layer, h, cos, sin, position_ids, doc_ids, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, position_ids, doc_ids)
+        if not self.has_head:
+            return h
+        h = self.norm(h)
+        logits = self.output(h, self.embedding.weight if self.tied_here else None)
+        logits = mask_vocab_padding(logits, self.args.vocab_size, self.state)
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels, self.state, ignore_index=ignore_index)
+
+
+def stage_layer_range(num_layers: int, num_stages: int, stage: int,
+                      layers_per_stage: list[int] | None = None) -> tuple[int, int]:
+    """``[first, end)`` of the decoder layers on pipeline stage ``stage`` of ``num_stages``.
+
+    An even split, or ``layers_per_stage`` (one count per stage, summing to ``num_layers``).
+    """
+    if layers_per_stage is None:
+        if num_layers % num_stages:
+            raise ValueError(f"model.num_layers ({num_layers}) is not divisible by the {num_stages} pipeline stages "
+                             "(parallel.pp x parallel.virtual_pp); change one of them or set parallel.pp_layers")
+        layers_per_stage = [num_layers // num_stages] * num_stages
+    if len(layers_per_stage) != num_stages or sum(layers_per_stage) != num_layers or min(layers_per_stage) < 0:
+        raise ValueError(f"parallel.pp_layers {layers_per_stage} must have {num_stages} non-negative entries "
+                         f"summing to model.num_layers ({num_layers})")
+    first = sum(layers_per_stage[:stage])
+    return first, first + layers_per_stage[stage]
+
+
+def build_stage(args: ModelArgs, state: ParallelState | None = None, *, seed: int = 0, device=None,
+                dtype=None) -> LlamaStage:
+    """This process's pipeline stage: its share of the layers, the embedding first, the head last."""
+    state = state or ParallelState.single()
+    first, end = stage_layer_range(args.num_layers, state.pp_size, state.pp_rank)
+    return LlamaStage(args, state, first, end, has_embedding=state.is_first_stage, has_head=state.is_last_stage,
+                      seed=seed, device=device, dtype=dtype)
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """The logical ``attention.qkv`` weight (or bias) from separate q, k, v in Hugging Face order."""
+    q_per_kv = num_heads // num_kv_heads
+    head_dim = q.shape[0] // num_heads
+    rest = q.shape[1:]
+    groups = torch.cat([q.reshape(num_kv_heads, q_per_kv, head_dim, *rest),
+                        k.reshape(num_kv_heads, 1, head_dim, *rest),
+                        v.reshape(num_kv_heads, 1, head_dim, *rest)], dim=1)
+    return groups.reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`fuse_qkv`: separate q, k, v weights (or biases) in Hugging Face order."""
+    q_per_kv = num_heads // num_kv_heads
+    head_dim = qkv.shape[0] // (num_heads + 2 * num_kv_heads)
+    rest = qkv.shape[1:]
+    groups = qkv.reshape(num_kv_heads, q_per_kv + 2, head_dim, *rest)
+    q = groups[:, :q_per_kv].reshape(num_heads * head_dim, *rest)
+    k = groups[:, q_per_kv].reshape(num_kv_heads * head_dim, *rest)
+    v = groups[:, q_per_kv + 1].reshape(num_kv_heads * head_dim, *rest)
+    return q, k, v

@@ -1,0 +1,349 @@
+"""The training loop: one code path for one CPU process, one GPU, or torchrun on many.
+
+    megaevo train --config FILE [key=value ...]
+    torchrun --nproc_per_node N -m megaevo.train --config FILE [key=value ...]
+
+A step takes `global_batch_size` samples: each DP rank runs its micro-batches (gradients
+accumulate in the fp32 buffers; the DP reduction starts during the last backward), then the
+optimizer clips on the global norm and updates. The data position is a function of consumed
+samples, so stopping and resuming (also on another layout with the same global batch) continues
+the same run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megaevo import kernels
+from megaevo.config import Config, ConfigError, config_to_dict, resolve_dtype, save_config, validate
+from megaevo.data.blended import build_datasets
+from megaevo.data.sampler import MicroBatchSampler, collate
+from megaevo.model.args import ModelArgs
+from megaevo.model.llama import build_stage
+from megaevo.parallel import compat
+from megaevo.parallel.data_parallel import GradBuffers
+from megaevo.parallel.layers import allreduce_sequence_parallel_grads
+from megaevo.parallel.state import init_parallel_state
+from megaevo.training.checkpoint import Checkpointer, CheckpointError, LoadedCheckpoint, SavePlan, set_rng_state
+from megaevo.training.optimizer import STATE_KINDS, DistributedAdamW
+from megaevo.training.schedules import lr_at
+
+MAX_BAD_STEPS = 5
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Dense bf16 peak of the devices MFU is reported against, in FLOP/s.
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def model_args(cfg: Config) -> ModelArgs:
+    m = cfg.model
+    return ModelArgs(vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                     num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, ffn_hidden_size=m.ffn_hidden_size,
+                     max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+                     tie_embeddings=m.tie_embeddings, qkv_bias=m.qkv_bias, init_std=m.init_std,
+                     recompute=m.recompute)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters plus causal attention scores and values."""
+    h, f, layers = args.hidden_size, args.ffn_hidden_size, args.num_layers
+    kv = args.num_kv_heads * args.head_dim
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * f
+    matmul = layers * per_layer + h * args.vocab_size
+    attention = layers * 2 * seq_len * h  # QK^T and PV, halved by the causal mask, x2 for multiply-add
+    return 6 * matmul + 3 * attention
+
+
+@dataclass
+class RunState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._init_distributed()
+        self.layout = validate(cfg, self.world_size)
+        if self.layout.pp > 1:
+            raise ConfigError("parallel.pp > 1: pipeline parallelism is not available in this version; set parallel.pp=1")
+        kernels.set_backend(cfg.kernels.backend)
+        self.state = init_parallel_state(tp=self.layout.tp, dp=self.layout.dp, pp=1,
+                                         device_type=self.device.type,
+                                         sequence_parallel=cfg.parallel.sequence_parallel)
+        self.dtype = _DTYPES[resolve_dtype(cfg.train.dtype, self.device.type)]
+        self.args = model_args(cfg)
+        self.seq_len = cfg.seq_len
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_stage(self.args, self.state, seed=cfg.train.seed, device=self.device, dtype=self.dtype)
+        named = self.model.named_parameters_with_meta()
+        self.metas = {n: m for n, _, m in named}
+        self.params = {n: p for n, p, _ in named}
+        self.buffers = GradBuffers(self.params, self.state, self.dtype,
+                                   bucket_size=int(cfg.parallel.bucket_size_mb * 2**20 / 4),
+                                   distributed=cfg.parallel.distributed_optimizer,
+                                   overlap=cfg.parallel.overlap_grad_reduce)
+        o = cfg.optim
+        self.optimizer = DistributedAdamW(self.buffers, self.metas, self.state, lr=o.lr, betas=tuple(o.betas),
+                                          eps=o.eps, weight_decay=o.weight_decay, clip_grad=o.clip_grad)
+        self.out_dir = Path(cfg.out_dir)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self.rank, self.world_size,
+                                         cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+        self.run = RunState()
+        self._build_data()
+        self._peak = peak_flops(self.device)
+        self._flops_per_token = flops_per_token(self.args, self.seq_len)
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _init_distributed(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+
+    def _build_data(self) -> None:
+        t = self.cfg.train
+        if not self.cfg.data.train:
+            raise ConfigError("data.train is empty: give the training data, e.g. data.train=[1.0, path/to/prefix]")
+        eval_samples = t.eval_iters * t.global_batch_size
+        self.splits = build_datasets(self.cfg.data.train, self.seq_len, t.seed, t.iters * t.global_batch_size,
+                                     eval_samples, None, self.cfg.data.split, self.cfg.data.valid or None,
+                                     self.cfg.data.cache_dir)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _micro_batches(self, dataset, consumed: int, count: int):
+        sampler = MicroBatchSampler(consumed + count * self.cfg.train.micro_batch_size * self.state.dp_size,
+                                    consumed, self.cfg.train.micro_batch_size, self.state.dp_rank, self.state.dp_size)
+        for indices in sampler:
+            batch = collate([dataset[i] for i in indices])
+            top = int(batch["tokens"].max())
+            if top >= self.args.vocab_size:
+                raise ConfigError(f"the data holds token id {top} but model.vocab_size is {self.args.vocab_size}: "
+                                  f"use the tokenizer the model was sized for, or raise model.vocab_size")
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict:
+        n_micro = self.layout.micro_batches_per_step
+        lr = lr_at(self.run.iteration, self.cfg.optim, self.cfg.train.iters)
+        self.buffers.zero_grad()
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        batches = self._micro_batches(self.splits.train, self.run.consumed_samples, n_micro)
+        for m, batch in enumerate(batches):
+            loss = self.model(batch["tokens"], batch["labels"]).float().mean()
+            scaled = loss / n_micro
+            if m < n_micro - 1:
+                with self.buffers.no_sync():
+                    scaled.backward()
+            else:
+                scaled.backward()
+            loss_sum += scaled.detach()
+        self.buffers.finish_grad_sync()
+        allreduce_sequence_parallel_grads(self.params.values(), self.state, grad_attr="main_grad")
+        if self.state.dp_group is not None:
+            compat.all_reduce(loss_sum, group=self.state.dp_group)
+            loss_sum /= self.state.dp_size
+        loss = loss_sum.item()
+        result = self.optimizer.step(lr) if math.isfinite(loss) else None
+        skipped = result is None or result.skipped
+        self.run.consumed_samples += self.cfg.train.global_batch_size
+        self.run.iteration += 1
+        if skipped:
+            self.run.skipped_steps += 1
+            self.run.bad_in_a_row += 1
+        else:
+            self.run.bad_in_a_row = 0
+        return {"loss": loss, "lr": lr, "grad_norm": result.grad_norm if result else float("nan"), "skipped": skipped}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        out = {}
+        t = self.cfg.train
+        for name, ds in self.splits.valid.items():
+            steps = min(t.eval_iters, len(ds) // t.global_batch_size)
+            if steps == 0:
+                continue
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+            batches = self._micro_batches(ds, 0, steps * self.layout.micro_batches_per_step)
+            count = 0
+            for batch in batches:
+                total += self.model(batch["tokens"], batch["labels"]).float().mean()
+                count += 1
+            if self.state.dp_group is not None:
+                compat.all_reduce(total, group=self.state.dp_group)
+                total /= self.state.dp_size
+            out[f"val/{name}"] = total.item() / count
+        self.model.train()
+        return out
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save(self) -> None:
+        s, it = self.state, self.run.iteration
+        model = {}
+        for name, p in self.params.items():
+            meta = self.metas[name]
+            frags = [] if (meta.tp_replicated and s.tp_rank != 0) else meta.fragments(p.shape)
+            model[name] = (p.detach(), frags)
+        tensors = {"model": model}
+        optim = self.optimizer.local_state()  # collective over DP with the distributed optimizer
+        for kind in STATE_KINDS:
+            tensors[kind] = {n: (optim[n][kind], model[n][1]) for n in self.params}
+        metadata = {
+            "consumed_samples": self.run.consumed_samples,
+            "tokens": self.run.consumed_samples * self.seq_len,
+            "optimizer_step": self.optimizer.step_count,
+            "skipped_steps": self.run.skipped_steps,
+            "scheduler": {"iteration": it, "schedule": self.cfg.optim.schedule},
+            "layout": {"tp": s.tp_size, "pp": s.pp_size, "dp": s.dp_size,
+                       "distributed_optimizer": self.buffers.distributed, "dtype": str(self.dtype)},
+            "config": config_to_dict(self.cfg),
+        }
+        plan = SavePlan(it, tensors, {n: m.logical_shape for n, m in self.metas.items()}, self.rank,
+                        self.world_size, writer=s.dp_rank == 0, file_tag=f"tp{s.tp_rank}_pp{s.pp_rank}",
+                        metadata=metadata)
+        self.checkpointer.save(plan)
+
+    def load(self, path: Path) -> None:
+        ck = LoadedCheckpoint(path)
+        s = self.state
+        with torch.no_grad():
+            for name, p in self.params.items():
+                meta = self.metas[name]
+                full = ck.tensor("model", name, meta.logical_shape)
+                p.copy_(meta.layout.shard(full, s.tp_rank, s.tp_size).to(p.dtype))
+            if all(ck.has(k) for k in STATE_KINDS):
+                local = {}
+                for name, p in self.params.items():
+                    meta = self.metas[name]
+                    local[name] = {k: meta.layout.shard(ck.tensor(k, name, meta.logical_shape), s.tp_rank, s.tp_size)
+                                   for k in STATE_KINDS}
+                self.optimizer.load_local_state(local, ck.meta.get("optimizer_step", ck.iteration))
+        self.run = RunState(ck.iteration, int(ck.meta["consumed_samples"]), int(ck.meta.get("skipped_steps", 0)))
+        same_layout = ck.meta.get("world_size") == self.world_size and ck.meta.get("layout", {}).get("tp") == s.tp_size
+        rng = ck.rng(self.rank) if same_layout else None
+        if rng is not None:
+            set_rng_state(rng)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        if cfg.checkpoint.load:
+            path = self.checkpointer.resolve(cfg.checkpoint.load)
+            if path is not None:
+                self.load(path)
+                self._print(f"resumed from {path} at iteration {self.run.iteration}")
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
+        log_path = self.out_dir / "metrics.jsonl"
+        records = []
+        t_last, tokens_since = time.perf_counter(), 0
+        while self.run.iteration < cfg.train.iters:
+            stats = self.train_step()
+            tokens_since += cfg.train.global_batch_size * self.seq_len
+            it = self.run.iteration
+            if self.run.bad_in_a_row >= MAX_BAD_STEPS:
+                self.checkpointer.wait()
+                raise RuntimeError(f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient norm (last at "
+                                   f"iteration {it}); stopping. The last good checkpoint is intact; lower optim.lr or "
+                                   f"check the data, then resume with checkpoint.load=auto")
+            record = None
+            if it % cfg.train.log_interval == 0 or it == cfg.train.iters:
+                now = time.perf_counter()
+                tps = tokens_since / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
+                record = {"step": it, "consumed_samples": self.run.consumed_samples,
+                          "tokens": self.run.consumed_samples * self.seq_len, "loss": stats["loss"],
+                          "lr": stats["lr"], "grad_norm": stats["grad_norm"], "tokens_per_s": tps,
+                          "mfu": (tps * self._flops_per_token / (self._peak * self.world_size)) if self._peak else None,
+                          "mem_gb": _memory_gb(self.device), "skipped_steps": self.run.skipped_steps}
+            if cfg.train.eval_interval and (it % cfg.train.eval_interval == 0 or it == cfg.train.iters):
+                record = (record or {"step": it, "consumed_samples": self.run.consumed_samples})
+                record.update(self.evaluate())
+            if record is not None:
+                records.append(record)
+                if self.rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    self._print(_describe(record, cfg.train.iters))
+            if cfg.checkpoint.save and ((cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0)
+                                        or it == cfg.train.iters):
+                self.save()
+        self.checkpointer.wait()
+        return records
+
+    def _print(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except ImportError:
+        return 0.0
+
+
+def _describe(r: dict, iters: int) -> str:
+    parts = [f"step {r['step']:>6}/{iters}"]
+    if "loss" in r:
+        parts += [f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"grad {r['grad_norm']:.3f}",
+                  f"{r['tokens_per_s']:,.0f} tok/s"]
+        if r.get("mfu") is not None:
+            parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        parts.append(f"mem {r['mem_gb']:.2f} GB")
+        if r.get("skipped_steps"):
+            parts.append(f"skipped {r['skipped_steps']}")
+    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith("val/")]
+    return "  ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from megaevo.config import load_config
+
+    p = argparse.ArgumentParser(prog="megaevo train", description="train (single process, or under torchrun)")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optim.lr=3e-4")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    try:
+        Trainer(cfg).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The training loop: layouts give the same run, resume is exact, checkpoints are layout-free and safe."""
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megaevo.config import ConfigError, config_from_dict
+from megaevo.data.indexed import IndexedDatasetWriter
+from megaevo.training.checkpoint import CheckpointError, LoadedCheckpoint
+from megaevo.training.trainer import Trainer
+from tests.dist_utils import run_distributed
+
+VOCAB = 500
+
+
+def make_data(root: Path) -> dict:
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, lo in (("web", 0), ("math", 250)):
+        with IndexedDatasetWriter(root / name, np.uint16) as w:
+            for _ in range(120):  # counting sequences: learnable within a few steps
+                start, n = rng.integers(0, 250), int(rng.integers(5, 80))
+                w.add_document(lo + (start + np.arange(n)) % 250)
+        out[name] = str(root / name)
+    return out
+
+
+def config(data: dict, out_dir, **overrides):
+    raw = {
+        "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_heads": 4, "num_kv_heads": 2,
+                  "vocab_size": VOCAB, "max_seq_len": 32},
+        "data": {"train": [0.7, data["web"], 0.3, data["math"]], "seq_len": 32, "split": "90,10,0",
+                 "cache_dir": str(Path(data["web"]).parent / "cache")},
+        "train": {"micro_batch_size": 2, "global_batch_size": 8, "iters": 6, "seed": 7, "log_interval": 1,
+                  "eval_interval": 3, "eval_iters": 1, "dtype": "fp32"},
+        "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup": 2},
+        "checkpoint": {"interval": 3},
+        "out_dir": str(out_dir),
+    }
+    return config_from_dict(raw, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def fit(cfg):
+    trainer = Trainer(cfg)
+    records = trainer.fit()
+    return [r["loss"] for r in records if "loss" in r], trainer
+
+
+def logical_weights(path) -> dict:
+    ck = LoadedCheckpoint(path)
+    return {n: ck.tensor("model", n) for n in ck.names("model")}
+
+
+def assert_close_runs(a: dict, b: dict, rtol=1e-5):
+    """Each logical tensor within rtol of the reference, relative to the reference's norm."""
+    assert a.keys() == b.keys()
+    for n in a:
+        err = (a[n].double() - b[n].double()).norm() / b[n].double().norm().clamp_min(1e-12)
+        assert err <= rtol, f"{n}: relative difference {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The 1 x 1 x 1 run, 6 steps with checkpoints at 3 and 6."""
+    out = tmp_path_factory.mktemp("ref")
+    losses, _ = fit(config(data, out))
+    return {"out": out, "losses": losses,
+            "w3": logical_weights(out / "checkpoints" / "iter_0000003"),
+            "w6": logical_weights(out / "checkpoints" / "iter_0000006")}
+
+
+def test_loss_falls_and_metrics_are_logged(reference):
+    lines = [json.loads(l) for l in (reference["out"] / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
+    for key in ("consumed_samples", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb"):
+        assert key in lines[0]
+    assert lines[-1]["consumed_samples"] == 48 and lines[-1]["tokens"] == 48 * 32
+    assert {"val/web", "val/math"} <= lines[2].keys()
+    assert lines[-1]["loss"] < lines[0]["loss"] - 0.5
+    assert lines[-1]["val/web"] < lines[2]["val/web"]
+    assert (reference["out"] / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
+
+
+def test_resume_is_bit_exact(data, reference, tmp_path):
+    out = tmp_path / "run"
+    first, _ = fit(config(data, out, **{"train.iters": 3}))
+    second, trainer = fit(config(data, out, **{"checkpoint.load": "auto"}))
+    assert trainer.run.iteration == 6
+    assert first + second == reference["losses"]
+    resumed = logical_weights(out / "checkpoints" / "iter_0000006")
+    for n, t in reference["w6"].items():
+        assert torch.equal(resumed[n], t), n
+
+
+def _layouts(rank, world, data, root, ref_dir):
+    """Runs on `world` gloo processes; returns rank 0's losses for each layout."""
+    results = {}
+    if world == 2:
+        for name, extra in {"tp2": {"parallel.tp": 2},
+                            "dp2": {},
+                            "dp2_zero": {"parallel.distributed_optimizer": True},
+                            "tp2_sp": {"parallel.tp": 2, "parallel.sequence_parallel": True}}.items():
+            out = Path(root) / name
+            results[name] = fit(config(data, out, **{"checkpoint.interval": 0, **extra}))[0]
+    else:
+        base = {"parallel.tp": 2, "parallel.sequence_parallel": True, "parallel.distributed_optimizer": True}
+        results["tp2dp2"] = fit(config(data, Path(root) / "tp2dp2", **base))[0]
+        # Continue the 1x1x1 run's step-3 checkpoint on TP=2 x DP=2.
+        results["from_1x1"] = fit(config(data, Path(root) / "from_1x1",
+                                         **{**base, "checkpoint.load": str(Path(ref_dir) / "checkpoints" /
+                                                                              "iter_0000003")}))[0]
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_layouts_match_the_single_process_run(data, reference, tmp_path, world):
+    results = run_distributed(_layouts, world, data, str(tmp_path), str(reference["out"]))[0]
+    for name, losses in results.items():
+        expected = reference["losses"][3:] if name == "from_1x1" else reference["losses"]
+        assert len(losses) == len(expected), name
+        for a, b in zip(losses, expected):
+            assert math.isclose(a, b, rel_tol=1e-5), (name, losses, expected)
+        assert_close_runs(logical_weights(tmp_path / name / "checkpoints" / "iter_0000006"), reference["w6"])
+    if world == 4:
+        # A checkpoint saved at TP=2 x DP=2 (distributed optimizer) continues at 1 x 1 x 1.
+        out = tmp_path / "back_to_1x1"
+        losses, _ = fit(config(data, out, **{"checkpoint.load": str(tmp_path / "tp2dp2" / "checkpoints" /
+                                                                      "iter_0000003")}))
+        for a, b in zip(losses, reference["losses"][3:]):
+            assert math.isclose(a, b, rel_tol=1e-5)
+        assert_close_runs(logical_weights(out / "checkpoints" / "iter_0000006"), reference["w6"])
+
+
+def test_bad_configs_are_refused(data, tmp_path):
+    with pytest.raises(ConfigError, match="tp"):
+        Trainer(config(data, tmp_path, **{"parallel.tp": 2}))  # world size 1
+    with pytest.raises(ConfigError, match="vocab_size"):
+        cfg = config(data, tmp_path, **{"model.vocab_size": 200, "train.iters": 1, "optim.warmup": 0})
+        Trainer(cfg).fit()
+
+
+def test_bad_checkpoints_are_refused(data, reference, tmp_path):
+    src = reference["out"] / "checkpoints" / "iter_0000003"
+    with pytest.raises(CheckpointError, match="shape"):
+        Trainer(config(data, tmp_path / "a", **{"model.hidden_size": 128, "checkpoint.load": str(src)})).fit()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    meta = json.loads((src / "metadata.json").read_text())
+    frag = meta["tensors"]["model"]["layers.0.attention.qkv.weight"]["fragments"]
+    frag.append(dict(frag[0]))  # the same block twice
+    (broken / "metadata.json").write_text(json.dumps(meta))
+    for f in src.iterdir():
+        if f.name != "metadata.json":
+            os.symlink(f, broken / f.name)
+    with pytest.raises(CheckpointError, match="duplicated"):
+        Trainer(config(data, tmp_path / "b", **{"checkpoint.load": str(broken)})).fit()
+    meta["tensors"]["model"]["layers.0.attention.qkv.weight"]["fragments"][0]["file"] = "../../etc/passwd"
+    (broken / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="outside"):
+        Trainer(config(data, tmp_path / "c", **{"checkpoint.load": str(broken)})).fit()
+    del meta["tensors"]["model"]["layers.0.attention.qkv.weight"]
+    (broken / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="layers.0.attention.qkv.weight"):
+        Trainer(config(data, tmp_path / "d", **{"checkpoint.load": str(broken)})).fit()
