@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _tokenizer_train(args) -> int:
@@ -42,11 +43,31 @@ def _preprocess(args) -> int:
 def _inspect(args) -> int:
     from megaevo.data import indexed
 
+    if Path(args.path).is_dir():
+        from megaevo.training.checkpoint import summarize_checkpoint
+
+        info = summarize_checkpoint(args.path)
+        if args.json:
+            print(json.dumps(info))
+            return 0
+        layout = info["layout"] or {}
+        print(f"checkpoint  {info['path']}")
+        print(f"iteration   {info['iteration']:,}   consumed samples {info['consumed_samples']:,}   "
+              f"tokens {info['tokens']:,}")
+        print(f"saved with  tp={layout.get('tp')} pp={layout.get('pp')} dp={layout.get('dp')} "
+              f"distributed_optimizer={layout.get('distributed_optimizer')} dtype={layout.get('dtype')}")
+        print(f"optimizer   {', '.join(info['optimizer_state']) or 'none'}")
+        print(f"parameters  {info['parameters']:,} in {len(info['tensors'])} tensors")
+        width = max(map(len, info["tensors"]), default=0)
+        for name, t in info["tensors"].items():
+            print(f"  {name:<{width}}  {str(t['shape']):<16} {t['dtype']:<9} {t['fragments']} fragment(s)")
+        return 0
     if not indexed.exists(args.path):
         idx, bin_ = indexed.paths(args.path)
         if idx.exists() or bin_.exists():
             indexed.IndexedDataset(args.path)  # raises the precise error (missing partner, ...)
-        raise SystemExit(f"megaevo inspect: {args.path}: not a dataset prefix ({idx.name} and {bin_.name} not found)")
+        raise SystemExit(f"megaevo inspect: {args.path}: not a dataset prefix or checkpoint "
+                         f"({idx.name} and {bin_.name} not found)")
     info = indexed.summarize(args.path)
     if args.json:
         print(json.dumps(info))
@@ -105,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", action="store_true", help="print the summary as JSON")
     pp.set_defaults(func=_preprocess)
 
-    ins = sub.add_parser("inspect", help="summarise a dataset prefix")
+    ins = sub.add_parser("inspect", help="summarise a dataset prefix or a checkpoint")
     ins.add_argument("path")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=_inspect)

@@ -317,16 +317,16 @@ def test_not_divisible_by_tp_is_a_clear_error(heads, kv, tp, field):
 
 
 def test_presets():
-    for name, layers, hidden, ffn in [("0.5B", 20, 1536, 3216), ("1B", 22, 2048, 4896), ("2B", 26, 2816, 6180),
-                                      ("4B", 28, 4096, 7792)]:
+    for name, layers, hidden, ffn in [("evolm-0.5b", 20, 1536, 3216), ("evolm-1b", 22, 2048, 4896),
+                                      ("evolm-2b", 26, 2816, 6180), ("evolm-4b", 28, 4096, 7792)]:
         a = model_preset(name)
         assert (a.num_layers, a.hidden_size, a.ffn_hidden_size, a.num_heads, a.num_kv_heads, a.vocab_size,
                 a.max_seq_len) == (layers, hidden, ffn, 32, 4, 32000, 2048)
         for tp in (1, 2, 4):
             a.validate(tp)
     with pytest.raises(ValueError, match="num_kv_heads"):
-        model_preset("1B").validate(8)
+        model_preset("evolm-1b").validate(8)
     assert model_preset("tiny", rope_theta=5e5).rope_theta == 5e5
-    cfg = SimpleNamespace(preset="1B", **{**vars(model_preset("1B")), "tie_embeddings": True})
-    assert ModelArgs.from_config(cfg) == model_preset("1B", tie_embeddings=True)
-    assert math.isclose(model_preset("1B").padded_vocab_size(8), 32768)
+    cfg = SimpleNamespace(preset="evolm-1b", **{**vars(model_preset("evolm-1b")), "tie_embeddings": True})
+    assert ModelArgs.from_config(cfg) == model_preset("evolm-1b", tie_embeddings=True)
+    assert math.isclose(model_preset("evolm-1b").padded_vocab_size(8), 32768)

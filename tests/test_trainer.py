@@ -171,3 +171,69 @@ def test_bad_checkpoints_are_refused(data, reference, tmp_path):
     (broken / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="layers.0.attention.qkv.weight"):
         Trainer(config(data, tmp_path / "d", **{"checkpoint.load": str(broken)})).fit()
+
+
+KILL_DURING_SAVE = """
+import os, sys
+import megaevo.training.checkpoint as ck
+from tests.test_trainer import config
+real, calls = ck.save_file, []
+def dying_save(tensors, path):
+    calls.append(path)
+    if "iter_0000006" in path and "model_" in path:
+        real(tensors, path)
+        os._exit(9)  # killed in the middle of the second save
+    real(tensors, path)
+ck.save_file = dying_save
+from megaevo.training.trainer import Trainer
+Trainer(config({"web": sys.argv[1], "math": sys.argv[2]}, sys.argv[3])).fit()
+"""
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(data, reference, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, data["web"], data["math"], str(out)],
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == "iter_0000003"
+    assert not (root / "iter_0000006").exists()
+    # The run continues from the intact checkpoint and finishes as the uninterrupted run did.
+    losses, _ = fit(config(data, out, **{"checkpoint.load": "auto"}))
+    assert losses == reference["losses"][3:]
+    assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(data, tmp_path):
+    trainer = Trainer(config(data, tmp_path, **{"checkpoint.interval": 1, "train.iters": 20}))
+    forward = trainer.model.forward
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = forward(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 8 else loss  # 4 micro-batches a step: NaN from step 3
+    trainer.model.forward = poisoned
+    with pytest.raises(RuntimeError, match="non-finite"):
+        trainer.fit()
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[2]["skipped_steps"] == 1 and lines[-1]["skipped_steps"] == 5
+    ck = LoadedCheckpoint(tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip())
+    weights = {n: ck.tensor("model", n) for n in ck.names()}
+    good = LoadedCheckpoint(tmp_path / "checkpoints" / "iter_0000002")
+    assert all(torch.equal(weights[n], good.tensor("model", n)) for n in weights)  # skipped steps change nothing
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_inspect_checkpoint(reference, capsys):
+    from megaevo import cli
+
+    assert cli.main(["inspect", str(reference["out"] / "checkpoints"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["iteration"] == 6 and info["consumed_samples"] == 48
+    assert info["layout"]["tp"] == 1 and info["optimizer_state"] == ["master", "exp_avg", "exp_avg_sq"]
+    assert info["tensors"]["embedding.weight"]["shape"] == [VOCAB, 64]
+    assert info["parameters"] == sum(t.numel() for t in reference["w6"].values())

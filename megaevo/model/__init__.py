@@ -1,11 +1,10 @@
 """The Llama-family model, built as pipeline stages from tensor-parallel layers."""
-from .args import PRESETS, RECOMPUTE_MODES, ModelArgs, model_preset
+from .args import RECOMPUTE_MODES, ModelArgs, model_preset
 from .llama import (MLP, Attention, DecoderLayer, LlamaStage, RMSNorm, build_stage, fuse_qkv, split_qkv,
                     stage_layer_range)
 
 __all__ = [
     "MLP",
-    "PRESETS",
     "RECOMPUTE_MODES",
     "Attention",
     "DecoderLayer",

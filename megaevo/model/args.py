@@ -77,22 +77,12 @@ class ModelArgs:
         return self
 
 
-def _evolm(num_layers: int, hidden: int, ffn: int) -> ModelArgs:
-    return ModelArgs(vocab_size=32000, hidden_size=hidden, num_layers=num_layers, num_heads=32, num_kv_heads=4,
-                     ffn_hidden_size=ffn, max_seq_len=2048)
-
-
-PRESETS: dict[str, ModelArgs] = {
-    "tiny": ModelArgs(),
-    "0.5B": _evolm(20, 1536, 3216),
-    "1B": _evolm(22, 2048, 4896),
-    "2B": _evolm(26, 2816, 6180),
-    "4B": _evolm(28, 4096, 7792),
-}
-
-
 def model_preset(name: str, **overrides) -> ModelArgs:
-    """A preset by name (``tiny``, ``0.5B``, ``1B``, ``2B``, ``4B``) with fields overridden."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; expected one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    """A preset of megaevo.config.PRESETS by name (``tiny``, ``evolm-1b``, ...) with fields overridden."""
+    from megaevo.config import preset_values
+
+    values = {k: v for k, v in preset_values(name).items() if k in _FIELDS}
+    return ModelArgs(**{**values, **overrides})
+
+
+_FIELDS = {f.name for f in fields(ModelArgs)}

@@ -20,6 +20,7 @@ checkpoint directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -304,3 +305,27 @@ def _atomic_write(path: Path, text: str) -> None:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def summarize_checkpoint(path: str | os.PathLike) -> dict:
+    """What `megaevo inspect` prints for a checkpoint directory (or a run's checkpoints/ folder)."""
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        resolved = Checkpointer(path).resolve("auto")
+        if resolved is None:
+            raise CheckpointError(f"{path}: no metadata.json and no `latest` pointer: not a megaevo checkpoint")
+        path = resolved
+    ck = LoadedCheckpoint(path)
+    model = ck.meta["tensors"].get("model", {})
+    tensors = {name: {"shape": e["shape"], "dtype": e["dtype"], "fragments": len(e["fragments"])}
+               for name, e in sorted(model.items())}
+    return {
+        "path": str(path),
+        "iteration": ck.iteration,
+        "consumed_samples": ck.meta.get("consumed_samples"),
+        "tokens": ck.meta.get("tokens"),
+        "layout": ck.meta.get("layout"),
+        "optimizer_state": [k for k in KINDS[1:] if ck.has(k)],
+        "parameters": int(sum(math.prod(t["shape"]) for t in tensors.values())),
+        "tensors": tensors,
+    }

@@ -42,15 +42,6 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
-def model_args(cfg: Config) -> ModelArgs:
-    m = cfg.model
-    return ModelArgs(vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                     num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, ffn_hidden_size=m.ffn_hidden_size,
-                     max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-                     tie_embeddings=m.tie_embeddings, qkv_bias=m.qkv_bias, init_std=m.init_std,
-                     recompute=m.recompute)
-
-
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -88,7 +79,7 @@ class Trainer:
                                          device_type=self.device.type,
                                          sequence_parallel=cfg.parallel.sequence_parallel)
         self.dtype = _DTYPES[resolve_dtype(cfg.train.dtype, self.device.type)]
-        self.args = model_args(cfg)
+        self.args = ModelArgs.from_config(cfg.model)
         self.seq_len = cfg.seq_len
         torch.manual_seed(cfg.train.seed)
         self.model = build_stage(self.args, self.state, seed=cfg.train.seed, device=self.device, dtype=self.dtype)
@@ -261,17 +252,13 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
         log_path = self.out_dir / "metrics.jsonl"
+        board = _tensorboard(self.out_dir / "tensorboard") if self.rank == 0 else None
         records = []
         t_last, tokens_since = time.perf_counter(), 0
         while self.run.iteration < cfg.train.iters:
             stats = self.train_step()
             tokens_since += cfg.train.global_batch_size * self.seq_len
             it = self.run.iteration
-            if self.run.bad_in_a_row >= MAX_BAD_STEPS:
-                self.checkpointer.wait()
-                raise RuntimeError(f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient norm (last at "
-                                   f"iteration {it}); stopping. The last good checkpoint is intact; lower optim.lr or "
-                                   f"check the data, then resume with checkpoint.load=auto")
             record = None
             if it % cfg.train.log_interval == 0 or it == cfg.train.iters:
                 now = time.perf_counter()
@@ -285,21 +272,44 @@ class Trainer:
             if cfg.train.eval_interval and (it % cfg.train.eval_interval == 0 or it == cfg.train.iters):
                 record = (record or {"step": it, "consumed_samples": self.run.consumed_samples})
                 record.update(self.evaluate())
+            if record is None and self.run.bad_in_a_row >= MAX_BAD_STEPS:
+                record = {"step": it, "consumed_samples": self.run.consumed_samples, **stats,
+                          "skipped_steps": self.run.skipped_steps}
             if record is not None:
                 records.append(record)
                 if self.rank == 0:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     self._print(_describe(record, cfg.train.iters))
+                    if board is not None:
+                        for k, v in record.items():
+                            if isinstance(v, (int, float)) and k != "step":
+                                board.add_scalar(k, v, it)
+            if self.run.bad_in_a_row >= MAX_BAD_STEPS:
+                self.checkpointer.wait()
+                raise RuntimeError(f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient norm (last at "
+                                   f"iteration {it}); stopping. The last good checkpoint is intact; lower optim.lr or "
+                                   f"check the data, then resume with checkpoint.load=auto")
             if cfg.checkpoint.save and ((cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0)
                                         or it == cfg.train.iters):
                 self.save()
         self.checkpointer.wait()
+        if board is not None:
+            board.close()
         return records
 
     def _print(self, text: str) -> None:
         if self.rank == 0:
             print(text, flush=True)
+
+
+def _tensorboard(path: Path):
+    """A TensorBoard writer when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -316,11 +326,13 @@ def _memory_gb(device: torch.device) -> float:
 def _describe(r: dict, iters: int) -> str:
     parts = [f"step {r['step']:>6}/{iters}"]
     if "loss" in r:
-        parts += [f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"grad {r['grad_norm']:.3f}",
-                  f"{r['tokens_per_s']:,.0f} tok/s"]
+        parts += [f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"grad {r['grad_norm']:.3f}"]
+        if "tokens_per_s" in r:
+            parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
         if r.get("mfu") is not None:
             parts.append(f"mfu {100 * r['mfu']:.1f}%")
-        parts.append(f"mem {r['mem_gb']:.2f} GB")
+        if "mem_gb" in r:
+            parts.append(f"mem {r['mem_gb']:.2f} GB")
         if r.get("skipped_steps"):
             parts.append(f"skipped {r['skipped_steps']}")
     parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith("val/")]
