@@ -2,9 +2,10 @@
 
 Without the distributed optimizer every DP rank keeps fp32 master weights and both Adam moments
 for all of its parameters. With it (ZeRO-1), DP rank r keeps them only for its slice of every
-bucket, updates that slice, and the updated parameters are all-gathered. In both cases the update
-runs over "segments": contiguous runs of the flat buffers inside one parameter, so that weight
-decay applies per parameter (none on norms).
+bucket, updates that slice, and the updated parameters are all-gathered. The update is one fused
+AdamW call per contiguous range of the flat buffers (one per bucket, or per owned slice); weight
+decay goes first, per parameter ("segments": the runs of a range inside one parameter), so that
+norms take none.
 
 Gradient clipping uses the true global norm: every element of the model counted once (TP-
 replicated parameters only on TP rank 0, a pipeline-tied copy only on its first stage). A
@@ -49,9 +50,11 @@ class DistributedAdamW:
         self.betas, self.eps, self.weight_decay, self.clip_grad, self.lr = betas, eps, weight_decay, clip_grad, lr
         self.step_count = 0
         self.segments: list[Segment] = []
+        self.ranges: list[tuple[int, int, int]] = []  # (start, end) in the buffers, start in the master buffer
         offset = 0
         for b in buffers.buckets:
             own = buffers.shard_range(b) if buffers.distributed else (b.start, b.end)
+            self.ranges.append((own[0], own[1], offset))
             for p in b.params:
                 ps, pe = buffers.ranges[p]
                 s, e = max(ps, own[0]), min(pe, own[1])
@@ -60,13 +63,10 @@ class DistributedAdamW:
                 meta = metas[buffers.names[p]]
                 counted = (not meta.tp_replicated or state.tp_rank == 0) and not (meta.pipeline_tied and
                                                                                  not state.is_first_stage)
-                self.segments.append(Segment(s, e, offset, meta.weight_decay, counted))
-                offset += e - s
-        self.numel = offset
-        self.master = torch.empty(offset, dtype=torch.float32, device=buffers.param_buffer.device)
-        for seg in self.segments:
-            self.master[seg.master_start : seg.master_start + seg.end - seg.start] = \
-                buffers.param_buffer[seg.start : seg.end].float()
+                self.segments.append(Segment(s, e, offset + s - own[0], meta.weight_decay, counted))
+            offset += own[1] - own[0]
+        self.master = torch.cat([buffers.param_buffer[s:e].float() for s, e, _ in self.ranges]) if self.ranges \
+            else torch.zeros(0, device=buffers.param_buffer.device)
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         self._norm_groups = ([state.dp_group] if buffers.distributed else []) + [state.tp_group, state.pp_group]
@@ -97,12 +97,15 @@ class DistributedAdamW:
             scale = self.clip_grad / (norm + 1e-6)
         self.step_count += 1
         pbuf, gbuf = self.buffers.param_buffer, self.buffers.grad_buffer
-        for seg in self.segments:
-            master, m, v = self._views(seg)
-            out = pbuf[seg.start : seg.end]
-            adamw_step(master, gbuf[seg.start : seg.end], m, v, lr=lr, beta1=self.betas[0], beta2=self.betas[1],
-                       eps=self.eps, weight_decay=self.weight_decay if seg.decay else 0.0, step=self.step_count,
-                       grad_scale=scale, out=out)
+        if self.weight_decay:  # decoupled decay first, on the parameters that take it (as AdamW does)
+            for seg in self.segments:
+                if seg.decay:
+                    self._views(seg)[0].mul_(1 - lr * self.weight_decay)
+        for start, end, m0 in self.ranges:  # then one fused update per contiguous range
+            m = slice(m0, m0 + end - start)
+            adamw_step(self.master[m], gbuf[start:end], self.exp_avg[m], self.exp_avg_sq[m], lr=lr,
+                       beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=0.0,
+                       step=self.step_count, grad_scale=scale, out=pbuf[start:end])
         self.buffers.gather_params()
         return StepResult(norm, False)
 
