@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
     except (ValueError, OSError, ImportError) as e:
         # Bad input (files, formats, settings) gets its message, not a traceback; MEGAEVO_DEBUG=1 shows it.
         if os.environ.get("MEGAEVO_DEBUG"):

@@ -101,6 +101,14 @@ def test_resume_is_bit_exact(data, reference, tmp_path):
         assert torch.equal(resumed[n], t), n
 
 
+def test_async_checkpoints_equal_sync_ones(data, reference, tmp_path):
+    losses, _ = fit(config(data, tmp_path, **{"checkpoint.async": True}))
+    assert losses == reference["losses"]
+    for it, key in ((3, "w3"), (6, "w6")):
+        weights = logical_weights(tmp_path / "checkpoints" / f"iter_{it:07d}")
+        assert all(torch.equal(weights[n], t) for n, t in reference[key].items())
+
+
 def _layouts(rank, world, data, root, ref_dir):
     """Runs on `world` gloo processes; returns rank 0's losses for each layout."""
     results = {}
