@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .dispatch import get_backend, resolve, triton_module
 
-TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+TRITON_MAX_HEAD_DIM = 256
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -24,14 +24,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """Softmax attention; returns (batch, seq_q, heads, head_dim) in q's dtype.
 
     Backends: Triton (online-softmax forward, deterministic backward), or torch's
-    scaled_dot_product_attention. ``auto`` falls back to torch for head dims Triton does not
-    cover (powers of two from 16 to 256).
+    scaled_dot_product_attention. ``auto`` falls back to torch for head dims above 256.
     """
     _check(q, k, v, causal, doc_ids)
     chosen = resolve("flash_attention", q.device, backend)
-    if chosen == "triton" and q.shape[-1] not in TRITON_HEAD_DIMS:
+    if chosen == "triton" and q.shape[-1] > TRITON_MAX_HEAD_DIM:
         if (backend if backend is not None else get_backend()).strip().lower() == "triton":
-            raise ValueError(f"flash_attention: the Triton kernel needs head_dim in {TRITON_HEAD_DIMS}, got {q.shape[-1]}")
+            raise ValueError(f"flash_attention: the Triton kernel takes head_dim up to {TRITON_MAX_HEAD_DIM}, "
+                             f"got {q.shape[-1]}")
         chosen = "torch"
     if chosen == "triton":
         return triton_module("attention").FlashAttentionFunction.apply(q, k, v, causal, softmax_scale, doc_ids)

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--output-prefix", required=True)
     mg.set_defaults(func=_merge)
 
-    d = sub.add_parser("demo", help="build the embedded demo corpora (no download) in a work directory")
+    d = sub.add_parser("demo", help="build the embedded demo data (no download) and train the tiny model on it")
     d.add_argument("--dir", default="megaevo-demo")
     d.add_argument("--seed", type=int, default=1234)
     d.set_defaults(func=_demo)

@@ -184,11 +184,14 @@ class OptimConfig:
 class CheckpointConfig:
     """Saving every `interval` iterations (0: only at the end), keeping the last `keep_last`
     (None: all). `load` is None (start fresh), "auto" (the latest checkpoint under out_dir, if
-    any) or a path. `async_save` is the YAML key `async`."""
+    any) or a path. `finetune`: take only the model weights from `load` and start at iteration 0
+    with a fresh optimizer and data position (continued pre-training, SFT); once the run has saved
+    checkpoints of its own, a restart resumes those instead. `async_save` is the YAML key `async`."""
 
     interval: int = 1000
     keep_last: Optional[int] = None
     load: Optional[str] = None
+    finetune: bool = False
     async_save: bool = field(default=False, metadata={"yaml": "async"})
     save: bool = True
 
@@ -512,6 +515,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a config is meant to be read and shared
     os.replace(tmp, path)
     return path
 

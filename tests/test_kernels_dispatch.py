@@ -19,6 +19,7 @@ CPU = torch.device("cpu")
 def _restore_default(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     saved = dispatch._default_backend
+    dispatch.set_backend("auto")
     yield
     dispatch._default_backend = saved
 

@@ -245,3 +245,17 @@ def test_inspect_checkpoint(reference, capsys):
     assert info["layout"]["tp"] == 1 and info["optimizer_state"] == ["master", "exp_avg", "exp_avg_sq"]
     assert info["tensors"]["embedding.weight"]["shape"] == [VOCAB, 64]
     assert info["parameters"] == sum(t.numel() for t in reference["w6"].values())
+
+
+def test_finetune_takes_weights_and_starts_a_new_run(data, reference, tmp_path):
+    src = str(reference["out"] / "checkpoints" / "iter_0000006")
+    settings = {"checkpoint.load": src, "checkpoint.finetune": True, "train.iters": 3, "optim.warmup": 0,
+                "optim.schedule": "constant", "optim.lr": 1e-9, "optim.min_lr": 1e-9}
+    losses, trainer = fit(config(data, tmp_path, **settings))
+    assert trainer.run.iteration == 3 and trainer.run.consumed_samples == 24 and trainer.optimizer.step_count == 3
+    assert losses[0] < reference["losses"][0] - 0.5  # starts from the trained weights
+    weights = logical_weights(tmp_path / "checkpoints" / "iter_0000003")
+    assert_close_runs(weights, reference["w6"], rtol=1e-6)  # a tiny lr barely moves them
+    # Restarting the fine-tuning run continues its own checkpoints, not the source's weights.
+    more, trainer = fit(config(data, tmp_path, **{**settings, "train.iters": 5}))
+    assert trainer.run.iteration == 5 and len(more) == 2

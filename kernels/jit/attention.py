@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -319,7 +320,8 @@ _KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_DOC"]
 _CPU_FWD = dict(BLOCK_M=32, BLOCK_N=16)
 _CPU_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
 _CPU_DQ = dict(BLOCK_M=32, BLOCK_N=16)
-_FWD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 32, 4, 2)]
+_FWD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (64, 32, 4, 2),
+              (32, 32, 4, 2)]
 _DKDV_TILES = [(32, 128, 8, 3), (32, 64, 8, 3), (64, 64, 8, 3), (16, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3),
                (64, 64, 4, 3), (32, 32, 4, 2)]
 _DQ_TILES = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (32, 32, 4, 2)]
@@ -403,8 +405,9 @@ def attention_backward(do, q, k, v, out, lse, causal, softmax_scale, doc_ids):
     bucket = _seq_bucket(seq_k)
 
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(seq_q, 64), batch * n_heads)](
-        out, do, delta, *_strides(out), *_strides(do), n_heads, seq_q, HEAD_DIM=head_dim, BLOCK_M=64)
+    rows = max(16, 8192 // head_dim)
+    _attn_bwd_delta[(triton.cdiv(seq_q, rows), batch * n_heads)](
+        out, do, delta, *_strides(out), *_strides(do), n_heads, seq_q, HEAD_DIM=head_dim, BLOCK_M=rows)
 
     per_program = _heads_per_program(batch, kv_heads, group, seq_k, q.device)
     n_split = group // per_program
@@ -437,14 +440,29 @@ def attention_backward(do, q, k, v, out, lse, causal, softmax_scale, doc_ids):
     return dq, dk, dv
 
 
+def _padded_head_dim(dim: int) -> int:
+    """The head dim the kernels run at: a power of two of at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zero-pad the head dim (zeros change neither q.k nor the kept output columns)."""
+    return t if t.shape[-1] == dim else F.pad(t, (0, dim - t.shape[-1]))
+
+
 class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper; saves q, k, v, the output and one float32 per query row and head."""
+    """Autograd wrapper; saves q, k, v, the output and one float32 per query row and head.
+
+    Head dims that are not a power of two (or below 16) run zero-padded.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, doc_ids):
         check_device(q, "flash_attention")
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        dim = q.shape[-1]
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
+        padded = _padded_head_dim(dim)
+        q, k, v = (_unit_last(_pad(t, padded)) for t in (q, k, v))
         doc = doc_ids.to(torch.int32).contiguous() if doc_ids is not None else None
         if q.numel() == 0 or k.shape[1] == 0:
             out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -452,13 +470,17 @@ class FlashAttentionFunction(torch.autograd.Function):
         else:
             out, lse = attention_forward(q, k, v, causal, scale, doc)
         ctx.save_for_backward(q, k, v, out, lse, doc)
-        ctx.causal, ctx.scale = causal, scale
-        return out
+        ctx.causal, ctx.scale, ctx.dim = causal, scale, dim
+        return out if padded == dim else out[..., :dim].contiguous()
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, doc = ctx.saved_tensors
         if q.numel() == 0 or k.shape[1] == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
-        dq, dk, dv = attention_backward(_unit_last(do), q, k, v, out, lse, ctx.causal, ctx.scale, doc)
-        return dq, dk, dv, None, None, None
+            grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+        else:
+            do = _unit_last(_pad(do, q.shape[-1]))
+            grads = attention_backward(do, q, k, v, out, lse, ctx.causal, ctx.scale, doc)
+        if q.shape[-1] != ctx.dim:
+            grads = tuple(g[..., : ctx.dim].contiguous() for g in grads)
+        return (*grads, None, None, None)

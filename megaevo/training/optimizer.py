@@ -71,6 +71,11 @@ class DistributedAdamW:
         self.exp_avg_sq = torch.zeros_like(self.master)
         self._norm_groups = ([state.dp_group] if buffers.distributed else []) + [state.tp_group, state.pp_group]
 
+    def reset_master(self) -> None:
+        """Take the fp32 master weights from the parameters again (after loading weights only)."""
+        for start, end, m0 in self.ranges:
+            self.master[m0 : m0 + end - start] = self.buffers.param_buffer[start:end].float()
+
     def _views(self, seg: Segment):
         n = seg.end - seg.start
         m = slice(seg.master_start, seg.master_start + n)

@@ -219,7 +219,8 @@ class Trainer:
                         metadata=metadata)
         self.checkpointer.save(plan)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, weights_only: bool = False) -> None:
+        """Load a checkpoint saved in any layout; `weights_only` keeps iteration 0 and a fresh optimizer."""
         ck = LoadedCheckpoint(path)
         s = self.state
         with torch.no_grad():
@@ -227,13 +228,21 @@ class Trainer:
                 meta = self.metas[name]
                 full = ck.tensor("model", name, meta.logical_shape)
                 p.copy_(meta.layout.shard(full, s.tp_rank, s.tp_size).to(p.dtype))
-            if all(ck.has(k) for k in STATE_KINDS):
+            if not ck.has("master"):  # e.g. an imported model: master weights start from the weights
+                self.optimizer.reset_master()
+            else:
+                kinds = ("master",) if weights_only else STATE_KINDS
+                if not all(ck.has(k) for k in kinds):
+                    raise CheckpointError(f"{path}: optimizer state is incomplete (has {sorted(ck.meta['tensors'])})")
                 local = {}
                 for name, p in self.params.items():
                     meta = self.metas[name]
-                    local[name] = {k: meta.layout.shard(ck.tensor(k, name, meta.logical_shape), s.tp_rank, s.tp_size)
-                                   for k in STATE_KINDS}
-                self.optimizer.load_local_state(local, ck.meta.get("optimizer_step", ck.iteration))
+                    local[name] = {k: (meta.layout.shard(ck.tensor(k, name, meta.logical_shape), s.tp_rank, s.tp_size)
+                                       if k in kinds else torch.zeros(p.shape)) for k in STATE_KINDS}
+                step = 0 if weights_only else ck.meta.get("optimizer_step", ck.iteration)
+                self.optimizer.load_local_state(local, step)
+        if weights_only:
+            return
         self.run = RunState(ck.iteration, int(ck.meta["consumed_samples"]), int(ck.meta.get("skipped_steps", 0)))
         same_layout = ck.meta.get("world_size") == self.world_size and ck.meta.get("layout", {}).get("tp") == s.tp_size
         rng = ck.rng(self.rank) if same_layout else None
@@ -243,11 +252,16 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         cfg = self.cfg
-        if cfg.checkpoint.load:
+        own = self.checkpointer.resolve("auto") if cfg.checkpoint.load else None
+        if cfg.checkpoint.finetune and own is not None:  # the fine-tuning run restarts from its own checkpoint
+            self.load(own)
+            self._print(f"resumed from {own} at iteration {self.run.iteration}")
+        elif cfg.checkpoint.load:
             path = self.checkpointer.resolve(cfg.checkpoint.load)
             if path is not None:
-                self.load(path)
-                self._print(f"resumed from {path} at iteration {self.run.iteration}")
+                self.load(path, weights_only=cfg.checkpoint.finetune)
+                self._print(f"loaded the weights of {path}" if cfg.checkpoint.finetune else
+                            f"resumed from {path} at iteration {self.run.iteration}")
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")

@@ -1,0 +1,78 @@
+"""Every example config loads, and validates for each launch line written in its comments."""
+import shlex
+from pathlib import Path
+
+import pytest
+
+from megaevo import demo
+from megaevo.config import config_from_dict, load_config, validate
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
+
+
+def launch_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """(world size, overrides) of each `megaevo train` / `torchrun ... -m megaevo.train` line in the
+    comments of `path` that names this file; backslash continuations are joined."""
+    lines, pending = [], ""
+    for raw in path.read_text().splitlines():
+        if not raw.startswith("#"):
+            continue
+        text = pending + raw.lstrip("#").strip()
+        if text.endswith("\\"):
+            pending = text[:-1] + " "
+            continue
+        pending = ""
+        if not text.startswith(("megaevo train ", "torchrun ")):
+            continue
+        words = shlex.split(text, comments=True)
+        if f"examples/{path.name}" not in words:
+            continue
+        if words[:2] == ["megaevo", "train"]:
+            world = 1
+        elif words[:1] == ["torchrun"]:
+            option = dict(zip(words, words[1:]))
+            world = int(option.get("--nproc_per_node", 1)) * int(option.get("--nnodes", 1))
+        else:
+            continue
+        after = words[words.index(f"examples/{path.name}") + 1:]
+        lines.append((world, [w for w in after if "=" in w]))
+    return lines
+
+
+def test_the_examples_are_there():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny-cpu.yaml", "evolm-0.5b.yaml", "evolm-1b.yaml", "evolm-4b.yaml", "cpt-replay.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_example_validates_for_its_launch_lines(path):
+    cfg = load_config(path)
+    launches = launch_lines(path)
+    assert launches, f"{path.name}: no launch line (`torchrun ... --config examples/{path.name}`) in its comments"
+    for world, overrides in launches:
+        validate(load_config(path, overrides), world)
+    assert cfg.data.train and cfg.parallel.pp == 1  # the trainer refuses pipeline parallelism for now
+
+
+@pytest.mark.parametrize("name", ["evolm-0.5b", "evolm-1b", "evolm-4b"])
+def test_pretraining_examples(name):
+    cfg = load_config(EXAMPLES / f"{name}.yaml")
+    assert cfg.model.preset == name and cfg.seq_len == 2048 and cfg.train.dtype == "auto"
+    assert cfg.train.global_batch_size * cfg.seq_len == 2**20  # about a million tokens per step
+    assert cfg.parallel.distributed_optimizer and cfg.optim.schedule == "cosine"
+    assert cfg.optim.min_lr < cfg.optim.lr and 0 < cfg.optim.warmup < cfg.train.iters
+    assert validate(cfg, 8).dp * cfg.parallel.tp == 8
+
+
+def test_cpt_example_replays_pretraining_data():
+    cfg = load_config(EXAMPLES / "cpt-replay.yaml")
+    weights = {name: corpus["weight"] for name, corpus in cfg.data.train.items()}
+    assert sorted(weights.values()) == [0.05, 0.95]
+    assert cfg.checkpoint.load not in (None, "auto")
+    assert cfg.optim.schedule in ("constant", "wsd")
+    assert cfg.optim.lr < load_config(EXAMPLES / "evolm-1b.yaml").optim.lr
+
+
+def test_tiny_cpu_example_is_what_the_demo_trains():
+    assert load_config(EXAMPLES / "tiny-cpu.yaml") == config_from_dict(demo.train_settings("megaevo-demo"))
