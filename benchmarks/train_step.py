@@ -4,7 +4,9 @@
 
 Runs megaevo's Trainer on synthetic data (a generated indexed dataset) in one process, and, for
 comparison, a minimal plain-PyTorch loop over the same model, data and AdamW (torch.optim.AdamW,
-fused on CUDA): the difference is megaevo's per-step overhead. Prints one JSON object per line.
+fused on CUDA): the difference is megaevo's per-step overhead. With --hf (needs `transformers`),
+also a Hugging Face LlamaForCausalLM of the same shape with SDPA attention and fused AdamW, e.g.
+on a GPU: --preset evolm-1b --seq-len 2048 --micro-batch 4 --hf. Prints one JSON object per line.
 """
 from __future__ import annotations
 
@@ -49,6 +51,32 @@ def timed_steps(step, warmup: int, steps: int, device) -> list[float]:
     return times
 
 
+def hf_llama_steps(margs, batches, args, device, dtype) -> list[float]:
+    """Step times of a Hugging Face LlamaForCausalLM of the same shape (SDPA, fused AdamW on CUDA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=margs.vocab_size, hidden_size=margs.hidden_size,
+                         intermediate_size=margs.ffn_hidden_size, num_hidden_layers=margs.num_layers,
+                         num_attention_heads=margs.num_heads, num_key_value_heads=margs.num_kv_heads,
+                         max_position_embeddings=margs.max_seq_len, rope_theta=margs.rope_theta,
+                         rms_norm_eps=margs.norm_eps, tie_word_embeddings=margs.tie_embeddings,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device.type == "cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        for b in batches:
+            logits = model(input_ids=b["tokens"]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten())
+            (loss / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return timed_steps(step, args.warmup, args.steps, device)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
@@ -58,6 +86,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--hf", action="store_true", help="also time transformers' LlamaForCausalLM of the same shape")
     p.add_argument("--json", action="store_true", help="JSON lines only (the default output is JSON too)")
     args = p.parse_args()
 
@@ -98,11 +127,14 @@ def main() -> None:
             mega += timed_steps(trainer.train_step, 0, 1, device)
             plain += timed_steps(plain_step, 0, 1, device)
         mega, plain = mega[args.warmup:], plain[args.warmup:]
+        runs = [("megaevo", mega), ("plain-pytorch", plain)]
+        if args.hf:
+            runs.append(("hf-transformers", hf_llama_steps(trainer.args, batches, args, device, trainer.dtype)))
 
     tokens = gbs * args.seq_len
     peak = peak_flops(device)
     fpt = flops_per_token(trainer.args, args.seq_len)
-    for impl, times in (("megaevo", mega), ("plain-pytorch", plain)):
+    for impl, times in runs:
         step = statistics.median(times)
         tps = tokens / step
         print(json.dumps({
