@@ -93,3 +93,9 @@ def run_checks(rank: int, world_size: int, checks: dict[str, Callable[[int, int]
         except Exception:  # noqa: BLE001
             outcome[name] = traceback.format_exc()
     return outcome
+
+
+def assert_check_passed(results: list[dict[str, str | None]], name: str) -> None:
+    """Fail with every rank's traceback if check `name` failed anywhere (results of `run_checks`)."""
+    failures = [f"rank {r}:\n{res[name]}" for r, res in enumerate(results) if res[name] is not None]
+    assert not failures, "\n".join(failures)

@@ -9,7 +9,7 @@ from megaevo.parallel.layers import tag_param
 from megaevo.parallel.layout import ParamLayout, param_meta
 from megaevo.parallel.state import ParallelState, init_parallel_state
 from megaevo.training.optimizer import DistributedAdamW
-from tests.dist_utils import run_distributed
+from dist_utils import run_distributed
 
 GLOBAL_BATCH, STEPS = 8, 3
 

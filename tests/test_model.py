@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_utils import run_checks, run_distributed
+from dist_utils import assert_check_passed, run_checks, run_distributed
 from megaevo.model import LlamaStage, ModelArgs, build_stage, fuse_qkv, model_preset, split_qkv, stage_layer_range
 from megaevo.parallel import ParallelState, allreduce_sequence_parallel_grads, init_parallel_state
 
@@ -165,8 +165,7 @@ def dist_results():
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_tensor_parallel(dist_results, name):
-    failures = [f"rank {r}:\n{res[name]}" for r, res in enumerate(dist_results) if res[name] is not None]
-    assert not failures, "\n".join(failures)
+    assert_check_passed(dist_results, name)
 
 
 # ---------------------------------------------------------------- single process

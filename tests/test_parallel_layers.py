@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_utils import run_checks, run_distributed
+from dist_utils import assert_check_passed, run_checks, run_distributed
 from megaevo.parallel import (ColumnParallelLinear, ParallelState, ParamLayout, RowParallelLinear,
                               VocabParallelEmbedding, allreduce_sequence_parallel_grads, compat, gather_from_sequence,
                               gather_from_tp, gather_vocab_logits, init_parallel_state, mappings, padded_vocab_size,
@@ -259,8 +259,7 @@ def dist_results():
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_distributed(dist_results, name):
-    failures = [f"rank {r}:\n{res[name]}" for r, res in enumerate(dist_results) if res[name] is not None]
-    assert not failures, "\n".join(failures)
+    assert_check_passed(dist_results, name)
 
 
 # ---------------------------------------------------------------- single process

@@ -12,7 +12,7 @@ from megaevo.config import ConfigError, config_from_dict
 from megaevo.data.indexed import IndexedDatasetWriter
 from megaevo.training.checkpoint import CheckpointError, LoadedCheckpoint
 from megaevo.training.trainer import Trainer
-from tests.dist_utils import run_distributed
+from dist_utils import run_distributed
 
 VOCAB = 500
 
@@ -184,7 +184,7 @@ def test_bad_checkpoints_are_refused(data, reference, tmp_path):
 KILL_DURING_SAVE = """
 import os, sys
 import megaevo.training.checkpoint as ck
-from tests.test_trainer import config
+from test_trainer import config
 real, calls = ck.save_file, []
 def dying_save(tensors, path):
     calls.append(path)
@@ -204,7 +204,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(data, reference, tmp_pat
 
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, data["web"], data["math"], str(out)],
-                          cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+                          cwd=Path(__file__).parent, capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr
     root = out / "checkpoints"
     assert (root / "latest").read_text().strip() == "iter_0000003"

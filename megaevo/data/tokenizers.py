@@ -7,6 +7,8 @@ worker processes get an identical copy.
 """
 from __future__ import annotations
 
+import abc
+
 import json
 import os
 import random
@@ -30,7 +32,7 @@ _EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<EOS>")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<PAD>", "<|padding|>")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The interface every tokenizer implements."""
 
     path: Path
@@ -39,31 +41,38 @@ class Tokenizer:
     def name(self) -> str:
         return f"{type(self).__name__}({self.path})"
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def token_to_id(self, token: str) -> int | None:
         """The id of one whole token (a piece or special token), or None when it is not in the vocabulary."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def bos_id(self) -> int | None:
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def eos_id(self) -> int | None:
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def pad_id(self) -> int | None:
-        raise NotImplementedError
+        ...
 
     @property
     def eod_id(self) -> int | None:
