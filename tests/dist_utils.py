@@ -2,8 +2,9 @@
 
 ``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes, initialises a gloo
 process group over a ``file://`` store in a temporary directory, calls ``fn(rank, world_size,
-*args)`` in each and returns the list of results in rank order. ``fn`` and its results must be
-picklable (a module-level function; tensors are fine). An exception on any rank is raised in the
+*args)`` in each and returns the list of results in rank order. ``fn`` must be a module-level
+function; its results travel back through torch.save / torch.load(weights_only=True), so they may
+hold tensors, numbers, strings, lists, tuples and dicts. An exception on any rank is raised in the
 parent as ``DistributedTestError`` carrying that rank's traceback.
 
 Start few process groups: share one spawn across many checks (``run_checks`` runs a dict of
@@ -14,7 +15,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
-import pickle
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -29,7 +29,7 @@ def _worker(fn, rank, world_size, init_file, out_dir, args):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    path = os.path.join(out_dir, f"rank{rank}.pkl")
+    path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=120))
@@ -39,8 +39,7 @@ def _worker(fn, rank, world_size, init_file, out_dir, args):
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         result = ("error", traceback.format_exc())
-    with open(path + ".tmp", "wb") as f:
-        pickle.dump(result, f)
+    torch.save(result, path + ".tmp")  # tensors, numbers, strings and containers only
     os.replace(path + ".tmp", path)
 
 
@@ -62,14 +61,15 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             procs[r].join()
         results, errors = [], []
         for r in range(world_size):
-            path = os.path.join(tmp, f"rank{r}.pkl")
+            path = os.path.join(tmp, f"rank{r}.pt")
             if not os.path.exists(path):
                 reason = "timed out" if r in hung else f"exited with code {procs[r].exitcode} without a result"
                 errors.append(f"rank {r} {reason}")
                 results.append(None)
                 continue
-            with open(path, "rb") as f:
-                status, value = pickle.load(f)
+            import torch
+
+            status, value = torch.load(path, weights_only=True)
             if status == "error":
                 errors.append(f"rank {r} raised:\n{value}")
             results.append(value)
