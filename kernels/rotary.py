@@ -6,19 +6,52 @@ Layout: q (batch, seq, heads, head_dim) and k (batch, seq, kv_heads, head_dim), 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .dispatch import resolve, triton_module
 
 
+ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 def rotary_tables(head_dim: int, max_positions: int, theta: float = 10000.0,
-                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each float32 of shape (max_positions, head_dim // 2)."""
+                  device: torch.device | str | None = None, scaling=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each float32 of shape (max_positions, head_dim // 2).
+
+    ``scaling`` (a mapping, or its items) selects a frequency scaling; only Llama 3's is known:
+    ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}``. Wavelengths longer than ``original / low_freq_factor``
+    are stretched by ``factor``, those shorter than ``original / high_freq_factor`` are kept, and
+    the band between is interpolated smoothly. ``None`` leaves the frequencies as they are.
+    """
     if head_dim % 2:
         raise ValueError(f"rotary_tables: head_dim must be even, got {head_dim}")
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    if scaling is not None:
+        inv_freq = _llama3_scaled(inv_freq, dict(scaling))
     angles = torch.arange(max_positions, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
     return angles.cos().float(), angles.sin().float()
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    kind = scaling.get("rope_type")
+    if kind != "llama3":
+        raise ValueError(f"rotary_tables: unknown rope scaling type {kind!r}; only 'llama3' is supported")
+    missing = [k for k in ROPE_SCALING_KEYS if k not in scaling]
+    if missing:
+        raise ValueError(f"rotary_tables: llama3 rope scaling needs {', '.join(missing)}")
+    factor, low, high = (float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    original = float(scaling["original_max_position_embeddings"])
+    if not (factor > 0 and 0 < low < high and original > 0):
+        raise ValueError(f"rotary_tables: llama3 rope scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor "
+                         f"and original_max_position_embeddings > 0, got {scaling}")
+    wavelen = 2 * math.pi / inv_freq
+    # 0 for long wavelengths (fully scaled), 1 for short ones (kept), linear in 1 / wavelength between.
+    keep = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    keep = torch.where(wavelen < original / high, 1.0, torch.where(wavelen > original / low, 0.0, keep))
+    return (1 - keep) * inv_freq / factor + keep * inv_freq
 
 
 def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

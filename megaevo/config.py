@@ -60,6 +60,8 @@ class ModelConfig:
 
     The defaults are the `tiny` preset. From a YAML file, `preset:` fills the architecture fields
     and explicit fields override it; in Python use `ModelConfig.from_preset(name, **overrides)`.
+    `rope_scaling` is null or Llama 3's frequency scaling: `{rope_type: llama3, factor: 8.0,
+    low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192}`.
     """
 
     preset: Optional[str] = None
@@ -76,6 +78,7 @@ class ModelConfig:
     qkv_bias: bool = False
     init_std: float = 0.02
     recompute: Literal["none", "full", "selective"] = "none"
+    rope_scaling: Optional[dict[str, Any]] = None
 
     def __post_init__(self):
         if self.preset is not None:
@@ -562,6 +565,34 @@ def _model_errors(cfg: Config) -> list[str]:
                       f"lower data.seq_len or raise model.max_seq_len")
     if m.rope_theta <= 0 or m.norm_eps <= 0 or m.init_std <= 0:
         errors.append("model.rope_theta, model.norm_eps and model.init_std must be positive")
+    if m.rope_scaling is not None:
+        errors += _rope_scaling_errors(m.rope_scaling)
+    return errors
+
+
+_LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_scaling_errors(scaling: dict) -> list[str]:
+    kind = scaling.get("rope_type")
+    if kind != "llama3":
+        return [f"model.rope_scaling.rope_type={kind!r} is not supported: the only rotary scaling is 'llama3' "
+                f"(or set model.rope_scaling=null)"]
+    errors = []
+    unknown = sorted(set(scaling) - {"rope_type", *_LLAMA3_SCALING})
+    if unknown:
+        errors.append(f"model.rope_scaling: unknown key(s) {', '.join(unknown)} for rope_type llama3 "
+                      f"(known: {', '.join(_LLAMA3_SCALING)})")
+    missing = [k for k in _LLAMA3_SCALING if k not in scaling]
+    if missing:
+        errors.append(f"model.rope_scaling: rope_type llama3 needs {', '.join(missing)}")
+    bad = [k for k in _LLAMA3_SCALING if k in scaling
+           and (isinstance(scaling[k], bool) or not isinstance(scaling[k], (int, float)) or scaling[k] <= 0)]
+    if bad:
+        errors.append(f"model.rope_scaling: {', '.join(bad)} must be positive numbers")
+    elif not missing and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        errors.append(f"model.rope_scaling: high_freq_factor={scaling['high_freq_factor']} must be larger than "
+                      f"low_freq_factor={scaling['low_freq_factor']}")
     return errors
 
 

@@ -15,7 +15,9 @@ class ModelArgs:
 
     ``vocab_size`` is the tokenizer's; the embedding and output rows are padded to a multiple of
     ``vocab_pad_multiple`` x TP (see :meth:`padded_vocab_size`). ``recompute`` is ``none``,
-    ``full`` (each decoder layer) or ``selective`` (only the attention core).
+    ``full`` (each decoder layer) or ``selective`` (only the attention core). ``rope_scaling``
+    is a rotary frequency scaling (see :func:`megaevo.kernels.rotary_tables`), given as a mapping
+    and kept as a sorted tuple of its items so that the arguments stay hashable.
     """
 
     vocab_size: int = 32000
@@ -32,6 +34,11 @@ class ModelArgs:
     vocab_pad_multiple: int = 128
     init_std: float = 0.02
     recompute: str = "none"
+    rope_scaling: tuple[tuple[str, object], ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
 
     @property
     def head_dim(self) -> int:

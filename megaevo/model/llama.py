@@ -206,7 +206,8 @@ class LlamaStage(nn.Module):
         key = str(device)
         if key not in self._rope_cache:
             self._rope_cache[key] = kernels.rotary_tables(self.args.head_dim, self.args.max_seq_len,
-                                                          self.args.rope_theta, device=device)
+                                                          self.args.rope_theta, device=device,
+                                                          scaling=self.args.rope_scaling)
         return self._rope_cache[key]
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
