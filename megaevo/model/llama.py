@@ -248,13 +248,27 @@ def stage_layer_range(num_layers: int, num_stages: int, stage: int,
     return first, first + layers_per_stage[stage]
 
 
+def build_chunks(args: ModelArgs, state: ParallelState | None = None, *, virtual_pp: int = 1,
+                 layers_per_stage: list[int] | None = None, seed: int = 0, device=None,
+                 dtype=None) -> list[LlamaStage]:
+    """This process's model chunks: chunk ``c`` is virtual pipeline stage ``c * pp + pp_rank`` of
+    ``pp * virtual_pp``, with its share of the layers (an even split, or ``layers_per_stage``, one
+    entry per virtual stage), the embedding on virtual stage 0 and the head on the last."""
+    state = state or ParallelState.single()
+    stages = state.pp_size * virtual_pp
+    chunks = []
+    for c in range(virtual_pp):
+        stage = c * state.pp_size + state.pp_rank
+        first, end = stage_layer_range(args.num_layers, stages, stage, layers_per_stage)
+        chunks.append(LlamaStage(args, state, first, end, has_embedding=stage == 0, has_head=stage == stages - 1,
+                                 seed=seed, device=device, dtype=dtype))
+    return chunks
+
+
 def build_stage(args: ModelArgs, state: ParallelState | None = None, *, seed: int = 0, device=None,
                 dtype=None) -> LlamaStage:
-    """This process's pipeline stage: its share of the layers, the embedding first, the head last."""
-    state = state or ParallelState.single()
-    first, end = stage_layer_range(args.num_layers, state.pp_size, state.pp_rank)
-    return LlamaStage(args, state, first, end, has_embedding=state.is_first_stage, has_head=state.is_last_stage,
-                      seed=seed, device=device, dtype=dtype)
+    """This process's pipeline stage (one chunk): its share of the layers, the embedding first, the head last."""
+    return build_chunks(args, state, seed=seed, device=device, dtype=dtype)[0]
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:

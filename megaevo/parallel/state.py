@@ -22,6 +22,9 @@ class ParallelState:
 
     ``tp_group`` / ``dp_group`` / ``pp_group`` are ``None`` when that size is 1 (and always in
     the single-process state), so collectives over them can be skipped cheaply.
+    ``embedding_group`` joins the first and the last pipeline stage of this process's (DP, TP)
+    coordinates, where tied input and output embeddings sum their gradients; ``None`` without
+    pipeline parallelism.
     ``sequence_parallel`` says whether activations between tensor-parallel regions are split
     along the sequence (it has no effect when ``tp_size == 1``).
     """
@@ -37,6 +40,7 @@ class ParallelState:
     pp_group: Any = None
     mesh: Any = None
     sequence_parallel: bool = False
+    embedding_group: Any = None
 
     @classmethod
     def single(cls, sequence_parallel: bool = False) -> "ParallelState":
@@ -44,7 +48,7 @@ class ParallelState:
         return cls(sequence_parallel=sequence_parallel)
 
     @classmethod
-    def from_mesh(cls, mesh, sequence_parallel: bool = False) -> "ParallelState":
+    def from_mesh(cls, mesh, sequence_parallel: bool = False, embedding_group: Any = None) -> "ParallelState":
         """The state of this process in a 3D ``mesh`` with dim names ``("pp", "dp", "tp")``."""
         if tuple(mesh.mesh_dim_names or ()) != MESH_DIMS:
             raise ValueError(f"ParallelState: the device mesh must have dims {MESH_DIMS}, got {mesh.mesh_dim_names}")
@@ -54,7 +58,7 @@ class ParallelState:
         return cls(tp_size=sizes["tp"], dp_size=sizes["dp"], pp_size=sizes["pp"],
                    tp_rank=ranks["tp"], dp_rank=ranks["dp"], pp_rank=ranks["pp"],
                    tp_group=groups["tp"], dp_group=groups["dp"], pp_group=groups["pp"],
-                   mesh=mesh, sequence_parallel=sequence_parallel)
+                   mesh=mesh, sequence_parallel=sequence_parallel, embedding_group=embedding_group)
 
     @property
     def world_size(self) -> int:
@@ -103,4 +107,21 @@ def init_parallel_state(tp: int = 1, dp: int | None = None, pp: int = 1, *, devi
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
-    return ParallelState.from_mesh(mesh, sequence_parallel=sequence_parallel)
+    return ParallelState.from_mesh(mesh, sequence_parallel=sequence_parallel,
+                                   embedding_group=_embedding_group(mesh) if pp > 1 else None)
+
+
+def _embedding_group(mesh):
+    """This process's group of {first stage, last stage} at its (DP, TP) coordinates.
+
+    Every process takes part in creating every such group, as ``new_group`` requires.
+    """
+    ranks = mesh.mesh  # (pp, dp, tp) global ranks
+    mine = None
+    for d in range(ranks.shape[1]):
+        for t in range(ranks.shape[2]):
+            members = [int(ranks[0, d, t]), int(ranks[-1, d, t])]
+            group = dist.new_group(members)
+            if dist.get_rank() in members:
+                mine = group
+    return mine

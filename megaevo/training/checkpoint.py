@@ -52,7 +52,7 @@ class SavePlan:
 
     iteration: int
     tensors: dict[str, dict[str, tuple[torch.Tensor, list]]]  # kind -> name -> (local tensor, fragments)
-    logical_shapes: dict[str, tuple[int, ...]]
+    logical_shapes: dict[str, tuple[int, ...]]  # of this rank's tensors (pipeline stages hold different ones)
     rank: int
     world_size: int
     writer: bool  # DP rank 0 writes weights and optimizer state
@@ -151,6 +151,7 @@ class Checkpointer:
             save_file(tensors, str(tmp / fname))
         save_file(rng, str(tmp / f"rng_rank{plan.rank}.safetensors"))
         part = {"rank": plan.rank, "fragments": fragments,
+                "shapes": {n: list(plan.logical_shapes[n]) for d in host.values() for n in d},
                 "dtypes": {kind: {n: str(t.dtype).removeprefix("torch.") for n, (t, _) in d.items()}
                            for kind, d in host.items()}}
         _atomic_write(tmp / f"part_rank{plan.rank}.json", json.dumps(part))
@@ -168,7 +169,7 @@ class Checkpointer:
             for kind, named in part["fragments"].items():
                 for name, frags in named.items():
                     entry = tensors.setdefault(kind, {}).setdefault(
-                        name, {"shape": list(plan.logical_shapes[name]), "dtype": part["dtypes"][kind][name],
+                        name, {"shape": part["shapes"][name], "dtype": part["dtypes"][kind][name],
                                "fragments": []})
                     entry["fragments"].extend(frags)
         for kind in tensors:

@@ -3,9 +3,11 @@
     megaevo train --config FILE [key=value ...]
     torchrun --nproc_per_node N -m megaevo.train --config FILE [key=value ...]
 
-A step takes `global_batch_size` samples: each DP rank runs its micro-batches (gradients
-accumulate in the fp32 buffers; the DP reduction starts during the last backward), then the
-optimizer clips on the global norm and updates. The data position is a function of consumed
+A step takes `global_batch_size` samples: each DP rank runs its micro-batches through the
+pipeline schedule (1F1B, or interleaved with `parallel.virtual_pp` chunks per stage; with PP = 1
+simply forward and backward in turn), gradients accumulate in the fp32 buffers and the DP
+reduction starts during the last backward where it can; tied embeddings sum their gradients
+across the first and last stage; then the optimizer clips on the global norm and updates. The data position is a function of consumed
 samples, so stopping and resuming (also on another layout with the same global batch) continues
 the same run.
 """
@@ -27,10 +29,11 @@ from megaevo.config import Config, ConfigError, config_to_dict, resolve_dtype, s
 from megaevo.data.blended import build_datasets
 from megaevo.data.sampler import MicroBatchSampler, collate
 from megaevo.model.args import ModelArgs
-from megaevo.model.llama import build_stage
+from megaevo.model.llama import build_chunks
 from megaevo.parallel import compat
 from megaevo.parallel.data_parallel import GradBuffers
 from megaevo.parallel.layers import allreduce_sequence_parallel_grads
+from megaevo.parallel.pipeline import PipelineEngine, StepStats
 from megaevo.parallel.state import init_parallel_state
 from megaevo.training.checkpoint import Checkpointer, CheckpointError, LoadedCheckpoint, SavePlan, set_rng_state
 from megaevo.training.optimizer import STATE_KINDS, DistributedAdamW
@@ -72,20 +75,29 @@ class Trainer:
         self.cfg = cfg
         self._init_distributed()
         self.layout = validate(cfg, self.world_size)
-        if self.layout.pp > 1:
-            raise ConfigError("parallel.pp > 1: pipeline parallelism is not available in this version; set parallel.pp=1")
         kernels.set_backend(cfg.kernels.backend)
-        self.state = init_parallel_state(tp=self.layout.tp, dp=self.layout.dp, pp=1,
+        self.state = init_parallel_state(tp=self.layout.tp, dp=self.layout.dp, pp=self.layout.pp,
                                          device_type=self.device.type,
                                          sequence_parallel=cfg.parallel.sequence_parallel)
         self.dtype = _DTYPES[resolve_dtype(cfg.train.dtype, self.device.type)]
         self.args = ModelArgs.from_config(cfg.model)
         self.seq_len = cfg.seq_len
         torch.manual_seed(cfg.train.seed)
-        self.model = build_stage(self.args, self.state, seed=cfg.train.seed, device=self.device, dtype=self.dtype)
-        named = self.model.named_parameters_with_meta()
+        self.chunks = build_chunks(self.args, self.state, virtual_pp=self.layout.virtual_pp,
+                                   layers_per_stage=cfg.parallel.pp_layers, seed=cfg.train.seed, device=self.device,
+                                   dtype=self.dtype)
+        self.model = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
+        named = [item for chunk in self.chunks for item in chunk.named_parameters_with_meta()]
         self.metas = {n: m for n, _, m in named}
         self.params = {n: p for n, p, _ in named}
+        # Tied embeddings split over the pipeline: the copies on the first and last stage sum their gradients.
+        self.tied_params = [p for n, p in self.params.items() if n == "embedding.weight"] \
+            if self.args.tie_embeddings and self.state.pp_size > 1 else []
+        sp = self.state.tp_size if self.state.sequence_parallel_active else 1
+        self.pipeline = PipelineEngine(self.chunks, self.state,
+                                       (cfg.train.micro_batch_size, self.seq_len // sp, self.args.hidden_size),
+                                       self.dtype, self.device)
+        self.last_step_stats: StepStats | None = None
         self.buffers = GradBuffers(self.params, self.state, self.dtype,
                                    bucket_size=int(cfg.parallel.bucket_size_mb * 2**20 / 4),
                                    distributed=cfg.parallel.distributed_optimizer,
@@ -137,28 +149,34 @@ class Trainer:
                                   f"use the tokenizer the model was sized for, or raise model.vocab_size")
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _mean_loss(self, losses: list[torch.Tensor], count: int) -> float:
+        """The mean of the micro-batch losses of the last stage over ``count`` micro-batches and every DP rank."""
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for loss in losses:
+            total += loss / count
+        if self.state.pp_group is not None:  # only the last stage has losses; the others add zero
+            compat.all_reduce(total, group=self.state.pp_group)
+        if self.state.dp_group is not None:
+            compat.all_reduce(total, group=self.state.dp_group)
+            total /= self.state.dp_size
+        return total.item()
+
     def train_step(self) -> dict:
         n_micro = self.layout.micro_batches_per_step
         lr = lr_at(self.run.iteration, self.cfg.optim, self.cfg.train.iters)
         self.buffers.zero_grad()
         self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        batches = self._micro_batches(self.splits.train, self.run.consumed_samples, n_micro)
-        for m, batch in enumerate(batches):
-            loss = self.model(batch["tokens"], batch["labels"]).float().mean()
-            scaled = loss / n_micro
-            if m < n_micro - 1:
-                with self.buffers.no_sync():
-                    scaled.backward()
-            else:
-                scaled.backward()
-            loss_sum += scaled.detach()
+        batches = list(self._micro_batches(self.splits.train, self.run.consumed_samples, n_micro))
+        # Reduction can overlap the last backward only when that backward completes every gradient of
+        # this rank: one chunk per rank, and no tied copy that must first be summed across stages.
+        overlap = len(self.chunks) == 1 and not self.tied_params
+        stats = self.pipeline.run(batches, no_sync=self.buffers.no_sync, sync_last_backward=overlap)
+        self.last_step_stats = stats
+        for p in self.tied_params:
+            compat.all_reduce(p.main_grad, group=self.state.embedding_group)
         self.buffers.finish_grad_sync()
         allreduce_sequence_parallel_grads(self.params.values(), self.state, grad_attr="main_grad")
-        if self.state.dp_group is not None:
-            compat.all_reduce(loss_sum, group=self.state.dp_group)
-            loss_sum /= self.state.dp_size
-        loss = loss_sum.item()
+        loss = self._mean_loss(stats.losses, n_micro)
         result = self.optimizer.step(lr) if math.isfinite(loss) else None
         skipped = result is None or result.skipped
         self.run.consumed_samples += self.cfg.train.global_batch_size
@@ -179,16 +197,9 @@ class Trainer:
             steps = min(t.eval_iters, len(ds) // t.global_batch_size)
             if steps == 0:
                 continue
-            total = torch.zeros((), dtype=torch.float32, device=self.device)
-            batches = self._micro_batches(ds, 0, steps * self.layout.micro_batches_per_step)
-            count = 0
-            for batch in batches:
-                total += self.model(batch["tokens"], batch["labels"]).float().mean()
-                count += 1
-            if self.state.dp_group is not None:
-                compat.all_reduce(total, group=self.state.dp_group)
-                total /= self.state.dp_size
-            out[f"val/{name}"] = total.item() / count
+            batches = list(self._micro_batches(ds, 0, steps * self.layout.micro_batches_per_step))
+            stats = self.pipeline.run(batches, forward_only=True)
+            out[f"val/{name}"] = self._mean_loss(stats.losses, len(batches))
         self.model.train()
         return out
 
@@ -210,7 +221,7 @@ class Trainer:
             "optimizer_step": self.optimizer.step_count,
             "skipped_steps": self.run.skipped_steps,
             "scheduler": {"iteration": it, "schedule": self.cfg.optim.schedule},
-            "layout": {"tp": s.tp_size, "pp": s.pp_size, "dp": s.dp_size,
+            "layout": {"tp": s.tp_size, "pp": s.pp_size, "dp": s.dp_size, "virtual_pp": len(self.chunks),
                        "distributed_optimizer": self.buffers.distributed, "dtype": str(self.dtype)},
             "config": config_to_dict(self.cfg),
         }
@@ -244,7 +255,10 @@ class Trainer:
         if weights_only:
             return
         self.run = RunState(ck.iteration, int(ck.meta["consumed_samples"]), int(ck.meta.get("skipped_steps", 0)))
-        same_layout = ck.meta.get("world_size") == self.world_size and ck.meta.get("layout", {}).get("tp") == s.tp_size
+        saved = ck.meta.get("layout", {})
+        same_layout = ck.meta.get("world_size") == self.world_size and (saved.get("tp"), saved.get("pp"),
+                                                                         saved.get("virtual_pp", 1)) == \
+            (s.tp_size, s.pp_size, len(self.chunks))
         rng = ck.rng(self.rank) if same_layout else None
         if rng is not None:
             set_rng_state(rng)
