@@ -52,7 +52,7 @@ def test_example_validates_for_its_launch_lines(path):
     assert launches, f"{path.name}: no launch line (`torchrun ... --config examples/{path.name}`) in its comments"
     for world, overrides in launches:
         validate(load_config(path, overrides), world)
-    assert cfg.data.train and cfg.parallel.pp == 1  # the trainer refuses pipeline parallelism for now
+    assert cfg.data.train
 
 
 @pytest.mark.parametrize("name", ["evolm-0.5b", "evolm-1b", "evolm-4b"])
