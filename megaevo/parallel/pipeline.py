@@ -103,16 +103,19 @@ class SimulationResult:
     busy: list[int]  # per rank, actions run
 
 
-def simulate(num_micro: int, pp: int, virtual_pp: int = 1, forward_only: bool = False) -> SimulationResult:
+def simulate(num_micro: int, pp: int, virtual_pp: int = 1, forward_only: bool = False,
+             tags: bool = True) -> SimulationResult:
     """Run every rank's schedule against the others, one action per rank per tick, with sends that
-    never block and receives that wait for their message, in order, per (sender, receiver, kind).
+    never block and receives that wait for their message, in order, per (sender, receiver, kind);
+    with ``tags=False`` per (sender, receiver) only, as on a backend that ignores message tags (NCCL).
 
-    Raises ScheduleError on a deadlock or when a receive would get another micro-batch's message:
+    Raises ScheduleError on a deadlock or when a receive would get another message than its own:
     the properties the real exchange relies on.
     """
     plans = [schedule(num_micro, pp, r, virtual_pp, forward_only) for r in range(pp)]
     last_stage = pp * virtual_pp - 1
-    channels: dict[tuple[int, int, str], list[tuple[int, int]]] = {}
+    channels: dict[tuple, list[tuple[int, int]]] = {}
+    width = 3 if tags else 2  # how much of (sender, receiver, kind) tells channels apart
     pos, live, max_live, done = [0] * pp, [0] * pp, [0] * pp, set()
     ticks = 0
     while any(pos[r] < len(plans[r]) for r in range(pp)):
@@ -126,16 +129,16 @@ def simulate(num_micro: int, pp: int, virtual_pp: int = 1, forward_only: bool = 
             stage = a.chunk * pp + r
             need = None  # the message this action waits for
             if a.kind == FORWARD and stage > 0:
-                need = ((r - 1) % pp, r, FORWARD, stage - 1, a.micro)
+                need = ((r - 1) % pp, r, FORWARD, (FORWARD, stage - 1, a.micro))
             elif a.kind == BACKWARD and stage < last_stage:
-                need = ((r + 1) % pp, r, BACKWARD, stage + 1, a.micro)
+                need = ((r + 1) % pp, r, BACKWARD, (BACKWARD, stage + 1, a.micro))
             if need is not None:
-                queue = channels.get(need[:3], [])
+                queue = channels.get(need[:width], [])
                 if not queue:
                     continue
-                if queue[0] != need[3:]:
-                    raise ScheduleError(f"rank {r} expects {need[3:]} from rank {need[0]} ({a.kind}) but the next "
-                                        f"message is {queue[0]}")
+                if queue[0] != need[3]:
+                    raise ScheduleError(f"rank {r} expects {need[3]} from rank {need[0]} but the next message "
+                                        f"is {queue[0]}")
                 queue.pop(0)
             if a.kind == FORWARD:
                 if (r, a.chunk, a.micro) in done:
@@ -145,17 +148,17 @@ def simulate(num_micro: int, pp: int, virtual_pp: int = 1, forward_only: bool = 
                     live[r] += 1
                     max_live[r] = max(max_live[r], live[r])
                 if stage < last_stage:
-                    sends.append(((r, (r + 1) % pp, FORWARD), (stage, a.micro)))
+                    sends.append(((r, (r + 1) % pp, FORWARD), (FORWARD, stage, a.micro)))
             else:
                 if (r, a.chunk, a.micro) not in done:
                     raise ScheduleError(f"rank {r} runs backward {a} before its forward")
                 live[r] -= 1
                 if stage > 0:
-                    sends.append(((r, (r - 1) % pp, BACKWARD), (stage, a.micro)))
+                    sends.append(((r, (r - 1) % pp, BACKWARD), (BACKWARD, stage, a.micro)))
             pos[r] += 1
             progressed = True
         for key, message in sends:  # delivered after the tick: a message takes one tick to arrive
-            channels.setdefault(key, []).append(message)
+            channels.setdefault(key[:width], []).append(message)
         if not progressed and not sends:
             stuck = {r: plans[r][pos[r]] for r in range(pp) if pos[r] < len(plans[r])}
             raise ScheduleError(f"deadlock: every unfinished rank waits for a message: {stuck}")
