@@ -259,3 +259,31 @@ def test_finetune_takes_weights_and_starts_a_new_run(data, reference, tmp_path):
     # Restarting the fine-tuning run continues its own checkpoints, not the source's weights.
     more, trainer = fit(config(data, tmp_path, **{**settings, "train.iters": 5}))
     assert trainer.run.iteration == 5 and len(more) == 2
+
+
+def test_a_block_is_read_from_the_fragments_that_hold_it(tmp_path):
+    from safetensors.torch import save_file
+
+    full = torch.arange(8 * 6, dtype=torch.float32).reshape(8, 6)
+    save_file({"w/0": full[:4].contiguous()}, str(tmp_path / "model_tp0_pp0.safetensors"))
+    save_file({"w/1": full[4:].contiguous()}, str(tmp_path / "model_tp1_pp0.safetensors"))
+    frags = [{"file": f"model_tp{i}_pp0.safetensors", "key": f"w/{i}", "offset": [4 * i, 0], "shape": [4, 6]}
+             for i in range(2)]
+    meta = {"format_version": 1, "iteration": 0, "tensors": {"model": {"w": {"shape": [8, 6], "dtype": "float32",
+                                                                              "fragments": frags}}}}
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    ck = LoadedCheckpoint(tmp_path)
+    opened = []
+    real = ck._file
+    ck._file = lambda name: opened.append(name) or real(name)
+    assert torch.equal(ck.region("model", "w", (5, 2), (3, 3)), full[5:8, 2:5])
+    assert opened == ["model_tp1_pp0.safetensors"]  # the other rank's file is never touched
+    assert torch.equal(ck.region("model", "w", (2, 0), (4, 6)), full[2:6])  # across the two fragments
+    assert torch.equal(ck.tensor("model", "w"), full)
+    with pytest.raises(CheckpointError, match="outside"):
+        ck.region("model", "w", (6, 0), (4, 6))
+    meta["tensors"]["model"]["w"]["fragments"] = frags[:1]
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    assert torch.equal(LoadedCheckpoint(tmp_path).region("model", "w", (0, 0), (4, 6)), full[:4])
+    with pytest.raises(CheckpointError, match="missing"):
+        LoadedCheckpoint(tmp_path).region("model", "w", (3, 0), (2, 6))

@@ -250,6 +250,11 @@ class LoadedCheckpoint:
 
     def tensor(self, kind: str, name: str, expected_shape=None) -> torch.Tensor:
         """The whole logical tensor `name` of `kind`, checked for complete, non-overlapping coverage."""
+        shape = self.shape(kind, name, expected_shape)
+        return self.region(kind, name, (0,) * len(shape), shape)
+
+    def shape(self, kind: str, name: str, expected_shape=None) -> tuple[int, ...]:
+        """The logical shape of `name`; CheckpointError if it is absent or differs from `expected_shape`."""
         entry = self.meta["tensors"].get(kind, {}).get(name)
         if entry is None:
             raise CheckpointError(f"{self.path}: no {kind} tensor {name!r} in the checkpoint")
@@ -257,20 +262,41 @@ class LoadedCheckpoint:
         if expected_shape is not None and tuple(expected_shape) != shape:
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {list(shape)} in the checkpoint but the "
                                   f"model needs {list(expected_shape)}")
+        return shape
+
+    def region(self, kind: str, name: str, offset, shape) -> torch.Tensor:
+        """The block ``[offset, offset + shape)`` of logical tensor `name`, read only from the fragments
+        that overlap it (a rank loading a checkpoint saved for its own layout opens only its own file).
+        The block must be covered exactly once."""
+        full = self.shape(kind, name)
+        entry = self.meta["tensors"][kind][name]
+        offset, shape = tuple(offset), tuple(shape)
+        if len(offset) != len(full) or len(shape) != len(full) or any(
+                o < 0 or o + s > d for o, s, d in zip(offset, shape, full)):
+            raise CheckpointError(f"{self.path}: block {list(offset)}+{list(shape)} lies outside {name!r} {list(full)}")
         out = None
-        covered = torch.zeros(shape, dtype=torch.int8) if shape else torch.zeros((), dtype=torch.int8)
+        covered = torch.zeros(shape, dtype=torch.int8)
         for frag in entry["fragments"]:
+            fo, fs = frag.get("offset"), frag.get("shape")
+            if not isinstance(fo, list) or not isinstance(fs, list) or len(fo) != len(full) or len(fs) != len(full):
+                raise CheckpointError(f"{self.path}: fragment {frag.get('key')!r} of {name!r} does not match its "
+                                      f"metadata")
+            if any(o < 0 or o + s > d for o, s, d in zip(fo, fs, full)):
+                raise CheckpointError(f"{self.path}: fragment {frag['key']!r} lies outside {name!r} {list(full)}")
+            lo = [max(a, b) for a, b in zip(fo, offset)]
+            hi = [min(a + n, b + m) for a, n, b, m in zip(fo, fs, offset, shape)]
+            if any(l >= h for l, h in zip(lo, hi)):
+                continue
             f = self._file(frag["file"])
             if frag["key"] not in f.keys():
                 raise CheckpointError(f"{self.path / frag['file']}: fragment {frag['key']!r} of {name!r} is missing")
-            block = f.get_tensor(frag["key"])
-            if list(block.shape) != frag["shape"] or len(frag["offset"]) != len(shape):
+            stored = f.get_slice(frag["key"])
+            if list(stored.get_shape()) != fs:
                 raise CheckpointError(f"{self.path}: fragment {frag['key']!r} of {name!r} does not match its metadata")
+            block = stored[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, fo))]
             if out is None:
                 out = torch.empty(shape, dtype=block.dtype)
-            index = tuple(slice(o, o + s) for o, s in zip(frag["offset"], frag["shape"]))
-            if any(o < 0 or o + s > d for o, s, d in zip(frag["offset"], frag["shape"], shape)):
-                raise CheckpointError(f"{self.path}: fragment {frag['key']!r} lies outside {name!r} {list(shape)}")
+            index = tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offset))
             out[index] = block
             covered[index] += 1
         if out is None or bool((covered != 1).any()):

@@ -230,32 +230,38 @@ class Trainer:
                         metadata=metadata)
         self.checkpointer.save(plan)
 
+    def _local(self, ck: LoadedCheckpoint, kind: str, name: str) -> torch.Tensor:
+        """This rank's shard of a logical tensor, read from the fragments that overlap it (padding rows zero)."""
+        meta, p = self.metas[name], self.params[name]
+        ck.shape(kind, name, meta.logical_shape)
+        local = None
+        for frag in meta.fragments(p.shape):
+            block = ck.region(kind, name, frag.logical_offset, frag.shape)
+            if local is None:
+                local = torch.zeros(p.shape, dtype=block.dtype)
+            frag.local_view(local).copy_(block)
+        return local if local is not None else torch.zeros(p.shape)  # a shard of padding rows only
+
     def load(self, path: Path, weights_only: bool = False) -> None:
         """Load a checkpoint saved in any layout; `weights_only` keeps iteration 0 and a fresh optimizer."""
         ck = LoadedCheckpoint(path)
-        s = self.state
         with torch.no_grad():
             for name, p in self.params.items():
-                meta = self.metas[name]
-                full = ck.tensor("model", name, meta.logical_shape)
-                p.copy_(meta.layout.shard(full, s.tp_rank, s.tp_size).to(p.dtype))
+                p.copy_(self._local(ck, "model", name).to(p.dtype))
             if not ck.has("master"):  # e.g. an imported model: master weights start from the weights
                 self.optimizer.reset_master()
             else:
                 kinds = ("master",) if weights_only else STATE_KINDS
                 if not all(ck.has(k) for k in kinds):
                     raise CheckpointError(f"{path}: optimizer state is incomplete (has {sorted(ck.meta['tensors'])})")
-                local = {}
-                for name, p in self.params.items():
-                    meta = self.metas[name]
-                    local[name] = {k: (meta.layout.shard(ck.tensor(k, name, meta.logical_shape), s.tp_rank, s.tp_size)
-                                       if k in kinds else torch.zeros(p.shape)) for k in STATE_KINDS}
+                local = {name: {k: (self._local(ck, k, name) if k in kinds else torch.zeros(p.shape))
+                                for k in STATE_KINDS} for name, p in self.params.items()}
                 step = 0 if weights_only else ck.meta.get("optimizer_step", ck.iteration)
                 self.optimizer.load_local_state(local, step)
         if weights_only:
             return
         self.run = RunState(ck.iteration, int(ck.meta["consumed_samples"]), int(ck.meta.get("skipped_steps", 0)))
-        saved = ck.meta.get("layout", {})
+        s, saved = self.state, ck.meta.get("layout", {})
         same_layout = ck.meta.get("world_size") == self.world_size and (saved.get("tp"), saved.get("pp"),
                                                                          saved.get("virtual_pp", 1)) == \
             (s.tp_size, s.pp_size, len(self.chunks))
