@@ -41,8 +41,11 @@ def _preprocess(args) -> int:
 
 
 def _inspect(args) -> int:
+    from megaevo.convert import is_hf_dir
     from megaevo.data import indexed
 
+    if is_hf_dir(args.path):
+        return _inspect_hf(args)
     if Path(args.path).is_dir():
         from megaevo.training.checkpoint import summarize_checkpoint
 
@@ -76,6 +79,64 @@ def _inspect(args) -> int:
         for k, v in info.items():
             print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v}")
     return 0
+
+
+def _inspect_hf(args) -> int:
+    from megaevo.convert import summarize_hf
+
+    info = summarize_hf(args.path)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    cfg = info["config"]
+    print(f"model       {info['path']}  (Hugging Face, {info['files']} safetensors file(s))")
+    print(f"arch        {info['architecture']} ({info['model_type']}), dtype {info['dtype']}")
+    print("shape       " + "  ".join(f"{k}={v}" for k, v in cfg.items()))
+    print(f"parameters  {info['parameters']:,} in {len(info['tensors'])} tensors   "
+          + "  ".join(f"{d}: {n:,}" for d, n in info["dtypes"].items()))
+    print(f"tokenizer   {', '.join(info['tokenizer_files']) or 'none'}")
+    print(f"megaevo     {'convertible' if info['convertible'] else 'not convertible: ' + info['problem']}")
+    width = max(map(len, info["tensors"]), default=0)
+    for name, t in info["tensors"].items():
+        print(f"  {name:<{width}}  {str(t['shape']):<16} {t['dtype']:<5} {t['file']}")
+    return 0
+
+
+def _convert(args) -> int:
+    from megaevo import convert
+
+    if args.from_hf and args.load:
+        raise ValueError("give either --from-hf DIR or --load CKPT, not both")
+    if args.from_hf:
+        if not args.save or args.to_hf:
+            raise ValueError("--from-hf DIR needs --save OUT (a megaevo checkpoint directory to create)")
+        path = convert.import_hf(args.from_hf, args.save, tp=args.tp, pp=args.pp, pp_layers=args.pp_layers,
+                                 dtype=args.dtype, progress=not args.quiet)
+        info = {"checkpoint": str(path), "config": str(Path(args.save) / "config.yaml"), "tp": args.tp, "pp": args.pp}
+        if args.json:
+            print(json.dumps(info))
+        else:
+            print(f"wrote {path} (iteration 0, tp={args.tp} pp={args.pp}, no optimizer state)")
+            print(f"continue training from it: megaevo train --config {info['config']} data.train=... out_dir=...")
+        return 0
+    if args.load:
+        if args.to_hf:
+            if args.tp != 1 or args.pp != 1 or args.pp_layers:
+                raise ValueError("--tp/--pp/--pp-layers describe a megaevo layout; they do not apply to --to-hf")
+            info = convert.export_hf(args.load, args.to_hf, architecture=args.arch, dtype=args.dtype,
+                                     max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
+                                     progress=not args.quiet)
+            if args.json:
+                print(json.dumps(info))
+            else:
+                print(f"wrote {info['path']} from {info['checkpoint']}: {info['architecture']}, "
+                      f"{info['parameters']:,} parameters in {info['shards']} shard(s); copied "
+                      f"{', '.join(info['files_copied']) or 'no tokenizer files'}")
+            return 0
+        if args.save:
+            raise ValueError("resharding a checkpoint (--load CKPT --save OUT) is not available yet; a run loads any "
+                             "checkpoint in any TP/DP layout directly (checkpoint.load=CKPT)")
+    raise ValueError("nothing to do: use --from-hf DIR --save OUT, or --load CKPT --to-hf OUT")
 
 
 def _merge(args) -> int:
@@ -126,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", action="store_true", help="print the summary as JSON")
     pp.set_defaults(func=_preprocess)
 
-    ins = sub.add_parser("inspect", help="summarise a dataset prefix or a checkpoint")
+    ins = sub.add_parser("inspect", help="summarise a dataset prefix, a checkpoint or a Hugging Face model directory")
     ins.add_argument("path")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=_inspect)
@@ -135,6 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", help="YAML config file")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iters=100 parallel.tp=2")
     tr.set_defaults(func=_train)
+
+    cv = sub.add_parser("convert", help="Hugging Face model directory <-> megaevo checkpoint",
+                        description="--from-hf DIR --save OUT imports a Hugging Face Llama, Mistral or Qwen2 model "
+                                    "as a checkpoint at iteration 0; --load CKPT --to-hf OUT exports a checkpoint as "
+                                    "a Hugging Face model directory.")
+    cv.add_argument("--from-hf", metavar="DIR", help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    cv.add_argument("--load", metavar="CKPT", help="megaevo checkpoint (iter_NNNNNNN, a checkpoints/ folder or a run)")
+    cv.add_argument("--save", metavar="OUT", help="checkpoints directory to create from --from-hf")
+    cv.add_argument("--to-hf", metavar="OUT", help="Hugging Face model directory to create from --load")
+    cv.add_argument("--tp", type=int, default=1, help="target tensor-parallel size of the written checkpoint")
+    cv.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size of the written checkpoint")
+    cv.add_argument("--pp-layers", type=int, nargs="+", metavar="N", help="layers per pipeline stage (uneven split)")
+    cv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast the weights (default: keep their dtype)")
+    cv.add_argument("--arch", choices=["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"],
+                    help="architecture to export as (default: the imported one, else Llama, or Qwen2 with q/k/v biases)")
+    cv.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard to write with --to-hf")
+    cv.add_argument("--tokenizer", metavar="PATH", help="tokenizer file or directory to put beside the exported model")
+    cv.add_argument("--quiet", action="store_true", help="no progress bar")
+    cv.add_argument("--json", action="store_true", help="print the result as JSON")
+    cv.set_defaults(func=_convert)
 
     mg = sub.add_parser("merge", help="concatenate indexed datasets of one dtype into one")
     mg.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in order")

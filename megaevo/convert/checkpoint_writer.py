@@ -1,0 +1,214 @@
+"""Writing a megaevo checkpoint for a target TP x PP layout from logical tensors, one at a time.
+
+Each target rank (tp t, pp p) gets one file, ``model_tp{t}_pp{p}.safetensors``, holding the
+blocks of the logical tensors that rank owns (as the trainer would have saved them), so loading
+at that layout reads no other rank's file. Which blocks a rank owns comes from the model itself:
+a :class:`LlamaStage` is built on the meta device for every rank and its parameters' layouts
+list the fragments. Tensors replicated over TP are stored once (by TP rank 0), and the output
+head tied to the input embedding on the last stage is stored with the embedding on the first.
+
+:func:`write_checkpoint` is the one entry point; it takes :class:`TensorSource` objects, so an
+importer (Hugging Face) and a resharder (checkpoint to checkpoint) differ only in where the
+logical tensors come from.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from megaevo.model.args import ModelArgs
+from megaevo.model.llama import LlamaStage, stage_layer_range
+from megaevo.parallel.state import ParallelState
+from megaevo.training.checkpoint import FORMAT_VERSION, iteration_dir
+
+from .safetensors_io import StreamingWriter
+
+
+class ConvertError(ValueError):
+    """Input that cannot be converted: unsupported, inconsistent, or in the way of the output."""
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """A logical tensor to write: ``load()`` returns it (whole, unpadded) when its turn comes."""
+
+    kind: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fragment of a logical tensor placed in a rank's file."""
+
+    file: str
+    index: int
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+class _ShapeOnlyStage(LlamaStage):
+    """A stage whose parameters only describe shapes and layouts (meta device: nothing to initialise)."""
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        pass
+
+
+def rank_file(tp_rank: int, pp_rank: int) -> str:
+    return f"model_tp{tp_rank}_pp{pp_rank}.safetensors"
+
+
+def target_blocks(args: ModelArgs, tp: int = 1, pp: int = 1,
+                  pp_layers: list[int] | None = None) -> tuple[dict[str, list[Block]], dict[str, tuple[int, ...]]]:
+    """For every logical parameter, the blocks each target rank stores, and its logical shape."""
+    check_layout(args, tp, pp, pp_layers)
+    blocks: dict[str, list[Block]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    seen: set = set()
+    for p in range(pp):
+        first, end = stage_layer_range(args.num_layers, pp, p, pp_layers)
+        for t in range(tp):
+            state = ParallelState(tp_size=tp, tp_rank=t, pp_size=pp, pp_rank=p)
+            stage = _ShapeOnlyStage(args, state, first, end, has_embedding=p == 0, has_head=p == pp - 1,
+                                    device="meta")
+            count: dict[str, int] = {}
+            for name, param, meta in stage.named_parameters_with_meta():
+                shapes[name] = tuple(meta.logical_shape)
+                if meta.tp_replicated and t != 0:
+                    continue
+                for frag in meta.fragments(param.shape):
+                    key = (name, tuple(frag.logical_offset), tuple(frag.shape))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    i = count.get(name, 0)
+                    count[name] = i + 1
+                    blocks.setdefault(name, []).append(
+                        Block(rank_file(t, p), i, tuple(frag.logical_offset), tuple(frag.shape)))
+    return blocks, shapes
+
+
+def check_layout(args: ModelArgs, tp: int, pp: int, pp_layers: list[int] | None = None) -> None:
+    """Refuse, saying which number to change, a target layout the model's shape cannot take."""
+    if not isinstance(tp, int) or not isinstance(pp, int) or tp < 1 or pp < 1:
+        raise ConvertError(f"--tp and --pp must be positive integers, got {tp} and {pp}")
+    for what, value, unit in (("num_kv_heads", args.num_kv_heads, "KV heads"),
+                              ("num_heads", args.num_heads, "attention heads"),
+                              ("ffn_hidden_size", args.ffn_hidden_size, "FFN columns")):
+        if value % tp:
+            fits = [d for d in range(1, min(value, 64) + 1) if value % d == 0]
+            raise ConvertError(f"target --tp {tp} does not divide the model's {value} {unit} ({what}): each "
+                               f"tensor-parallel rank must hold whole {unit}; use --tp among {fits}")
+    if pp_layers is not None:
+        if len(pp_layers) != pp or sum(pp_layers) != args.num_layers or min(pp_layers) < 1:
+            raise ConvertError(f"--pp-layers {pp_layers} must list {pp} positive layer counts (one per stage of "
+                               f"--pp {pp}) summing to the model's {args.num_layers} layers")
+    elif args.num_layers % pp:
+        fits = [d for d in range(1, args.num_layers + 1) if args.num_layers % d == 0]
+        raise ConvertError(f"target --pp {pp} does not divide the model's {args.num_layers} layers: use --pp among "
+                           f"{fits} or give the layers per stage with --pp-layers")
+
+
+def write_checkpoint(root: str | os.PathLike, sources: Iterable[TensorSource], args: ModelArgs, *,
+                     tp: int = 1, pp: int = 1, pp_layers: list[int] | None = None, iteration: int = 0,
+                     metadata: dict | None = None, files: dict[str, Path] | None = None,
+                     progress: bool = True, desc: str = "writing") -> Path:
+    """Write ``root/iter_NNNNNNN`` (through a temporary directory) and point ``root/latest`` at it.
+
+    ``sources`` must hold every parameter of the model for kind ``model`` (other kinds are optional
+    but complete per kind); ``files`` are copied into the checkpoint under their given names.
+    """
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    if final.exists() or (root / "latest").exists():
+        raise ConvertError(f"{root} already holds a checkpoint; choose another output directory or remove it")
+    sources = list(sources)
+    blocks, shapes = target_blocks(args, tp, pp, pp_layers)
+    _check_sources(sources, shapes)
+
+    per_file: dict[str, list] = {rank_file(t, p): [] for p in range(pp) for t in range(tp)}
+    entries: dict = {}
+    for src in sources:
+        frags = []
+        for b in blocks[src.name]:
+            key = f"{src.kind}/{src.name}/{b.index}"
+            per_file[b.file].append((key, src.dtype, b.shape))
+            frags.append({"file": b.file, "key": key, "offset": list(b.offset), "shape": list(b.shape)})
+        entries.setdefault(src.kind, {})[src.name] = {
+            "shape": list(src.shape), "dtype": str(src.dtype).removeprefix("torch."), "fragments": frags}
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp_iter_{iteration:07d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    writers = {name: StreamingWriter(tmp / name, items) for name, items in per_file.items()}
+    try:
+        with tqdm(total=sum(s.nbytes for s in sources), unit="B", unit_scale=True, desc=desc,
+                  disable=not progress) as bar:
+            for src in sources:
+                full = src.load()
+                if tuple(full.shape) != src.shape:
+                    raise ConvertError(f"{src.name}: got shape {list(full.shape)}, expected {list(src.shape)}")
+                full = full.to(src.dtype)
+                for b in blocks[src.name]:
+                    index = tuple(slice(o, o + s) for o, s in zip(b.offset, b.shape))
+                    writers[b.file].write(f"{src.kind}/{src.name}/{b.index}", full[index])
+                del full
+                bar.update(src.nbytes)
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for name, path in (files or {}).items():
+        shutil.copyfile(path, tmp / name)
+    meta = {"format_version": FORMAT_VERSION, "iteration": iteration, **(metadata or {}),
+            "world_size": tp * pp, "tensors": entries}
+    _atomic_write(tmp / "metadata.json", json.dumps(meta, indent=1))
+    os.replace(tmp, final)
+    _atomic_write(root / "latest", final.name + "\n")
+    return final
+
+
+def _check_sources(sources: list[TensorSource], shapes: dict[str, tuple[int, ...]]) -> None:
+    by_kind: dict[str, dict[str, TensorSource]] = {}
+    for s in sources:
+        if s.name in by_kind.setdefault(s.kind, {}):
+            raise ConvertError(f"{s.kind} tensor {s.name!r} given twice")
+        by_kind[s.kind][s.name] = s
+    if "model" not in by_kind:
+        raise ConvertError("no model weights to write")
+    for kind, named in by_kind.items():
+        missing = sorted(set(shapes) - set(named))
+        extra = sorted(set(named) - set(shapes))
+        if missing or extra:
+            raise ConvertError(f"the {kind} tensors do not match the model: "
+                               + "; ".join(filter(None, [f"missing {missing}" if missing else "",
+                                                         f"not in the model {extra}" if extra else ""])))
+        for name, s in named.items():
+            if tuple(s.shape) != shapes[name]:
+                raise ConvertError(f"{kind} tensor {name!r} has shape {list(s.shape)}, the model needs "
+                                   f"{list(shapes[name])}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
