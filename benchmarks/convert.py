@@ -1,6 +1,6 @@
 """Time and peak memory of checkpoint conversion on a generated model (CPU, local disk).
 
-    python benchmarks/convert.py [--preset evolm-1b] [--dtype bf16] [--with-optimizer] [--ops export_hf import_hf]
+    python benchmarks/convert.py [--preset evolm-1b] [--dtype bf16] [--with-optimizer] [--ops reshard_tp2_pp2 export_hf]
 
 Writes a random checkpoint of the preset's shape to a temporary directory (weights only, or with
 --with-optimizer also the fp32 master weights and both Adam moments), then runs each operation as
@@ -81,6 +81,10 @@ def _cli(*args: str) -> list[str]:
 
 # name -> (operations whose output it reads, command from the work directory and the checkpoint path)
 OPERATIONS = {
+    "reshard_tp2_pp2": ((), lambda d, ck: _cli("--load", str(ck), "--save", str(d / "tp2_pp2"), "--tp", "2",
+                                               "--pp", "2")),
+    "reshard_back_tp1_pp1": (("reshard_tp2_pp2",), lambda d, ck: _cli("--load", str(d / "tp2_pp2"), "--save",
+                                                                     str(d / "tp1_pp1"))),
     "export_hf": ((), lambda d, ck: _cli("--load", str(ck), "--to-hf", str(d / "hf"))),
     "import_hf": (("export_hf",), lambda d, ck: _cli("--from-hf", str(d / "hf"), "--save", str(d / "imported"))),
     "import_hf_tp2_pp2": (("export_hf",), lambda d, ck: _cli("--from-hf", str(d / "hf"), "--save",
@@ -128,7 +132,7 @@ def main() -> None:
                     done.add(dep)
             result = run_measured(command(work, ckpt))
             done.add(op)
-            gb = common["model_gb"]
+            gb = common["checkpoint_gb" if op.startswith("reshard") else "model_gb"]  # what the operation moves
             print(json.dumps({"op": op, **common, **result, "gb_per_s": round(gb / result["seconds"], 3),
                               "rss_above_baseline_gb": round(result["peak_rss_gb"] - baseline["peak_rss_gb"], 3)}),
                   flush=True)

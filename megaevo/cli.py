@@ -111,7 +111,7 @@ def _convert(args) -> int:
         if not args.save or args.to_hf:
             raise ValueError("--from-hf DIR needs --save OUT (a megaevo checkpoint directory to create)")
         path = convert.import_hf(args.from_hf, args.save, tp=args.tp, pp=args.pp, pp_layers=args.pp_layers,
-                                 dtype=args.dtype, progress=not args.quiet)
+                                 virtual_pp=args.virtual_pp, dtype=args.dtype, progress=not args.quiet)
         info = {"checkpoint": str(path), "config": str(Path(args.save) / "config.yaml"), "tp": args.tp, "pp": args.pp}
         if args.json:
             print(json.dumps(info))
@@ -121,8 +121,9 @@ def _convert(args) -> int:
         return 0
     if args.load:
         if args.to_hf:
-            if args.tp != 1 or args.pp != 1 or args.pp_layers:
-                raise ValueError("--tp/--pp/--pp-layers describe a megaevo layout; they do not apply to --to-hf")
+            if args.tp != 1 or args.pp != 1 or args.virtual_pp != 1 or args.pp_layers:
+                raise ValueError("--tp/--pp/--virtual-pp/--pp-layers describe a megaevo layout; they do not apply to "
+                                 "--to-hf")
             info = convert.export_hf(args.load, args.to_hf, architecture=args.arch, dtype=args.dtype,
                                      max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
                                      progress=not args.quiet)
@@ -134,9 +135,20 @@ def _convert(args) -> int:
                       f"{', '.join(info['files_copied']) or 'no tokenizer files'}")
             return 0
         if args.save:
-            raise ValueError("resharding a checkpoint (--load CKPT --save OUT) is not available yet; a run loads any "
-                             "checkpoint in any TP/DP layout directly (checkpoint.load=CKPT)")
-    raise ValueError("nothing to do: use --from-hf DIR --save OUT, or --load CKPT --to-hf OUT")
+            path = convert.reshard(args.load, args.save, tp=args.tp, pp=args.pp, virtual_pp=args.virtual_pp,
+                                   pp_layers=args.pp_layers, optimizer=not args.no_optimizer, progress=not args.quiet)
+            info = {"checkpoint": str(path), "tp": args.tp, "pp": args.pp, "virtual_pp": args.virtual_pp,
+                    "optimizer": not args.no_optimizer}
+            if args.json:
+                print(json.dumps(info))
+            else:
+                print(f"wrote {path} for tp={args.tp} pp={args.pp}"
+                      + (f" virtual_pp={args.virtual_pp}" if args.virtual_pp > 1 else "")
+                      + ("" if args.no_optimizer else ", optimizer state included"))
+                print(f"continue training from it: checkpoint.load={args.save} parallel.tp={args.tp} "
+                      f"parallel.pp={args.pp}")
+            return 0
+    raise ValueError("nothing to do: use --from-hf DIR --save OUT, --load CKPT --to-hf OUT, or --load CKPT --save OUT")
 
 
 def _merge(args) -> int:
@@ -197,17 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iters=100 parallel.tp=2")
     tr.set_defaults(func=_train)
 
-    cv = sub.add_parser("convert", help="Hugging Face model directory <-> megaevo checkpoint",
-                        description="--from-hf DIR --save OUT imports a Hugging Face Llama, Mistral or Qwen2 model "
-                                    "as a checkpoint at iteration 0; --load CKPT --to-hf OUT exports a checkpoint as "
-                                    "a Hugging Face model directory.")
+    cv = sub.add_parser("convert", help="reshard a checkpoint; Hugging Face model directory <-> megaevo checkpoint",
+                        description="--load CKPT --save OUT --tp N --pp M rewrites a checkpoint (weights and "
+                                    "optimizer state, exactly) cut for another layout; --from-hf DIR --save OUT "
+                                    "imports a Hugging Face Llama, Mistral or Qwen2 model as a checkpoint at iteration "
+                                    "0; --load CKPT --to-hf OUT exports a checkpoint as a Hugging Face model directory.")
     cv.add_argument("--from-hf", metavar="DIR", help="Hugging Face model directory (config.json, safetensors, tokenizer)")
     cv.add_argument("--load", metavar="CKPT", help="megaevo checkpoint (iter_NNNNNNN, a checkpoints/ folder or a run)")
-    cv.add_argument("--save", metavar="OUT", help="checkpoints directory to create from --from-hf")
+    cv.add_argument("--save", metavar="OUT", help="checkpoints directory to create (from --from-hf or --load)")
     cv.add_argument("--to-hf", metavar="OUT", help="Hugging Face model directory to create from --load")
     cv.add_argument("--tp", type=int, default=1, help="target tensor-parallel size of the written checkpoint")
     cv.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size of the written checkpoint")
-    cv.add_argument("--pp-layers", type=int, nargs="+", metavar="N", help="layers per pipeline stage (uneven split)")
+    cv.add_argument("--virtual-pp", type=int, default=1, help="target model chunks per pipeline stage (interleaved)")
+    cv.add_argument("--pp-layers", type=int, nargs="+", metavar="N",
+                    help="layers per (virtual) pipeline stage (uneven split)")
+    cv.add_argument("--no-optimizer", action="store_true", help="reshard the weights only, without optimizer state")
     cv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast the weights (default: keep their dtype)")
     cv.add_argument("--arch", choices=["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"],
                     help="architecture to export as (default: the imported one, else Llama, or Qwen2 with q/k/v biases)")

@@ -5,9 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import torch.distributed as dist
+
+from megaevo.convert import reshard
 from megaevo.model import ModelArgs, build_chunks
 from megaevo.parallel.pipeline import (BACKWARD, FORWARD, ScheduleError, activation_bound, schedule, simulate)
 from megaevo.parallel.state import ParallelState
+from megaevo.training.checkpoint import LoadedCheckpoint
 from dist_utils import run_distributed
 from test_trainer import assert_close_runs, config, fit, logical_weights, make_data
 
@@ -82,10 +86,22 @@ def _pipeline_runs(rank, world, data, root):
         stats = trainer.last_step_stats
         out[name] = {"losses": losses, "pp_rank": trainer.state.pp_rank, "max_live": stats.max_live,
                      "micro": trainer.layout.micro_batches_per_step}
-    # Resume the PP=2 run's checkpoint at PP=4 (uneven split).
+    # Reshard the PP=2 run's checkpoint offline for TP=1 x PP=4 (uneven split) and resume it there:
+    # each rank reads its own file only (the last stage also the first's, for the tied embedding).
     ck = Path(root) / "tp2pp2dp2" / "checkpoints" / "iter_0000002"
-    out["resume_pp4"] = {"losses": fit(pipeline_config(data, Path(root) / "resume_pp4", **{
-        "parallel.pp": 4, "parallel.pp_layers": "[1,2,2,1]", "checkpoint.load": str(ck)}))[0]}
+    converted = Path(root) / "converted_1x4"
+    if rank == 0:
+        reshard(ck, converted, tp=1, pp=4, pp_layers=[1, 2, 2, 1], progress=False)
+    dist.barrier()
+    opened = set()
+    real = LoadedCheckpoint._file
+    LoadedCheckpoint._file = lambda self, name: opened.add(name) or real(self, name)
+    try:
+        losses, trainer = fit(pipeline_config(data, Path(root) / "resume_pp4", **{
+            "parallel.pp": 4, "parallel.pp_layers": "[1,2,2,1]", "checkpoint.load": str(converted)}))
+    finally:
+        LoadedCheckpoint._file = real
+    out["resume_pp4"] = {"losses": losses, "opened": sorted(opened), "pp_rank": trainer.state.pp_rank}
     return out
 
 
@@ -114,11 +130,25 @@ def test_pipeline_layouts_match_one_process(data, tmp_path):
         assert_close_runs(logical_weights(tmp_path / name / "checkpoints" / f"iter_{ITERS:07d}"), weights)
     _assert_losses(results[0]["resume_pp4"]["losses"], tied[0][2:], "resume_pp4")
     assert_close_runs(logical_weights(tmp_path / "resume_pp4" / "checkpoints" / f"iter_{ITERS:07d}"), tied[1])
-    # The same checkpoint continues at PP = 1.
-    losses, _ = fit(pipeline_config(data, tmp_path / "resume_pp1", **{
-        "checkpoint.load": str(tmp_path / "tp2pp2dp2" / "checkpoints" / "iter_0000002")}))
-    _assert_losses(losses, tied[0][2:], "resume_pp1")
-    assert_close_runs(logical_weights(tmp_path / "resume_pp1" / "checkpoints" / f"iter_{ITERS:07d}"), tied[1])
+    for r in results:
+        stage = r["resume_pp4"]["pp_rank"]
+        assert r["resume_pp4"]["opened"] == sorted({f"model_tp0_pp{stage}.safetensors"} |
+                                                   ({"model_tp0_pp0.safetensors"} if stage == 3 else set()))
+    # The original checkpoint continues at PP = 1 directly, and converted to 1 x 1 x 1.
+    original = tmp_path / "tp2pp2dp2" / "checkpoints" / "iter_0000002"
+    reshard(tmp_path / "converted_1x4", tmp_path / "converted_1x1", progress=False)
+    for name, source in (("resume_pp1", original), ("resume_converted_1x1", tmp_path / "converted_1x1")):
+        losses, _ = fit(pipeline_config(data, tmp_path / name, **{"checkpoint.load": str(source)}))
+        _assert_losses(losses, tied[0][2:], name)
+        assert_close_runs(logical_weights(tmp_path / name / "checkpoints" / f"iter_{ITERS:07d}"), tied[1])
+    # And back to TP=2 x PP=2: every tensor, optimizer state included, is what the run saved.
+    back = reshard(tmp_path / "converted_1x1", tmp_path / "back_2x2", tp=2, pp=2, progress=False)
+    a, b = LoadedCheckpoint(original), LoadedCheckpoint(back)
+    assert sorted(a.meta["tensors"]) == sorted(b.meta["tensors"]) == ["exp_avg", "exp_avg_sq", "master", "model"]
+    for kind in a.meta["tensors"]:
+        assert sorted(a.names(kind)) == sorted(b.names(kind))
+        for n in a.names(kind):
+            assert torch.equal(a.tensor(kind, n), b.tensor(kind, n)), (kind, n)
     # Live activations per stage: the 1F1B bound (pp - stage), well under the 8 micro-batches of a step.
     for name, vpp in (("tp2pp2dp2", 1), ("interleaved", 2)):
         for r in results:

@@ -72,18 +72,24 @@ def rank_file(tp_rank: int, pp_rank: int) -> str:
     return f"model_tp{tp_rank}_pp{pp_rank}.safetensors"
 
 
-def target_blocks(args: ModelArgs, tp: int = 1, pp: int = 1,
-                  pp_layers: list[int] | None = None) -> tuple[dict[str, list[Block]], dict[str, tuple[int, ...]]]:
-    """For every logical parameter, the blocks each target rank stores, and its logical shape."""
-    check_layout(args, tp, pp, pp_layers)
+def target_blocks(args: ModelArgs, tp: int = 1, pp: int = 1, pp_layers: list[int] | None = None,
+                  virtual_pp: int = 1) -> tuple[dict[str, list[Block]], dict[str, tuple[int, ...]]]:
+    """For every logical parameter, the blocks each target rank stores, and its logical shape.
+
+    Pipeline rank ``p`` holds virtual stages ``p, p + pp, ...`` (``virtual_pp`` chunks), all in
+    its one file per TP rank; ``pp_layers`` lists the layers of each virtual stage.
+    """
+    check_layout(args, tp, pp, pp_layers, virtual_pp)
     blocks: dict[str, list[Block]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     seen: set = set()
-    for p in range(pp):
-        first, end = stage_layer_range(args.num_layers, pp, p, pp_layers)
+    stages = pp * virtual_pp
+    for v in range(stages):
+        p = v % pp
+        first, end = stage_layer_range(args.num_layers, stages, v, pp_layers)
         for t in range(tp):
             state = ParallelState(tp_size=tp, tp_rank=t, pp_size=pp, pp_rank=p)
-            stage = _ShapeOnlyStage(args, state, first, end, has_embedding=p == 0, has_head=p == pp - 1,
+            stage = _ShapeOnlyStage(args, state, first, end, has_embedding=v == 0, has_head=v == stages - 1,
                                     device="meta")
             count: dict[str, int] = {}
             for name, param, meta in stage.named_parameters_with_meta():
@@ -102,10 +108,15 @@ def target_blocks(args: ModelArgs, tp: int = 1, pp: int = 1,
     return blocks, shapes
 
 
-def check_layout(args: ModelArgs, tp: int, pp: int, pp_layers: list[int] | None = None) -> None:
+def check_layout(args: ModelArgs, tp: int, pp: int, pp_layers: list[int] | None = None, virtual_pp: int = 1) -> None:
     """Refuse, saying which number to change, a target layout the model's shape cannot take."""
-    if not isinstance(tp, int) or not isinstance(pp, int) or tp < 1 or pp < 1:
-        raise ConvertError(f"--tp and --pp must be positive integers, got {tp} and {pp}")
+    if not all(isinstance(x, int) and x >= 1 for x in (tp, pp, virtual_pp)):
+        raise ConvertError(f"--tp, --pp and --virtual-pp must be positive integers, got {tp}, {pp} and {virtual_pp}")
+    if virtual_pp > 1 and pp < 2:
+        raise ConvertError(f"--virtual-pp {virtual_pp} needs --pp of at least 2")
+    stages = pp * virtual_pp
+    per = "stage of --pp" if virtual_pp == 1 else "virtual stage of --pp x --virtual-pp"
+    target = f"--pp {pp}" if virtual_pp == 1 else f"--pp x --virtual-pp = {stages}"
     for what, value, unit in (("num_kv_heads", args.num_kv_heads, "KV heads"),
                               ("num_heads", args.num_heads, "attention heads"),
                               ("ffn_hidden_size", args.ffn_hidden_size, "FFN columns")):
@@ -114,17 +125,18 @@ def check_layout(args: ModelArgs, tp: int, pp: int, pp_layers: list[int] | None 
             raise ConvertError(f"target --tp {tp} does not divide the model's {value} {unit} ({what}): each "
                                f"tensor-parallel rank must hold whole {unit}; use --tp among {fits}")
     if pp_layers is not None:
-        if len(pp_layers) != pp or sum(pp_layers) != args.num_layers or min(pp_layers) < 1:
-            raise ConvertError(f"--pp-layers {pp_layers} must list {pp} positive layer counts (one per stage of "
-                               f"--pp {pp}) summing to the model's {args.num_layers} layers")
-    elif args.num_layers % pp:
+        if len(pp_layers) != stages or sum(pp_layers) != args.num_layers or min(pp_layers) < 1:
+            raise ConvertError(f"--pp-layers {pp_layers} must list {stages} positive layer counts (one per {per} "
+                               f"{stages}) summing to the model's {args.num_layers} layers")
+    elif args.num_layers % stages:
         fits = [d for d in range(1, args.num_layers + 1) if args.num_layers % d == 0]
-        raise ConvertError(f"target --pp {pp} does not divide the model's {args.num_layers} layers: use --pp among "
-                           f"{fits} or give the layers per stage with --pp-layers")
+        raise ConvertError(f"target {target} does not divide the model's {args.num_layers} layers: use a number of "
+                           f"stages among {fits} or give the layers per stage with --pp-layers")
 
 
 def write_checkpoint(root: str | os.PathLike, sources: Iterable[TensorSource], args: ModelArgs, *,
-                     tp: int = 1, pp: int = 1, pp_layers: list[int] | None = None, iteration: int = 0,
+                     tp: int = 1, pp: int = 1, pp_layers: list[int] | None = None, virtual_pp: int = 1,
+                     iteration: int = 0,
                      metadata: dict | None = None, files: dict[str, Path] | None = None,
                      progress: bool = True, desc: str = "writing") -> Path:
     """Write ``root/iter_NNNNNNN`` (through a temporary directory) and point ``root/latest`` at it.
@@ -137,7 +149,7 @@ def write_checkpoint(root: str | os.PathLike, sources: Iterable[TensorSource], a
     if final.exists() or (root / "latest").exists():
         raise ConvertError(f"{root} already holds a checkpoint; choose another output directory or remove it")
     sources = list(sources)
-    blocks, shapes = target_blocks(args, tp, pp, pp_layers)
+    blocks, shapes = target_blocks(args, tp, pp, pp_layers, virtual_pp)
     _check_sources(sources, shapes)
 
     per_file: dict[str, list] = {rank_file(t, p): [] for p in range(pp) for t in range(tp)}

@@ -212,7 +212,8 @@ def _check_tokenizer_fits(src: Path, vocab_size: int) -> None:
 
 
 def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1,
-              pp_layers: list[int] | None = None, dtype: str | None = None, progress: bool = True) -> Path:
+              pp_layers: list[int] | None = None, virtual_pp: int = 1, dtype: str | None = None,
+              progress: bool = True) -> Path:
     """Convert the Hugging Face model in ``src`` into a megaevo checkpoint under ``out``.
 
     ``out`` becomes a checkpoints directory (``out/iter_0000000`` and ``out/latest``) that
@@ -225,9 +226,10 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp
         raise ConvertError(f"{out} already holds a checkpoint; choose another --save directory or remove it")
     raw = read_hf_config(src)
     spec = spec_from_hf_config(raw, str(src / "config.json"))
-    cfg = Config(model=ModelConfig(**spec.model), parallel=ParallelConfig(tp=tp, pp=pp, pp_layers=pp_layers))
+    cfg = Config(model=ModelConfig(**spec.model),
+                 parallel=ParallelConfig(tp=tp, pp=pp, virtual_pp=virtual_pp, pp_layers=pp_layers))
     args = ModelArgs.from_config(cfg.model)
-    check_layout(args, tp, pp, pp_layers)
+    check_layout(args, tp, pp, pp_layers, virtual_pp)
     try:
         validate(cfg, world_size=tp * pp)
     except ConfigError as e:
@@ -257,13 +259,14 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp
     model_dtype = {s.dtype for s in sources}
     metadata = {
         "consumed_samples": 0, "tokens": 0, "optimizer_step": 0, "skipped_steps": 0,
-        "layout": {"tp": tp, "pp": pp, "dp": 1, "distributed_optimizer": False,
+        "layout": {"tp": tp, "pp": pp, "virtual_pp": virtual_pp, "dp": 1, "distributed_optimizer": False,
                    "dtype": str(model_dtype.pop()) if len(model_dtype) == 1 else "mixed"},
         "config": config_to_dict(cfg),
         "hf": {"architecture": spec.architecture, "model_type": spec.model_type, "source": str(src.resolve()),
                "files": sorted(side), "config": raw},
     }
-    path = write_checkpoint(out, sources, args, tp=tp, pp=pp, pp_layers=pp_layers, metadata=metadata, files=side,
+    path = write_checkpoint(out, sources, args, tp=tp, pp=pp, pp_layers=pp_layers, virtual_pp=virtual_pp,
+                            metadata=metadata, files=side,
                             progress=progress, desc=f"import {src.name}")
     save_config(cfg, out / "config.yaml")
     return path

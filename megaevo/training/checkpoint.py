@@ -226,7 +226,6 @@ class LoadedCheckpoint:
             raise CheckpointError(f"{meta_path}: unreadable metadata ({e})") from None
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{meta_path}: unsupported format_version {self.meta.get('format_version')!r}")
-        self._files: dict[str, object] = {}
 
     @property
     def iteration(self) -> int:
@@ -239,14 +238,14 @@ class LoadedCheckpoint:
         return list(self.meta["tensors"].get(kind, {}))
 
     def _file(self, name: str):
+        """A fresh read handle on file `name` of the checkpoint. Handles are not kept: each maps its
+        file, and pages read through a kept one would stay in this process's memory until the end."""
         if not _PLAIN_NAME.match(name) or name in (".", ".."):
             raise CheckpointError(f"{self.path}: metadata names a file outside the checkpoint: {name!r}")
-        if name not in self._files:
-            path = self.path / name
-            if not path.is_file():
-                raise CheckpointError(f"{path}: fragment file missing")
-            self._files[name] = safe_open(str(path), framework="pt")
-        return self._files[name]
+        path = self.path / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: fragment file missing")
+        return safe_open(str(path), framework="pt")
 
     def tensor(self, kind: str, name: str, expected_shape=None) -> torch.Tensor:
         """The whole logical tensor `name` of `kind`, checked for complete, non-overlapping coverage."""
