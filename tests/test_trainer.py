@@ -287,3 +287,14 @@ def test_a_block_is_read_from_the_fragments_that_hold_it(tmp_path):
     assert torch.equal(LoadedCheckpoint(tmp_path).region("model", "w", (0, 0), (4, 6)), full[:4])
     with pytest.raises(CheckpointError, match="missing"):
         LoadedCheckpoint(tmp_path).region("model", "w", (3, 0), (2, 6))
+
+
+def test_loading_names_model_settings_the_shapes_cannot_show(data, reference, tmp_path, capsys):
+    src = str(reference["out"] / "checkpoints" / "iter_0000006")
+    settings = {"checkpoint.load": src, "checkpoint.finetune": True, "train.iters": 1, "optim.warmup": 0,
+                "checkpoint.save": False}
+    fit(config(data, tmp_path / "same", **settings))
+    assert "other model settings" not in capsys.readouterr().out
+    fit(config(data, tmp_path / "theta", **{**settings, "model.rope_theta": 500000.0}))
+    out = capsys.readouterr().out
+    assert "warning:" in out and "model.rope_theta: 10000.0 in the checkpoint, 500000.0 here" in out

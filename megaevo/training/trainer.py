@@ -40,6 +40,8 @@ from megaevo.training.optimizer import STATE_KINDS, DistributedAdamW
 from megaevo.training.schedules import lr_at
 
 MAX_BAD_STEPS = 5
+# Model settings that change the function but not the shape of any weight.
+_NUMERIC_MODEL_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Dense bf16 peak of the devices MFU is reported against, in FLOP/s.
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -242,9 +244,20 @@ class Trainer:
             frag.local_view(local).copy_(block)
         return local if local is not None else torch.zeros(p.shape)  # a shard of padding rows only
 
+    def _warn_on_model_changes(self, ck: LoadedCheckpoint) -> None:
+        """Say which settings the checkpoint's model had differently that the tensor shapes cannot show
+        (e.g. rope_theta), in case the change is not meant (it may be: longer-context CPT)."""
+        saved = (ck.meta.get("config") or {}).get("model") or {}
+        ours = config_to_dict(self.cfg)["model"]
+        changed = [f"model.{k}: {saved[k]!r} in the checkpoint, {ours[k]!r} here" for k in _NUMERIC_MODEL_FIELDS
+                   if k in saved and saved[k] != ours.get(k)]
+        if changed:
+            self._print(f"warning: {ck.path} was saved with other model settings: " + "; ".join(changed))
+
     def load(self, path: Path, weights_only: bool = False) -> None:
         """Load a checkpoint saved in any layout; `weights_only` keeps iteration 0 and a fresh optimizer."""
         ck = LoadedCheckpoint(path)
+        self._warn_on_model_changes(ck)
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(self._local(ck, "model", name).to(p.dtype))
