@@ -57,7 +57,8 @@ def _inspect(args) -> int:
         print(f"checkpoint  {info['path']}")
         print(f"iteration   {info['iteration']:,}   consumed samples {info['consumed_samples']:,}   "
               f"tokens {info['tokens']:,}")
-        print(f"saved with  tp={layout.get('tp')} pp={layout.get('pp')} dp={layout.get('dp')} "
+        vpp = f" virtual_pp={layout['virtual_pp']}" if (layout.get("virtual_pp") or 1) > 1 else ""
+        print(f"saved with  tp={layout.get('tp')} pp={layout.get('pp')}{vpp} dp={layout.get('dp')} "
               f"distributed_optimizer={layout.get('distributed_optimizer')} dtype={layout.get('dtype')}")
         print(f"optimizer   {', '.join(info['optimizer_state']) or 'none'}")
         print(f"parameters  {info['parameters']:,} in {len(info['tensors'])} tensors")
