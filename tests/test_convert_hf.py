@@ -314,6 +314,12 @@ def test_cli_import_then_train_starts_from_the_imported_weights(hf_models, tmp_p
     assert trained.names() == imported.names()
     for name in imported.names():  # a zero learning rate leaves the imported weights exactly in place
         assert torch.equal(trained.tensor("model", name), imported.tensor("model", name)), name
+    # Rerunning the command (longer) resumes the run's own checkpoint, not the import.
+    more = [o if o != "train.iters=1" else "train.iters=2" for o in overrides]
+    assert cli.main(["train", "--config", str(out / "config.yaml"), *more]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[1]["consumed_samples"] == 4
 
     # The trained checkpoint exports too, with the tokenizer its config points at.
     exported = tmp_path / "exported"

@@ -255,7 +255,8 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp
     ckpt_dir = out / "iter_0000000"
     tok = next((n for n in ("tokenizer.json", "tokenizer.model") if n in side), None)
     cfg.data = DataConfig(tokenizer=str((ckpt_dir / tok).resolve()) if tok else None)
-    cfg.checkpoint = CheckpointConfig(load=str(out.resolve()))
+    # finetune: the run starts from the imported weights, and a restart resumes its own checkpoints.
+    cfg.checkpoint = CheckpointConfig(load=str(out.resolve()), finetune=True)
     model_dtype = {s.dtype for s in sources}
     metadata = {
         "consumed_samples": 0, "tokens": 0, "optimizer_step": 0, "skipped_steps": 0,
