@@ -1,4 +1,5 @@
 """Pipeline parallelism: schedules checked without processes, and TP x PP x DP runs equal to one process."""
+import json
 import math
 from pathlib import Path
 
@@ -115,6 +116,12 @@ def _reference(data, out, **overrides):
     return losses, logical_weights(out / "checkpoints" / f"iter_{ITERS:07d}")
 
 
+def _validation(out: Path) -> dict:
+    """{(step, val/name): loss} from a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], k): v for r in records for k, v in r.items() if k.startswith("val/")}
+
+
 def _assert_losses(losses, expected, name):
     assert len(losses) == len(expected), name
     for a, b in zip(losses, expected):
@@ -125,9 +132,14 @@ def test_pipeline_layouts_match_one_process(data, tmp_path):
     results = run_distributed(_pipeline_runs, 8, data, str(tmp_path))
     tied = _reference(data, tmp_path / "ref_tied")
     untied = _reference(data, tmp_path / "ref_untied", **{"model.tie_embeddings": False})
-    for name, (losses, weights) in (("tp2pp2dp2", tied), ("interleaved", tied), ("pp4_uneven", untied)):
+    for name, (losses, weights), ref in (("tp2pp2dp2", tied, "ref_tied"), ("interleaved", tied, "ref_tied"),
+                                         ("pp4_uneven", untied, "ref_untied")):
         _assert_losses(results[0][name]["losses"], losses, name)
         assert_close_runs(logical_weights(tmp_path / name / "checkpoints" / f"iter_{ITERS:07d}"), weights)
+        # Validation runs forward-only through the pipeline: the same per-corpus losses.
+        got, want = _validation(tmp_path / name), _validation(tmp_path / ref)
+        assert len(want) == 2 * 2 and got.keys() == want.keys(), (got, want)
+        _assert_losses(list(got.values()), list(want.values()), name + " validation")
     _assert_losses(results[0]["resume_pp4"]["losses"], tied[0][2:], "resume_pp4")
     assert_close_runs(logical_weights(tmp_path / "resume_pp4" / "checkpoints" / f"iter_{ITERS:07d}"), tied[1])
     for r in results:
