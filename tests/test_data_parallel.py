@@ -128,3 +128,18 @@ def test_state_round_trip_restores_the_run():
     for name, kinds in opt.local_state().items():
         for kind, t in kinds.items():
             assert torch.equal(t, a["state"][name][kind])
+
+
+def test_groups_never_share_a_bucket_and_deferred_buckets_wait():
+    net = Net()
+    params = {n: p for n, p in net.named_parameters() if n != "unused"}
+    groups = {"w1": 0, "gain": 0, "w2": 1}
+    buffers = GradBuffers(params, ParallelState.single(), torch.float32, bucket_size=10**9, groups=groups,
+                          deferred={"w1"})
+    layout = [([buffers.names[p] for p in b.params], b.deferred) for b in buffers.buckets]
+    assert layout == [(["w2"], False), (["gain"], False), (["w1"], True)]
+    x, y = batch(0)
+    ((net(x) - y) ** 2).mean().backward()  # the last micro-batch: every bucket but the deferred one starts
+    assert [b.handle is not None for b in buffers.buckets] == [True, True, False]
+    buffers.finish_grad_sync()
+    assert all(b.handle is None for b in buffers.buckets)  # ready for the next step

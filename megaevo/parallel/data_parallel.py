@@ -8,6 +8,11 @@ micro-batch of a step, the bucket's reduction starts asynchronously, overlapping
 backward: an all-reduce (average over DP), or for the distributed optimizer a reduce-scatter that
 leaves each DP rank the average of its own 1/DP slice of every bucket. Each bucket is padded to a
 multiple of the DP size so that those slices are equal.
+
+Parameters of different ``groups`` (e.g. the model chunks of an interleaved pipeline, each with its
+own last backward) never share a bucket. Parameters in ``deferred`` get buckets of their own that
+backward never starts: :meth:`finish_grad_sync` does, after the caller has combined their
+gradients with other stages' (tied embeddings).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ class Bucket:
     params: list[nn.Parameter] = field(default_factory=list)
     pending: int = 0
     handle: object = None
+    deferred: bool = False
 
     @property
     def size(self) -> int:
@@ -38,22 +44,29 @@ class GradBuffers:
     """Flat buffers for `params` (name -> parameter, in model order) of one model stage."""
 
     def __init__(self, params: dict[str, nn.Parameter], state: ParallelState, param_dtype: torch.dtype,
-                 bucket_size: int = 40_000_000, distributed: bool = False, overlap: bool = True):
+                 bucket_size: int = 40_000_000, distributed: bool = False, overlap: bool = True,
+                 groups: dict[str, int] | None = None, deferred: frozenset[str] | set[str] = frozenset()):
         self.state = state
         self.distributed = distributed
         self.overlap = overlap
         self.names = {p: n for n, p in params.items()}
         dp = state.dp_size
         order = [p for p in reversed(list(params.values())) if p.requires_grad]
+
+        def key(p: nn.Parameter):  # parameters of different keys never share a bucket
+            name = self.names[p]
+            return (groups or {}).get(name, 0), name in deferred
+
         self.buckets: list[Bucket] = []
         self.ranges: dict[nn.Parameter, tuple[int, int]] = {}
         offset = 0
         bucket = Bucket(0, 0)
-        for p in order:
+        for i, p in enumerate(order):
             self.ranges[p] = (offset, offset + p.numel())
             bucket.params.append(p)
+            bucket.deferred = key(p)[1]
             offset += p.numel()
-            if offset - bucket.start >= bucket_size or p is order[-1]:
+            if offset - bucket.start >= bucket_size or i == len(order) - 1 or key(order[i + 1]) != key(p):
                 offset = bucket.start + -(-(offset - bucket.start) // dp) * dp
                 bucket.end = offset
                 self.buckets.append(bucket)
@@ -96,7 +109,7 @@ class GradBuffers:
         b.pending -= 1
         if b.pending == 0:
             b.pending = len(b.params)  # ready for the next backward pass
-            if self._sync and self.overlap:
+            if self._sync and self.overlap and not b.deferred:
                 self._start(b)
 
     def shard_range(self, b: Bucket) -> tuple[int, int]:

@@ -238,14 +238,14 @@ class PipelineEngine:
         """Forward (and backward) every micro-batch of ``batches`` ({"tokens", "labels"} each).
 
         Backward scales each micro-batch's loss by ``1 / len(batches)``. Backwards run inside
-        ``no_sync()`` except this rank's last one when ``sync_last_backward`` (gradient reduction
-        may then start while it runs).
+        ``no_sync()`` except, when ``sync_last_backward``, the last one of each chunk (that chunk's
+        gradient reduction may then start while the remaining backwards run).
         """
         s = self.state
         p2p = _P2P(s)
         n = len(batches)
         plan = schedule(n, s.pp_size, s.pp_rank, self.vpp, forward_only)
-        last_backward = max((i for i, a in enumerate(plan) if a.kind == BACKWARD), default=-1)
+        last_backward = {a.chunk: i for i, a in enumerate(plan) if a.kind == BACKWARD}
         stats = StepStats()
         saved: dict[tuple[int, int], tuple] = {}
         start = time.perf_counter()
@@ -277,7 +277,7 @@ class PipelineEngine:
                         out = out / n
                     else:
                         grad = p2p.recv(out.shape, out.dtype, self.device, (s.pp_rank + 1) % s.pp_size, BACKWARD)
-                    sync = no_sync is None or (sync_last_backward and i == last_backward)
+                    sync = no_sync is None or (sync_last_backward and i == last_backward[a.chunk])
                     with contextlib.nullcontext() if sync else no_sync():
                         torch.autograd.backward(out, grad)
                     if stage > 0:

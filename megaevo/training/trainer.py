@@ -100,10 +100,14 @@ class Trainer:
                                        (cfg.train.micro_batch_size, self.seq_len // sp, self.args.hidden_size),
                                        self.dtype, self.device)
         self.last_step_stats: StepStats | None = None
+        # Each chunk's buckets start reducing during its last backward; tied copies wait for the
+        # sum across stages (finish_grad_sync starts them).
+        chunk_of = {n: c for c, chunk in enumerate(self.chunks) for n, _, _ in chunk.named_parameters_with_meta()}
         self.buffers = GradBuffers(self.params, self.state, self.dtype,
                                    bucket_size=int(cfg.parallel.bucket_size_mb * 2**20 / 4),
                                    distributed=cfg.parallel.distributed_optimizer,
-                                   overlap=cfg.parallel.overlap_grad_reduce)
+                                   overlap=cfg.parallel.overlap_grad_reduce, groups=chunk_of,
+                                   deferred={"embedding.weight"} if self.tied_params else set())
         o = cfg.optim
         self.optimizer = DistributedAdamW(self.buffers, self.metas, self.state, lr=o.lr, betas=tuple(o.betas),
                                           eps=o.eps, weight_decay=o.weight_decay, clip_grad=o.clip_grad)
@@ -169,10 +173,7 @@ class Trainer:
         self.buffers.zero_grad()
         self.model.train()
         batches = list(self._micro_batches(self.splits.train, self.run.consumed_samples, n_micro))
-        # Reduction can overlap the last backward only when that backward completes every gradient of
-        # this rank: one chunk per rank, and no tied copy that must first be summed across stages.
-        overlap = len(self.chunks) == 1 and not self.tied_params
-        stats = self.pipeline.run(batches, no_sync=self.buffers.no_sync, sync_last_backward=overlap)
+        stats = self.pipeline.run(batches, no_sync=self.buffers.no_sync, sync_last_backward=True)
         self.last_step_stats = stats
         for p in self.tied_params:
             compat.all_reduce(p.main_grad, group=self.state.embedding_group)
