@@ -5,11 +5,11 @@
 
 A step takes `global_batch_size` samples: each DP rank runs its micro-batches through the
 pipeline schedule (1F1B, or interleaved with `parallel.virtual_pp` chunks per stage; with PP = 1
-simply forward and backward in turn), gradients accumulate in the fp32 buffers and each model
-chunk's DP reduction starts during its last backward; tied embeddings sum their gradients across
-the first and last stage first; then the optimizer clips on the global norm and updates. The data position is a function of consumed
-samples, so stopping and resuming (also on another layout with the same global batch) continues
-the same run.
+simply forward and backward in turn). Gradients accumulate in the fp32 buffers, and each model
+chunk's DP reduction starts during its last backward; tied embeddings first sum their gradients
+across the first and last stage. Then the optimizer clips on the global norm and updates. The data
+position is a function of consumed samples, so stopping and resuming (also on another layout with
+the same global batch) continues the same run.
 """
 from __future__ import annotations
 
