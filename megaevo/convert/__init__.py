@@ -9,7 +9,7 @@ Writing a checkpoint for a target layout from logical tensors is :func:`write_ch
 the importer and the resharder share.
 """
 from .checkpoint_writer import ConvertError, TensorSource, check_layout, target_blocks, write_checkpoint
-from .hf import export_hf, import_hf, is_hf_dir, resolve_checkpoint, summarize_hf
+from .hf import export_hf, import_hf, is_hf_dir, summarize_hf
 from .reshard import reshard
 
 __all__ = [
@@ -20,7 +20,6 @@ __all__ = [
     "import_hf",
     "is_hf_dir",
     "reshard",
-    "resolve_checkpoint",
     "summarize_hf",
     "target_blocks",
     "write_checkpoint",

@@ -24,7 +24,7 @@ from megaevo.config import (CheckpointConfig, Config, ConfigError, DataConfig, M
                             config_from_dict, config_to_dict, save_config, validate)
 from megaevo.model.args import ModelArgs
 from megaevo.model.llama import fuse_qkv, split_qkv
-from megaevo.training.checkpoint import Checkpointer, LoadedCheckpoint
+from megaevo.training.checkpoint import LoadedCheckpoint, resolve_checkpoint
 
 from .checkpoint_writer import ConvertError, TensorSource, check_layout, target_blocks, write_checkpoint
 from .hf_config import ARCHITECTURES, HFModelSpec, hf_config_from_model, spec_from_hf_config
@@ -274,20 +274,6 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp
 
 
 # ------------------------------------------------------------------------------------------------ export
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from itself, a checkpoints directory (its latest) or a run directory."""
-    p = Path(path)
-    if (p / "metadata.json").is_file():
-        return p
-    for root in (p, p / "checkpoints"):
-        if (root / "latest").is_file():
-            resolved = Checkpointer(root).resolve("auto")
-            if resolved is not None and (resolved / "metadata.json").is_file():
-                return resolved
-            raise ConvertError(f"{root / 'latest'} points at {resolved}, which is not a complete checkpoint")
-    raise ConvertError(f"{p}: not a megaevo checkpoint (no metadata.json, no `latest` pointer)")
 
 
 def export_hf(load: str | os.PathLike, out: str | os.PathLike, *, architecture: str | None = None,

@@ -19,10 +19,9 @@ import torch
 
 from megaevo.config import ConfigError, config_from_dict, config_to_dict
 from megaevo.model.args import ModelArgs
-from megaevo.training.checkpoint import KINDS, LoadedCheckpoint
+from megaevo.training.checkpoint import KINDS, LoadedCheckpoint, resolve_checkpoint
 
 from .checkpoint_writer import ConvertError, TensorSource, check_layout, write_checkpoint
-from .hf import resolve_checkpoint
 
 
 def reshard(load: str | os.PathLike, save: str | os.PathLike, *, tp: int = 1, pp: int = 1, virtual_pp: int = 1,

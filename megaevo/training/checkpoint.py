@@ -333,14 +333,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from itself, a checkpoints directory (its latest) or a run directory."""
+    p = Path(path)
+    if (p / "metadata.json").is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        if (root / "latest").is_file():
+            resolved = Checkpointer(root).resolve("auto")
+            if resolved is not None and (resolved / "metadata.json").is_file():
+                return resolved
+            raise CheckpointError(f"{root / 'latest'} points at {resolved}, which is not a complete checkpoint")
+    raise CheckpointError(f"{p}: not a megaevo checkpoint (no metadata.json, no `latest` pointer)")
+
+
 def summarize_checkpoint(path: str | os.PathLike) -> dict:
-    """What `megaevo inspect` prints for a checkpoint directory (or a run's checkpoints/ folder)."""
-    path = Path(path)
-    if not (path / "metadata.json").is_file():
-        resolved = Checkpointer(path).resolve("auto")
-        if resolved is None:
-            raise CheckpointError(f"{path}: no metadata.json and no `latest` pointer: not a megaevo checkpoint")
-        path = resolved
+    """What `megaevo inspect` prints for a checkpoint directory, a run's checkpoints/ folder or a run."""
+    path = resolve_checkpoint(path)
     ck = LoadedCheckpoint(path)
     model = ck.meta["tensors"].get("model", {})
     tensors = {name: {"shape": e["shape"], "dtype": e["dtype"], "fragments": len(e["fragments"])}
