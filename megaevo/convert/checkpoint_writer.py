@@ -3,7 +3,7 @@
 Each target rank (tp t, pp p) gets one file, ``model_tp{t}_pp{p}.safetensors``, holding the
 blocks of the logical tensors that rank owns (as the trainer would have saved them), so loading
 at that layout reads no other rank's file. Which blocks a rank owns comes from the model itself:
-a :class:`LlamaStage` is built on the meta device for every rank and its parameters' layouts
+the model chunks of every rank are built on the meta device (:func:`build_chunks`) and its parameters' layouts
 list the fragments. Tensors replicated over TP are stored once (by TP rank 0), and the output
 head tied to the input embedding on the last stage is stored with the embedding on the first.
 
@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from megaevo.model.args import ModelArgs
-from megaevo.model.llama import LlamaStage, stage_layer_range
+from megaevo.model.llama import build_chunks
 from megaevo.parallel.state import ParallelState
 from megaevo.training.checkpoint import FORMAT_VERSION, iteration_dir
 
@@ -61,13 +61,6 @@ class Block:
     shape: tuple[int, ...]
 
 
-class _ShapeOnlyStage(LlamaStage):
-    """A stage whose parameters only describe shapes and layouts (meta device: nothing to initialise)."""
-
-    def reset_parameters(self, seed: int = 0) -> None:
-        pass
-
-
 def rank_file(tp_rank: int, pp_rank: int) -> str:
     return f"model_tp{tp_rank}_pp{pp_rank}.safetensors"
 
@@ -83,16 +76,13 @@ def target_blocks(args: ModelArgs, tp: int = 1, pp: int = 1, pp_layers: list[int
     blocks: dict[str, list[Block]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     seen: set = set()
-    stages = pp * virtual_pp
-    for v in range(stages):
-        p = v % pp
-        first, end = stage_layer_range(args.num_layers, stages, v, pp_layers)
+    for p in range(pp):
         for t in range(tp):
             state = ParallelState(tp_size=tp, tp_rank=t, pp_size=pp, pp_rank=p)
-            stage = _ShapeOnlyStage(args, state, first, end, has_embedding=v == 0, has_head=v == stages - 1,
-                                    device="meta")
             count: dict[str, int] = {}
-            for name, param, meta in stage.named_parameters_with_meta():
+            for name, param, meta in (item for chunk in build_chunks(args, state, virtual_pp=virtual_pp,
+                                                                     layers_per_stage=pp_layers, device="meta")
+                                      for item in chunk.named_parameters_with_meta()):
                 shapes[name] = tuple(meta.logical_shape)
                 if meta.tp_replicated and t != 0:
                     continue

@@ -185,8 +185,10 @@ class LlamaStage(nn.Module):
         """Initialise every parameter from its full logical tensor, seeded by ``seed`` and its logical name.
 
         Norm weights are 1, biases 0, the output projections of each block N(0, std / sqrt(2 L)),
-        everything else N(0, std).
+        everything else N(0, std). On the meta device (shapes and layouts only) there is nothing to do.
         """
+        if any(p.is_meta for p in self.parameters()):
+            return
         std = self.args.init_std
         for name, param, meta in self.named_parameters_with_meta():
             full = torch.empty(meta.logical_shape, device=param.device, dtype=torch.float32)
