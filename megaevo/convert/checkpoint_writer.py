@@ -3,8 +3,8 @@
 Each target rank (tp t, pp p) gets one file, ``model_tp{t}_pp{p}.safetensors``, holding the
 blocks of the logical tensors that rank owns (as the trainer would have saved them), so loading
 at that layout reads no other rank's file. Which blocks a rank owns comes from the model itself:
-the model chunks of every rank are built on the meta device (:func:`build_chunks`) and its parameters' layouts
-list the fragments. Tensors replicated over TP are stored once (by TP rank 0), and the output
+the model chunks of every rank are built on the meta device (:func:`build_chunks`) and their
+parameters' layouts list the fragments. Tensors replicated over TP are stored once (by TP rank 0), and the output
 head tied to the input embedding on the last stage is stored with the embedding on the first.
 
 :func:`write_checkpoint` is the one entry point; it takes :class:`TensorSource` objects, so an

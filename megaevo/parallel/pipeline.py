@@ -233,13 +233,12 @@ class PipelineEngine:
         return chunk * self.state.pp_size + self.state.pp_rank
 
     def run(self, batches: list[dict[str, torch.Tensor]], *, forward_only: bool = False,
-            no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-            sync_last_backward: bool = True) -> StepStats:
+            no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> StepStats:
         """Forward (and backward) every micro-batch of ``batches`` ({"tokens", "labels"} each).
 
         Backward scales each micro-batch's loss by ``1 / len(batches)``. Backwards run inside
-        ``no_sync()`` except, when ``sync_last_backward``, the last one of each chunk (that chunk's
-        gradient reduction may then start while the remaining backwards run).
+        ``no_sync()`` except the last one of each chunk (that chunk's gradient reduction may then
+        start while the remaining backwards run).
         """
         s = self.state
         p2p = _P2P(s)
@@ -277,7 +276,7 @@ class PipelineEngine:
                         out = out / n
                     else:
                         grad = p2p.recv(out.shape, out.dtype, self.device, (s.pp_rank + 1) % s.pp_size, BACKWARD)
-                    sync = no_sync is None or (sync_last_backward and i == last_backward[a.chunk])
+                    sync = no_sync is None or i == last_backward[a.chunk]
                     with contextlib.nullcontext() if sync else no_sync():
                         torch.autograd.backward(out, grad)
                     if stage > 0:

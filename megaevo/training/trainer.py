@@ -89,9 +89,9 @@ class Trainer:
                                    layers_per_stage=cfg.parallel.pp_layers, seed=cfg.train.seed, device=self.device,
                                    dtype=self.dtype)
         self.model = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
-        named = [item for chunk in self.chunks for item in chunk.named_parameters_with_meta()]
-        self.metas = {n: m for n, _, m in named}
-        self.params = {n: p for n, p, _ in named}
+        named = [(c, item) for c, chunk in enumerate(self.chunks) for item in chunk.named_parameters_with_meta()]
+        self.metas = {n: m for _, (n, _, m) in named}
+        self.params = {n: p for _, (n, p, _) in named}
         # Tied embeddings split over the pipeline: the copies on the first and last stage sum their gradients.
         self.tied_params = [p for n, p in self.params.items() if n == "embedding.weight"] \
             if self.args.tie_embeddings and self.state.pp_size > 1 else []
@@ -102,7 +102,7 @@ class Trainer:
         self.last_step_stats: StepStats | None = None
         # Each chunk's buckets start reducing during its last backward; tied copies wait for the
         # sum across stages (finish_grad_sync starts them).
-        chunk_of = {n: c for c, chunk in enumerate(self.chunks) for n, _, _ in chunk.named_parameters_with_meta()}
+        chunk_of = {n: c for c, (n, _, _) in named}
         self.buffers = GradBuffers(self.params, self.state, self.dtype,
                                    bucket_size=int(cfg.parallel.bucket_size_mb * 2**20 / 4),
                                    distributed=cfg.parallel.distributed_optimizer,
@@ -173,7 +173,7 @@ class Trainer:
         self.buffers.zero_grad()
         self.model.train()
         batches = list(self._micro_batches(self.splits.train, self.run.consumed_samples, n_micro))
-        stats = self.pipeline.run(batches, no_sync=self.buffers.no_sync, sync_last_backward=True)
+        stats = self.pipeline.run(batches, no_sync=self.buffers.no_sync)
         self.last_step_stats = stats
         for p in self.tied_params:
             compat.all_reduce(p.main_grad, group=self.state.embedding_group)
