@@ -18,6 +18,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
                   backend: str | None = None) -> torch.Tensor:
     """Per-token loss (float32, shape of ``target``); 0 where ``target == ignore_index``.
 
+    A target outside the (full) vocabulary that is not ``ignore_index`` gives a NaN loss on every
+    backend, never a finite wrong value; checking on the host would cost a device sync per step.
+
     ``logits`` is (..., V) or, with ``group``, (..., V / group size). The Triton path never builds
     a float32 copy of the logits: it reads them twice (forward, backward) and writes the gradient
     in the logits' dtype.
@@ -35,9 +38,22 @@ def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, ignore_i
     if group is None:
         logp = torch.log_softmax(logits.float(), dim=-1)
         keep = target != ignore_index
-        picked = logp.gather(-1, torch.where(keep, target, 0).unsqueeze(-1)).squeeze(-1)
-        return torch.where(keep, -picked, torch.zeros_like(picked))
+        in_range = (target >= 0) & (target < logits.shape[-1])
+        picked = logp.gather(-1, torch.where(keep & in_range, target, 0).unsqueeze(-1)).squeeze(-1)
+        return mark_out_of_range(torch.where(keep, -picked, torch.zeros_like(picked)), target, ignore_index,
+                                 logits.shape[-1])
     return _VocabParallelReference.apply(logits, target, ignore_index, group)
+
+
+def mark_out_of_range(loss: torch.Tensor, target: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
+    """``loss`` with NaN where the target is neither ``ignore_index`` nor an id below ``vocab``."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    return torch.where(bad, float("nan"), loss)
+
+
+def full_vocab(local_vocab: int, group) -> int:
+    """The vocabulary size across ``group`` (each rank holds ``local_vocab`` ids)."""
+    return local_vocab * (dist.get_world_size(group) if group is not None else 1)
 
 
 def vocab_range(local_vocab: int, group) -> tuple[int, int]:
@@ -76,7 +92,7 @@ class _VocabParallelReference(torch.autograd.Function):
         keep = target != ignore_index
         ctx.save_for_backward(torch.exp(x - lse.unsqueeze(-1)), local_t, owned & keep, keep)
         ctx.logits_dtype = logits.dtype
-        return torch.where(keep, lse - tgt, 0.0)
+        return mark_out_of_range(torch.where(keep, lse - tgt, 0.0), target, ignore_index, full_vocab(x.shape[-1], group))
 
     @staticmethod
     def backward(ctx, grad):

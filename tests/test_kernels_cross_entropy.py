@@ -74,6 +74,22 @@ def test_all_ignored_gives_zero_loss_and_gradient():
     assert (loss == 0).all() and (grad == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_out_of_range_targets_give_nan_not_a_finite_loss(backend):
+    """Ids at or past the vocab, or negative (other than ignore_index), poison only their own rows."""
+    logits, target = _data((8,), 40, torch.float32)
+    target[1], target[4], target[6] = 40, -7, 1000
+    loss, grad = _loss_and_grad(logits, target, backend=backend)
+    bad = torch.zeros(8, dtype=torch.bool, device=DEVICE)
+    bad[[1, 4, 6]] = True
+    assert loss[bad].isnan().all()
+    assert loss[~bad].isfinite().all()
+    keep = ~bad
+    exp_loss, exp_grad = _expected(logits[keep], target[keep])
+    torch.testing.assert_close(loss[keep], exp_loss)
+    assert grad.isfinite().all()
+
+
 def test_reference_matches_direct_formula():
     logits, target = _data((6,), 20, torch.float32, ignore_index=-1)
     target[target < 0] = 0
@@ -93,6 +109,12 @@ def _vocab_parallel_worker(rank, world, init_file):
                 loss, grad = _loss_and_grad(shard, target, group=dist.group.WORLD, backend=backend)
                 torch.testing.assert_close(loss, exp_loss, **TOL[torch.float32])
                 torch.testing.assert_close(grad.float(), exp_grad[..., rank * 150:(rank + 1) * 150], **TOL[dtype])
+                # an id past the full vocab is owned by no rank: NaN on every rank, not lse - 0
+                wrong = target.clone()
+                wrong[0, 1], wrong[2, 3] = 300, -2
+                loss = cross_entropy(shard, wrong, group=dist.group.WORLD, backend=backend)
+                assert loss[0, 1].isnan() and loss[2, 3].isnan()
+                assert loss.isnan().sum() == 2
     finally:
         dist.destroy_process_group()
 

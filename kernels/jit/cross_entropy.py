@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..cross_entropy import combine_partials, vocab_range
+from ..cross_entropy import combine_partials, full_vocab, mark_out_of_range, vocab_range
 from . import as_rows, check_device
 
 BLOCK_V = 4096
@@ -70,7 +70,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             _ce_fwd[(rows,)](x, t, stats[0], stats[1], stats[2], vocab, x.stride(0), start,
                              BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)), num_warps=8)
         lse, tgt = combine_partials(stats[0], stats[1], stats[2], group)
-        loss = torch.where(t == ignore_index, 0.0, lse - tgt)
+        loss = mark_out_of_range(torch.where(t == ignore_index, 0.0, lse - tgt), t, ignore_index,
+                                 full_vocab(vocab, group))
         ctx.save_for_backward(logits, t, lse)
         ctx.ignore_index, ctx.vocab_start = ignore_index, start
         return loss.view(target.shape)
