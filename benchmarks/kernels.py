@@ -8,7 +8,8 @@ micro-batch holds --tokens tokens. Each row gives one implementation of one op: 
 (CUDA events via triton.testing.do_bench, after warm-up), TFLOP/s or GB/s, and its share of this
 device's measured peak (a large bf16 matmul; a large device-to-device copy). Baselines: the
 plain-torch reference, and torch's best (SDPA with the flash backend, torch.optim.AdamW with
-fused=True, torch.compile of the reference norm/SwiGLU). The last rows check the targets.
+fused=True, torch.compile of the reference norm/SwiGLU). Attention also runs with autotuning off
+("triton fixed tile"), the price of bit-reproducible runs. The last rows check the targets.
 
 Prints one JSON object per line with --json, a table otherwise. Without CUDA it prints one JSON
 line saying it was skipped and exits 0.
@@ -98,6 +99,21 @@ def fwd_bwd(f, inputs, *args, **kwargs):
     return run
 
 
+def fixed_tile(f):
+    """``f`` run with autotuning off: the kernels launch their fixed (first-listed) tiles."""
+    from megaevo.kernels import autotune_enabled, set_autotune
+
+    def run(*args, **kwargs):
+        before = autotune_enabled()
+        set_autotune(False)
+        try:
+            return f(*args, **kwargs)
+        finally:
+            set_autotune(before)
+
+    return run
+
+
 def bench_attention(peak, tokens):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -124,6 +140,9 @@ def bench_attention(peak, tokens):
 
             rows.append(timed("attention fwd+bwd", shape, "triton", fwd_bwd(
                 lambda *t: flash_attention(*t, backend="triton"), ins), flops=flops, peak=peak, grad_to_none=ins))
+            rows.append(timed("attention fwd+bwd", shape, "triton fixed tile", fwd_bwd(
+                fixed_tile(lambda *t: flash_attention(*t, backend="triton")), ins), flops=flops, peak=peak,
+                grad_to_none=ins))
             rows.append(timed("attention fwd+bwd", shape, "sdpa-flash", fwd_bwd(sdpa_flash, sdpa_ins),
                               flops=flops, peak=peak, grad_to_none=sdpa_ins))
             with torch.no_grad():

@@ -12,6 +12,12 @@ A configured (not per-call) ``apex`` means apex for the ops that have it and ``a
 ``auto`` runs Triton when the tensors are on a CUDA device and Triton imports, else the
 reference. ``triton`` forced on CPU tensors works only under ``TRITON_INTERPRET=1`` (Triton's
 interpreter, slow, for tests). Triton is an optional import: without it only the references run.
+
+Kernels with tile choices (attention) autotune on a GPU by default: each process times a few
+tiles per shape and keeps the fastest. Timing noise can pick another tile in another run, and
+another tile sums in another order, so a resumed run is then not bit-identical. With autotuning
+off (:func:`set_autotune`, the config's ``kernels.autotune``, or ``MEGAEVO_KERNEL_AUTOTUNE=0``,
+which wins) every kernel launches with a fixed tile per head dim: the same on every run.
 """
 from __future__ import annotations
 
@@ -24,8 +30,10 @@ import torch
 BACKENDS = ("auto", "triton", "torch", "apex")
 APEX_OPS = ("rms_norm", "adamw")
 ENV_VAR = "MEGAEVO_KERNEL_BACKEND"
+AUTOTUNE_ENV_VAR = "MEGAEVO_KERNEL_AUTOTUNE"
 
 _default_backend = "auto"
+_default_autotune = True
 
 
 def _check_name(name: str, where: str) -> str:
@@ -47,6 +55,25 @@ def get_backend() -> str:
     if env:
         return _check_name(env, ENV_VAR)
     return _default_backend
+
+
+def set_autotune(enabled: bool) -> None:
+    """Set the process-wide default for autotuning (what the config's ``kernels.autotune`` says)."""
+    global _default_autotune
+    _default_autotune = bool(enabled)
+
+
+def autotune_enabled() -> bool:
+    """Whether kernels with tile choices time them (``MEGAEVO_KERNEL_AUTOTUNE``, else the default)."""
+    env = os.environ.get(AUTOTUNE_ENV_VAR)
+    if env is None or not env.strip():
+        return _default_autotune
+    value = env.strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{AUTOTUNE_ENV_VAR}: expected 1/0 (or true/false, on/off, yes/no), got {env!r}")
 
 
 @lru_cache(maxsize=None)

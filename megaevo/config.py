@@ -201,9 +201,15 @@ class CheckpointConfig:
 
 @dataclass
 class KernelsConfig:
-    """Which implementation runs the fused ops: auto (Triton on CUDA, torch on the CPU)."""
+    """Which implementation runs the fused ops: auto (Triton on CUDA, torch on the CPU).
+
+    ``autotune``: time a few tiles per shape and keep the fastest (kernels with tile choices, on a
+    GPU). Off, every launch uses a fixed tile per head dim, so reruns and resumes sum in the same
+    order on the same hardware; the environment variable MEGAEVO_KERNEL_AUTOTUNE=0/1 wins.
+    """
 
     backend: Literal["auto", "triton", "torch", "apex"] = "auto"
+    autotune: bool = True
 
 
 @dataclass

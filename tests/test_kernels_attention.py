@@ -143,6 +143,74 @@ def test_huge_head_dim_falls_back_unless_forced():
         flash_attention(q, k, v, backend="triton")
 
 
+def _tile_runs():
+    """(head dim, fwd tile, dK/dV tile, dQ tile): every tile of every list runs at least once."""
+    jit = pytest.importorskip("megaevo.kernels.jit.attention")
+    runs = []
+    for dim in (64, 128, 256):
+        lists = [jit.candidate_tiles(name, dim) for name in ("fwd", "dkdv", "dq")]
+        runs += [(dim, *(tiles[i % len(tiles)] for tiles in lists)) for i in range(max(map(len, lists)))]
+    return runs
+
+
+@pytest.mark.parametrize("run", _tile_runs(), ids=lambda r: f"d{r[0]}-" + "-".join("x".join(map(str, t)) for t in r[1:]))
+def test_every_tile_a_gpu_may_launch_matches_reference(run):
+    """Each (BLOCK_M, BLOCK_N) that autotuning may pick, or that runs with autotuning off, on a
+    length that is no multiple of it, with GQA, under the causal and the document mask."""
+    from megaevo.kernels.jit.attention import attention_backward, attention_forward
+
+    dim, fwd_tile, dkdv_tile, dq_tile = run
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    seq = 150 if dim < 256 else 90
+    q, k, v = (t.detach() for t in _inputs(1, seq, seq, 4, 2, dim, dtype, seed=dim))
+    ref_in = [t.float().requires_grad_() for t in (q, k, v)]
+    scale = 1.0 / math.sqrt(dim)
+    for doc_ids in (None, _sorted_docs(1, seq, 3).to(torch.int32)):
+        out, lse = attention_forward(q, k, v, True, scale, doc_ids, tile=fwd_tile)
+        grad = torch.randn_like(out)
+        grads = attention_backward(grad, q, k, v, out, lse, True, scale, doc_ids, tiles=(dkdv_tile, dq_tile))
+        ref = flash_attention_reference(*ref_in, True, scale, doc_ids)
+        ref_grads = torch.autograd.grad(ref, ref_in, grad.float())
+        torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+        for name, g, r in zip("qkv", grads, ref_grads):
+            torch.testing.assert_close(g.float(), r, **TOL[dtype], msg=lambda m: f"d{name}: {m}")
+
+
+def test_tile_lists_and_autotune_pruning():
+    """The autotuner is offered, per head dim, exactly that head dim's list; the fixed tile is its first."""
+    triton = pytest.importorskip("triton")
+    jit = pytest.importorskip("megaevo.kernels.jit.attention")
+    for name in ("fwd", "dkdv", "dq"):
+        every = sorted({t for tiles in jit.TILES[name].values() for t in tiles})
+        configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in every]
+        for dim, expected in ((48, 64), (64, 64), (96, 128), (128, 128), (256, 256)):
+            kept = jit._prune(name)(configs, {}, HEAD_DIM=dim)
+            got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+            assert got == set(jit.TILES[name][expected]), (name, dim)
+            assert jit.candidate_tiles(name, dim)[0] == jit.TILES[name][expected][0]
+            assert len(set(jit.TILES[name][expected])) == len(jit.TILES[name][expected])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fixed_tiles_are_bit_reproducible(monkeypatch):
+    """With autotuning off, the same inputs give bit-identical outputs and gradients, and the
+    result equals a launch forced to the first tile of each list."""
+    monkeypatch.setenv("MEGAEVO_KERNEL_AUTOTUNE", "0")
+    q, k, v = _inputs(2, 1024, 1024, 16, 4, 128, torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        out = flash_attention(q, k, v, backend="triton")
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    from megaevo.kernels.jit.attention import attention_forward, candidate_tiles
+
+    forced, _ = attention_forward(q.detach(), k.detach(), v.detach(), True, 1 / math.sqrt(128), None,
+                                  tile=candidate_tiles("fwd", 128)[0])
+    assert torch.equal(forced, runs[0][0])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dim", [64, 128])

@@ -96,3 +96,23 @@ def test_works_without_triton(monkeypatch):
     torch.testing.assert_close(fresh.rms_norm(x, w), fresh.rms_norm_reference(x, w))
     with pytest.raises(RuntimeError, match="triton is not installed"):
         fresh.rms_norm(x, w, backend="triton")
+
+
+def test_autotune_switch_env_then_default(monkeypatch):
+    monkeypatch.delenv(dispatch.AUTOTUNE_ENV_VAR, raising=False)
+    saved = dispatch._default_autotune
+    try:
+        assert K.autotune_enabled() is True
+        K.set_autotune(False)
+        assert K.autotune_enabled() is False
+        monkeypatch.setenv(dispatch.AUTOTUNE_ENV_VAR, "on")
+        assert K.autotune_enabled() is True
+        monkeypatch.setenv(dispatch.AUTOTUNE_ENV_VAR, "0")
+        K.set_autotune(True)
+        assert K.autotune_enabled() is False
+        monkeypatch.setenv(dispatch.AUTOTUNE_ENV_VAR, "sometimes")
+        with pytest.raises(ValueError, match="MEGAEVO_KERNEL_AUTOTUNE.*'sometimes'"):
+            K.autotune_enabled()
+    finally:
+        dispatch._default_autotune = saved
+

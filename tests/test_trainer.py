@@ -236,6 +236,16 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(data, tmp_path):
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_kernel_settings_reach_the_kernels(data, tmp_path, monkeypatch):
+    from megaevo.kernels import dispatch
+
+    monkeypatch.delenv(dispatch.AUTOTUNE_ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "_default_autotune", True)
+    monkeypatch.setattr(dispatch, "_default_backend", "auto")
+    Trainer(config(data, tmp_path, **{"kernels.autotune": False, "kernels.backend": "torch"}))
+    assert dispatch.autotune_enabled() is False and dispatch.get_backend() == "torch"
+
+
 def test_inspect_checkpoint(reference, capsys):
     from megaevo import cli
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..dispatch import autotune_enabled
 from . import INTERPRETED, check_device, num_sms
 
 LOG2E = 1.4426950408889634
@@ -44,30 +45,79 @@ def _doc_block_range(doc_ptr, doc_own, own_valid, lo, hi, n, BLOCK: tl.constexpr
 
 
 @triton.jit
+def _load_rows(base, idx, ok, stride, HEAD_DIM: tl.constexpr):
+    """Rows ``idx`` (zeros where not ``ok``) of a (seq, head_dim) slice with row stride ``stride``."""
+    dims = tl.arange(0, HEAD_DIM)
+    return tl.load(base + idx[:, None] * stride + dims[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, idx, ok, stride, value, HEAD_DIM: tl.constexpr):
+    dims = tl.arange(0, HEAD_DIM)
+    tl.store(base + idx[:, None] * stride + dims[None, :], value.to(base.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _key_range(DOC, b, rows, row_ok, start_m, seq_q, seq_k, shift,
+               CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks a query block visits: [lo, mid) need no mask, [mid, hi) do (with document ids,
+    all of them). Also the document ids' base and the query rows' ids (stand-ins without them)."""
+    lo = seq_k * 0
+    hi = seq_k
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + shift)
+    doc_base = DOC
+    doc_q = rows
+    if HAS_DOC:
+        doc_base = DOC + b * seq_k
+        doc_q = tl.load(DOC + b * seq_q + rows, mask=row_ok, other=0)
+        lo, hi = _doc_block_range(doc_base, doc_q, row_ok, lo, hi, seq_k, BLOCK_N)
+        mid = lo
+    elif CAUSAL:
+        mid = tl.minimum(start_m + shift + 1, seq_k) // BLOCK_N * BLOCK_N
+    else:
+        mid = seq_k // BLOCK_N * BLOCK_N
+    return lo, mid, hi, doc_base, doc_q
+
+
+@triton.jit
+def _kv_block(k_base, v_base, cols, seq_k, stride_ks, stride_vs, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The K and V rows ``cols`` of one kv head (zeros past ``seq_k`` when ``MASKED``)."""
+    dims = tl.arange(0, HEAD_DIM)
+    k_ptrs = k_base + cols[:, None] * stride_ks + dims[None, :]
+    v_ptrs = v_base + cols[:, None] * stride_vs + dims[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=cols[:, None] < seq_k, other=0.0)
+        v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return k, v
+
+
+@triton.jit
+def _keep(rows, cols, seq_k, shift, doc_base, doc_q, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask: query ``rows`` may see key ``cols``."""
+    keep = cols[None, :] < seq_k
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None] + shift)
+    if HAS_DOC:
+        doc_k = tl.load(doc_base + cols, mask=cols < seq_k, other=0)
+        keep = keep & (doc_q[:, None] == doc_k[None, :])
+    return keep
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, doc_base, doc_q, rows, lo, hi, seq_k, shift,
                 stride_ks, stride_vs, qk_scale,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    dims = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + cols[:, None] * stride_ks + dims[None, :]
-        v_ptrs = v_base + cols[:, None] * stride_vs + dims[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < seq_k, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k, v = _kv_block(k_base, v_base, cols, seq_k, stride_ks, stride_vs, MASKED, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASKED:
-            keep = cols[None, :] < seq_k
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + shift)
-            if HAS_DOC:
-                doc_k = tl.load(doc_base + cols, mask=cols < seq_k, other=0)
-                keep = keep & (doc_q[:, None] == doc_k[None, :])
-            s = tl.where(keep, s, -float("inf"))
+            s = tl.where(_keep(rows, cols, seq_k, shift, doc_base, doc_q, CAUSAL, HAS_DOC), s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -90,42 +140,22 @@ def _attn_fwd(Q, K, V, O, LSE, DOC, qk_scale,
     h = bh % n_heads
     kvh = h // group
     rows = start_m + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < seq_q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qs, HEAD_DIM)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     shift = seq_k - seq_q
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    lo = seq_k * 0
-    hi = seq_k
-    if CAUSAL:
-        hi = tl.minimum(seq_k, start_m + BLOCK_M + shift)
-    if HAS_DOC:
-        doc_base = DOC + b * seq_k
-        doc_q = tl.load(DOC + b * seq_q + rows, mask=row_ok, other=0)
-        lo, hi = _doc_block_range(doc_base, doc_q, row_ok, lo, hi, seq_k, BLOCK_N)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, doc_base, doc_q, rows, lo, hi, seq_k,
-                                    shift, stride_ks, stride_vs, qk_scale,
-                                    True, CAUSAL, True, HEAD_DIM, BLOCK_N, PREC)
-    else:
-        if CAUSAL:
-            mid = tl.minimum(start_m + shift + 1, seq_k) // BLOCK_N * BLOCK_N
-        else:
-            mid = seq_k // BLOCK_N * BLOCK_N
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, DOC, rows, rows, lo, mid, seq_k,
-                                    shift, stride_ks, stride_vs, qk_scale,
-                                    False, CAUSAL, False, HEAD_DIM, BLOCK_N, PREC)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, DOC, rows, rows, mid, hi, seq_k,
-                                    shift, stride_ks, stride_vs, qk_scale,
-                                    True, CAUSAL, False, HEAD_DIM, BLOCK_N, PREC)
+    lo, mid, hi, doc_base, doc_q = _key_range(DOC, b, rows, row_ok, start_m, seq_q, seq_k, shift,
+                                              CAUSAL, HAS_DOC, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, doc_base, doc_q, rows, lo, mid, seq_k, shift,
+                                stride_ks, stride_vs, qk_scale, False, CAUSAL, False, HEAD_DIM, BLOCK_N, PREC)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, doc_base, doc_q, rows, mid, hi, seq_k, shift,
+                                stride_ks, stride_vs, qk_scale, True, CAUSAL, HAS_DOC, HEAD_DIM, BLOCK_N, PREC)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + dims[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    _store_rows(O + b * stride_ob + h * stride_oh, rows, row_ok, stride_os, acc / l_safe[:, None], HEAD_DIM)
     tl.store(LSE + bh.to(tl.int64) * seq_q + rows, m_i + tl.log2(l_safe), mask=row_ok)
 
 
@@ -136,12 +166,11 @@ def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_db, st
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
     h = bh % n_heads
-    dims = tl.arange(0, HEAD_DIM)
-    row_ok = rows[:, None] < seq_q
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + dims[None, :], mask=row_ok, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + rows[:, None] * stride_ds + dims[None, :], mask=row_ok, other=0.0)
+    row_ok = rows < seq_q
+    o = _load_rows(O + b * stride_ob + h * stride_oh, rows, row_ok, stride_os, HEAD_DIM)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, rows, row_ok, stride_ds, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + bh.to(tl.int64) * seq_q + rows, delta, mask=rows < seq_q)
+    tl.store(DELTA + bh.to(tl.int64) * seq_q + rows, delta, mask=row_ok)
 
 
 @triton.jit
@@ -149,12 +178,11 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, 
                  shift, stride_qs, stride_dos, qk_scale,
                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
-    dims = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < seq_q
-        q = tl.load(q_base + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dos + dims[None, :], mask=row_ok[:, None], other=0.0)
+        q = _load_rows(q_base, rows, row_ok, stride_qs, HEAD_DIM)
+        do = _load_rows(do_base, rows, row_ok, stride_dos, HEAD_DIM)
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale - lse[None, :])
@@ -190,12 +218,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DOC, DK, DV, qk_scale, sm_scale,
     kvh = (pid // n_split) % n_kv
     split = pid % n_split
     cols = start_n + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
     col_ok = cols < seq_k
-    k = tl.load(K + b * stride_kb + kvh * stride_kh + cols[:, None] * stride_ks + dims[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + cols[:, None] * stride_vs + dims[None, :],
-                mask=col_ok[:, None], other=0.0)
+    k = _load_rows(K + b * stride_kb + kvh * stride_kh, cols, col_ok, stride_ks, HEAD_DIM)
+    v = _load_rows(V + b * stride_vb + kvh * stride_vh, cols, col_ok, stride_vs, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     shift = seq_k - seq_q
@@ -227,10 +252,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DOC, DK, DV, qk_scale, sm_scale,
                               mid, hi, seq_q, shift, stride_qs, stride_ds, qk_scale,
                               False, CAUSAL, False, HEAD_DIM, BLOCK_M, PREC)
     out_h = kvh * n_split + split
-    tl.store(DK + b * stride_dkb + out_h * stride_dkh + cols[:, None] * stride_dks + dims[None, :],
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + b * stride_dvb + out_h * stride_dvh + cols[:, None] * stride_dvs + dims[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    _store_rows(DK + b * stride_dkb + out_h * stride_dkh, cols, col_ok, stride_dks, dk * sm_scale, HEAD_DIM)
+    _store_rows(DV + b * stride_dvb + out_h * stride_dvh, cols, col_ok, stride_dvs, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -238,26 +261,12 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, doc_base, doc_q, rows, lo,
                stride_ks, stride_vs, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    dims = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + cols[:, None] * stride_ks + dims[None, :]
-        v_ptrs = v_base + cols[:, None] * stride_vs + dims[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < seq_k, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k, v = _kv_block(k_base, v_base, cols, seq_k, stride_ks, stride_vs, MASKED, HEAD_DIM)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse[:, None])
         if MASKED:
-            keep = cols[None, :] < seq_k
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + shift)
-            if HAS_DOC:
-                doc_k = tl.load(doc_base + cols, mask=cols < seq_k, other=0)
-                keep = keep & (doc_q[:, None] == doc_k[None, :])
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_keep(rows, cols, seq_k, shift, doc_base, doc_q, CAUSAL, HAS_DOC), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -278,75 +287,93 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DOC, DQ, qk_scale, sm_scale,
     h = bh % n_heads
     kvh = h // group
     rows = start_m + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < seq_q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + rows[:, None] * stride_ds + dims[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qs, HEAD_DIM)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, rows, row_ok, stride_ds, HEAD_DIM)
     lse = tl.load(LSE + bh.to(tl.int64) * seq_q + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * seq_q + rows, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     shift = seq_k - seq_q
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    lo = seq_k * 0
-    hi = seq_k
-    if CAUSAL:
-        hi = tl.minimum(seq_k, start_m + BLOCK_M + shift)
-    if HAS_DOC:
-        doc_base = DOC + b * seq_k
-        doc_q = tl.load(DOC + b * seq_q + rows, mask=row_ok, other=0)
-        lo, hi = _doc_block_range(doc_base, doc_q, row_ok, lo, hi, seq_k, BLOCK_N)
-        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, doc_base, doc_q, rows, lo, hi, seq_k, shift,
-                        stride_ks, stride_vs, qk_scale, True, CAUSAL, True, HEAD_DIM, BLOCK_N, PREC)
-    else:
-        if CAUSAL:
-            mid = tl.minimum(start_m + shift + 1, seq_k) // BLOCK_N * BLOCK_N
-        else:
-            mid = seq_k // BLOCK_N * BLOCK_N
-        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, DOC, rows, rows, lo, mid, seq_k, shift,
-                        stride_ks, stride_vs, qk_scale, False, CAUSAL, False, HEAD_DIM, BLOCK_N, PREC)
-        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, DOC, rows, rows, mid, hi, seq_k, shift,
-                        stride_ks, stride_vs, qk_scale, True, CAUSAL, False, HEAD_DIM, BLOCK_N, PREC)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + dims[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    lo, mid, hi, doc_base, doc_q = _key_range(DOC, b, rows, row_ok, start_m, seq_q, seq_k, shift,
+                                              CAUSAL, HAS_DOC, BLOCK_M, BLOCK_N)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, doc_base, doc_q, rows, lo, mid, seq_k, shift,
+                    stride_ks, stride_vs, qk_scale, False, CAUSAL, False, HEAD_DIM, BLOCK_N, PREC)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, doc_base, doc_q, rows, mid, hi, seq_k, shift,
+                    stride_ks, stride_vs, qk_scale, True, CAUSAL, HAS_DOC, HEAD_DIM, BLOCK_N, PREC)
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh, rows, row_ok, stride_dqs, dq * sm_scale, HEAD_DIM)
 
 
-# Launch configurations. The interpreter gets small fixed blocks (unequal, to exercise the
-# block arithmetic); a GPU autotunes over a few tiles (BLOCK_M, BLOCK_N, warps, stages), once per
-# (sequence-length bucket, head dim, masks, dtype).
+# Launch configurations, as (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel and head-dim
+# class (64: head dims up to 64, 128: up to 128, 256: up to 256). A GPU times every tile of its
+# list once per (sequence-length bucket, head dim, masks, dtype) and keeps the fastest; with
+# autotuning off the first tile of the list runs. The lists come from compiling each candidate
+# for sm_90 (`benchmarks/kernel_resources.py --sweep`): tiles whose causal kernel spills more than
+# 200 bytes of registers per thread, or needs more shared memory than a block may have, are left out.
+TILES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "fwd": {
+        64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (64, 32, 4, 2)],
+        128: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)],
+        256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
+    },
+    "dkdv": {
+        64: [(32, 128, 8, 3), (32, 64, 8, 3), (64, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+        128: [(32, 64, 8, 3), (16, 64, 8, 3), (64, 64, 8, 3), (32, 32, 8, 3), (32, 32, 4, 4)],
+        256: [(32, 32, 8, 2), (16, 32, 4, 2)],
+    },
+    "dq": {
+        64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+        128: [(64, 32, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 16, 8, 3)],
+        256: [(32, 32, 4, 2), (32, 16, 4, 2)],
+    },
+}
+# The interpreter runs small fixed blocks (unequal, to exercise the block arithmetic).
+CPU_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 _KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_DOC"]
-_CPU_FWD = dict(BLOCK_M=32, BLOCK_N=16)
-_CPU_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
-_CPU_DQ = dict(BLOCK_M=32, BLOCK_N=16)
-_FWD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (64, 32, 4, 2),
-              (32, 32, 4, 2)]
-_DKDV_TILES = [(32, 128, 8, 3), (32, 64, 8, 3), (64, 64, 8, 3), (16, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3),
-               (64, 64, 4, 3), (32, 32, 4, 2)]
-_DQ_TILES = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (32, 32, 4, 2)]
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 
 
-def _prune(configs, named_args, **kwargs):
-    """Small tiles only for head_dim 256 (registers), and no tiny tiles below it."""
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-    area = [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs]
-    if head_dim >= 256:
-        return [c for c, a in zip(configs, area) if a <= 2048]
-    return [c for c, a in zip(configs, area) if a > 1024]
+def head_dim_class(head_dim: int) -> int:
+    """The tile list a (padded) head dim uses: 64, 128 or 256."""
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
 
 
-def _autotuned(kernel, tiles):
+def candidate_tiles(kernel: str, head_dim: int) -> list[tuple[int, int, int, int]]:
+    """The tiles autotuning may pick for ``kernel`` ('fwd', 'dkdv', 'dq') at ``head_dim``."""
+    return list(TILES[kernel][head_dim_class(head_dim)])
+
+
+def _prune(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        allowed = set(candidate_tiles(kernel, head_dim))
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+    return prune
+
+
+def _autotuned(kernel: str):
+    tiles = sorted({t for per_dim in TILES[kernel].values() for t in per_dim})
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in tiles]
-    return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+    return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune(kernel)})(
+        _KERNELS[kernel])
 
 
-if INTERPRETED:
-    _fwd_kernel, _dkdv_kernel, _dq_kernel = _attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq
-else:
-    _fwd_kernel = _autotuned(_attn_fwd, _FWD_TILES)
-    _dkdv_kernel = _autotuned(_attn_bwd_dkdv, _DKDV_TILES)
-    _dq_kernel = _autotuned(_attn_bwd_dq, _DQ_TILES)
+_AUTOTUNED = {} if INTERPRETED else {name: _autotuned(name) for name in _KERNELS}
+
+
+def _launch(kernel: str, grid, args, meta, tile=None) -> None:
+    """Run one kernel: with ``tile`` if given; else the interpreter's tile, the autotuner, or the
+    fixed (first) tile of the list when autotuning is off."""
+    if tile is None and not INTERPRETED and autotune_enabled():
+        _AUTOTUNED[kernel][grid](*args, **meta)
+        return
+    if tile is None:
+        tile = CPU_TILES[kernel] if INTERPRETED else candidate_tiles(kernel, meta["HEAD_DIM"])[0]
+    block_m, block_n, warps, stages = tile
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    _KERNELS[kernel][grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
 
 
 def _seq_bucket(seq_k: int) -> int:
@@ -376,27 +403,26 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def attention_forward(q, k, v, causal, softmax_scale, doc_ids):
-    """Output and base-2 log-sum-exp (batch, heads, seq_q) of the Triton forward."""
+def attention_forward(q, k, v, causal, softmax_scale, doc_ids, tile=None):
+    """Output and base-2 log-sum-exp (batch, heads, seq_q) of the Triton forward (``tile``:
+    force one (BLOCK_M, BLOCK_N, warps, stages), else see :func:`_launch`)."""
     batch, seq_q, n_heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     out = torch.empty((batch, seq_q, n_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, seq_q), dtype=torch.float32, device=q.device)
     meta = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_DOC=doc_ids is not None, PREC=_precision(q.dtype))
-    if INTERPRETED:
-        meta.update(_CPU_FWD)
 
     def grid(m):
         return (triton.cdiv(seq_q, m["BLOCK_M"]), batch * n_heads)
 
-    _fwd_kernel[grid](q, k, v, out, lse, doc_ids if doc_ids is not None else lse, softmax_scale * LOG2E,
-                      *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                      n_heads, n_heads // kv_heads, seq_q, seq_k, _seq_bucket(seq_k), **meta)
+    _launch("fwd", grid, (q, k, v, out, lse, doc_ids if doc_ids is not None else lse, softmax_scale * LOG2E,
+                          *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                          n_heads, n_heads // kv_heads, seq_q, seq_k, _seq_bucket(seq_k)), meta, tile)
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, causal, softmax_scale, doc_ids):
-    """dq, dk, dv of the Triton backward."""
+def attention_backward(do, q, k, v, out, lse, causal, softmax_scale, doc_ids, tiles=(None, None)):
+    """dq, dk, dv of the Triton backward (``tiles``: force the dK/dV and the dQ kernel's tiles)."""
     batch, seq_q, n_heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     group = n_heads // kv_heads
@@ -416,27 +442,25 @@ def attention_backward(do, q, k, v, out, lse, causal, softmax_scale, doc_ids):
     else:
         dk = torch.empty((batch, seq_k, kv_heads * n_split, head_dim), dtype=torch.float32, device=q.device)
         dv = torch.empty_like(dk)
-    dkdv_meta = dict(meta, **_CPU_DKDV) if INTERPRETED else meta
 
     def dkdv_grid(m):
         return (triton.cdiv(seq_k, m["BLOCK_N"]), batch * kv_heads * n_split)
 
-    _dkdv_kernel[dkdv_grid](q, k, v, do, lse, delta, doc, dk, dv, softmax_scale * LOG2E, softmax_scale,
-                            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-                            n_heads, group, per_program, seq_q, seq_k, bucket, **dkdv_meta)
+    _launch("dkdv", dkdv_grid, (q, k, v, do, lse, delta, doc, dk, dv, softmax_scale * LOG2E, softmax_scale,
+                                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+                                n_heads, group, per_program, seq_q, seq_k, bucket), meta, tiles[0])
     if n_split > 1:
         dk = dk.view(batch, seq_k, kv_heads, n_split, head_dim).sum(3).to(k.dtype)
         dv = dv.view(batch, seq_k, kv_heads, n_split, head_dim).sum(3).to(v.dtype)
 
     dq = torch.empty_like(q)
-    dq_meta = dict(meta, **_CPU_DQ) if INTERPRETED else meta
 
     def dq_grid(m):
         return (triton.cdiv(seq_q, m["BLOCK_M"]), batch * n_heads)
 
-    _dq_kernel[dq_grid](q, k, v, do, lse, delta, doc, dq, softmax_scale * LOG2E, softmax_scale,
-                        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-                        n_heads, group, seq_q, seq_k, bucket, **dq_meta)
+    _launch("dq", dq_grid, (q, k, v, do, lse, delta, doc, dq, softmax_scale * LOG2E, softmax_scale,
+                            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+                            n_heads, group, seq_q, seq_k, bucket), meta, tiles[1])
     return dq, dk, dv
 
 

@@ -78,6 +78,7 @@ class Trainer:
         self._init_distributed()
         self.layout = validate(cfg, self.world_size)
         kernels.set_backend(cfg.kernels.backend)
+        kernels.set_autotune(cfg.kernels.autotune)
         self.state = init_parallel_state(tp=self.layout.tp, dp=self.layout.dp, pp=self.layout.pp,
                                          device_type=self.device.type,
                                          sequence_parallel=cfg.parallel.sequence_parallel)
