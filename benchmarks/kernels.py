@@ -9,7 +9,8 @@ micro-batch holds --tokens tokens. Each row gives one implementation of one op: 
 device's measured peak (a large bf16 matmul; a large device-to-device copy). Baselines: the
 plain-torch reference, and torch's best (SDPA with the flash backend, torch.optim.AdamW with
 fused=True, torch.compile of the reference norm/SwiGLU). Attention also runs with autotuning off
-("triton fixed tile"), the price of bit-reproducible runs. The last rows check the targets.
+("triton fixed tile"), the price of bit-reproducible runs. The last rows check the targets, then
+name the tile autotuning kept for each attention kernel and shape.
 
 Prints one JSON object per line with --json, a table otherwise. Without CUDA it prints one JSON
 line saying it was skipped and exits 0.
@@ -265,6 +266,20 @@ def bench_adamw(peak, n):
     return rows
 
 
+def chosen_tiles() -> list[dict]:
+    """The tile autotuning kept for each attention kernel and key, beside the fixed one."""
+    from megaevo.kernels.jit import attention
+
+    found = []
+    for kernel, tuner in getattr(attention, "_AUTOTUNED", {}).items():
+        for key, config in getattr(tuner, "cache", {}).items():
+            head_dim = key[1] if len(key) > 1 and isinstance(key[1], int) else None
+            tile = [config.kwargs.get("BLOCK_M"), config.kwargs.get("BLOCK_N"), config.num_warps, config.num_stages]
+            fixed = list(attention.candidate_tiles(kernel, head_dim)[0]) if head_dim else None
+            found.append(dict(tile_choice=kernel, key=[str(k) for k in key], chosen=tile, fixed=fixed))
+    return found
+
+
 def targets(rows: list[Row]) -> list[dict]:
     """The issue's H100 targets, checked on whatever device this ran on."""
     def find(op, impl, shape=None):
@@ -329,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     checks = targets(rows)
 
     report(peak, rows, checks, args.json)
+    for choice in chosen_tiles():
+        print(json.dumps({"benchmark": "kernels", **choice}) if args.json else
+              f"autotuned {choice['tile_choice']:4} {' '.join(choice['key']):40} chose {choice['chosen']} "
+              f"(fixed {choice['fixed']})")
     return 0
 
 
