@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "summary": True, "arch": args.arch, "rows": len(rows),
         "failed": sum(r.registers is None for r in rows),
-        f"listed_spilling_over_{SPILL_NOTE}B": sum(r.spill_bytes > SPILL_NOTE for r in listed_rows if r.mask == "causal"),
+        f"listed_spilling_over_{SPILL_NOTE}B": sum(r.spill_bytes > SPILL_NOTE for r in listed_rows
+                                                   if r.mask == "causal"),
         "listed_over_shared_limit": sum(not r.fits_shared for r in listed_rows),
     }
     if args.json:

@@ -92,7 +92,8 @@ class _VocabParallelReference(torch.autograd.Function):
         keep = target != ignore_index
         ctx.save_for_backward(torch.exp(x - lse.unsqueeze(-1)), local_t, owned & keep, keep)
         ctx.logits_dtype = logits.dtype
-        return mark_out_of_range(torch.where(keep, lse - tgt, 0.0), target, ignore_index, full_vocab(x.shape[-1], group))
+        loss = torch.where(keep, lse - tgt, 0.0)
+        return mark_out_of_range(loss, target, ignore_index, full_vocab(x.shape[-1], group))
 
     @staticmethod
     def backward(ctx, grad):

@@ -145,7 +145,10 @@ def test_huge_head_dim_falls_back_unless_forced():
 
 def _tile_runs():
     """(head dim, fwd tile, dK/dV tile, dQ tile): every tile of every list runs at least once."""
-    jit = pytest.importorskip("megaevo.kernels.jit.attention")
+    try:
+        from megaevo.kernels.jit import attention as jit
+    except ImportError:  # no triton: the test is reported as skipped (empty parameter set)
+        return []
     runs = []
     for dim in (64, 128, 256):
         lists = [jit.candidate_tiles(name, dim) for name in ("fwd", "dkdv", "dq")]
@@ -153,7 +156,11 @@ def _tile_runs():
     return runs
 
 
-@pytest.mark.parametrize("run", _tile_runs(), ids=lambda r: f"d{r[0]}-" + "-".join("x".join(map(str, t)) for t in r[1:]))
+def _tile_id(run) -> str:
+    return f"d{run[0]}-" + "-".join("x".join(map(str, tile)) for tile in run[1:])
+
+
+@pytest.mark.parametrize("run", _tile_runs(), ids=_tile_id)
 def test_every_tile_a_gpu_may_launch_matches_reference(run):
     """Each (BLOCK_M, BLOCK_N) that autotuning may pick, or that runs with autotuning off, on a
     length that is no multiple of it, with GQA, under the causal and the document mask."""
