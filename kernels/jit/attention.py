@@ -58,6 +58,16 @@ def _store_rows(base, idx, ok, stride, value, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _query_block(n_heads, group, seq_q, BLOCK_M: tl.constexpr):
+    """This program's query rows (the longest causal rows first), batch, head and kv head."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    h = bh % n_heads
+    rows = start_m + tl.arange(0, BLOCK_M)
+    return start_m, bh, (bh // n_heads).to(tl.int64), h, h // group, rows, rows < seq_q
+
+
+@triton.jit
 def _key_range(DOC, b, rows, row_ok, start_m, seq_q, seq_k, shift,
                CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The key blocks a query block visits: [lo, mid) need no mask, [mid, hi) do (with document ids,
@@ -134,13 +144,7 @@ def _attn_fwd(Q, K, V, O, LSE, DOC, qk_scale,
               n_heads, group, seq_q, seq_k, seq_bucket,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest causal rows first
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    kvh = h // group
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < seq_q
+    start_m, bh, b, h, kvh, rows, row_ok = _query_block(n_heads, group, seq_q, BLOCK_M)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qs, HEAD_DIM)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
@@ -281,13 +285,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DOC, DQ, qk_scale, sm_scale,
                  n_heads, group, seq_q, seq_k, seq_bucket,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest causal rows first
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    kvh = h // group
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < seq_q
+    start_m, bh, b, h, kvh, rows, row_ok = _query_block(n_heads, group, seq_q, BLOCK_M)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qs, HEAD_DIM)
     do = _load_rows(DO + b * stride_db + h * stride_dh, rows, row_ok, stride_ds, HEAD_DIM)
     lse = tl.load(LSE + bh.to(tl.int64) * seq_q + rows, mask=row_ok, other=float("inf"))
