@@ -3,7 +3,8 @@
 # the training-step benchmark. Each stage has its own time limit so that a slow one cannot starve
 # the rest; logs go to $OUT (or ./gpu-check-out), and a short summary is printed last.
 #
-#   bash benchmarks/gpu_check.sh [stage ...]      stages: install tests kernels train (default: all)
+#   bash benchmarks/gpu_check.sh [stage ...]      stages: install tests kernels train (default)
+#                                                 and the tuning sweeps: tiles rmsnorm
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check-out}
@@ -32,6 +33,8 @@ for s in $stages; do
         kernels) stage kernels "${KERNELS_LIMIT:-230}" python3 benchmarks/kernels.py ;;
         train) stage train "${TRAIN_LIMIT:-130}" python3 benchmarks/train_step.py --preset evolm-1b --seq-len 2048 \
                    --micro-batch 4 --steps 10 --warmup 3 --hf ;;
+        tiles) stage tiles "${TILES_LIMIT:-300}" python3 benchmarks/attention_tiles.py --workers 14 ;;
+        rmsnorm) stage rmsnorm "${RMSNORM_LIMIT:-150}" python3 benchmarks/rmsnorm_configs.py ;;
         *) echo "unknown stage $s" ;;
     esac
 done

@@ -31,12 +31,25 @@ def _check(x, weight, eps=1e-6):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("shape", [(1, 1), (7, 100), (3, 5, 300), (70, 64)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 100), (3, 5, 300), (70, 64), (1100, 300)], ids=str)
 def test_triton_matches_reference(shape, dtype):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 3).to(DEVICE, dtype).requires_grad_()
     weight = (1 + 0.2 * torch.randn(shape[-1], generator=gen)).to(DEVICE, dtype).requires_grad_()
     _check(x, weight, eps=1e-5)
+
+
+def test_backward_programs_walk_several_row_groups():
+    """More row groups than backward programs, the last one partial: every row and partial sum counts."""
+    from megaevo.kernels.jit.rmsnorm import launch_config
+    from megaevo.kernels.jit import num_sms
+
+    cfg = launch_config(300, num_sms(torch.device(DEVICE)))
+    rows = 3 * cfg["programs"] * cfg["bwd_rows"] + 5
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 300, generator=gen).to(DEVICE).requires_grad_()
+    weight = (1 + 0.2 * torch.randn(300, generator=gen)).to(DEVICE).requires_grad_()
+    _check(x, weight)
 
 
 def test_strided_input_and_float32_weight():
