@@ -4,7 +4,8 @@
 
 Each row: rows per program and warps (forward and backward alike), backward programs per SM,
 the forward's and the forward + backward's median time and GB/s (5 passes over the activations,
-as in benchmarks/kernels.py). The row marked "default" is what ``launch_config`` picks.
+as in benchmarks/kernels.py), timed as CUDA-graph replays so that the host's launch gaps do not
+hide the kernels' differences. The row marked "default" is what ``launch_config`` picks.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"benchmark": "rmsnorm_configs", "skipped": True, "reason": "no CUDA device"}))
         return 0
-    from triton.testing import do_bench
+    from triton.testing import do_bench_cudagraph
 
     from megaevo.kernels.jit import num_sms, rmsnorm
 
@@ -50,8 +51,8 @@ def main() -> int:
                 torch.autograd.backward(fwd(), dy)
 
             with torch.no_grad():
-                t_fwd = float(do_bench(fwd, warmup=10, rep=50, return_mode="median"))
-            t_all = float(do_bench(fwd_bwd, warmup=10, rep=50, grad_to_none=(x, w), return_mode="median"))
+                t_fwd = float(do_bench_cudagraph(fwd, rep=20, return_mode="median"))
+            t_all = float(do_bench_cudagraph(fwd_bwd, rep=20, grad_to_none=(x, w), return_mode="median"))
             row = dict(benchmark="rmsnorm_configs", hidden=hidden, rows=rows, warps=warps, programs_per_sm=per_sm,
                        default=(rows, warps, per_sm) == grid[0], fwd_ms=round(t_fwd, 4), fwd_bwd_ms=round(t_all, 4),
                        fwd_bwd_gbps=round(5 * x.numel() * 2 / t_all / 1e6, 1))

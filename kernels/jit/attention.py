@@ -307,10 +307,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DOC, DQ, qk_scale, sm_scale,
 # class (64: head dims up to 64, 128: up to 128, 256: up to 256). A GPU times every tile of its
 # list once per (sequence-length bucket, head dim, masks, dtype) and keeps the fastest; with
 # autotuning off the first tile of the list runs. The lists for 64 and 128 hold the fastest tiles
-# of a grid timed on an H100 (`benchmarks/attention_tiles.py`: causal, bf16, 32/4 heads, 2048
-# tokens), fastest first; four warps beat eight for both backward kernels there, spills in
-# Triton's resource report (`benchmarks/kernel_resources.py`) notwithstanding. The lists for 256
-# hold tiles that fit and spill little under Triton 3.6 and 3.9.
+# of a grid timed on an H100 with Triton 3.6 (`benchmarks/attention_tiles.py`: causal, bf16,
+# 32/4 heads, 2048 and 4096 tokens); the first is the one fastest at both lengths, or within
+# timing noise of it. Four warps beat eight for the dK/dV kernel there, spills in Triton's
+# resource report (`benchmarks/kernel_resources.py`) notwithstanding. The lists for 256 hold
+# tiles that fit and spill little under Triton 3.6 and 3.9.
 TILES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     "fwd": {
         64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
@@ -323,8 +324,8 @@ TILES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         256: [(32, 32, 8, 2), (16, 32, 4, 2)],
     },
     "dq": {
-        64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (128, 32, 8, 3)],
-        128: [(64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 3)],
+        64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 32, 8, 3)],
+        128: [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3)],
         256: [(32, 32, 4, 2), (32, 16, 4, 2)],
     },
 }
