@@ -101,13 +101,14 @@ def main() -> int:
     os.environ["MEGAEVO_KERNEL_AUTOTUNE"] = "0"
 
     import torch
-    from triton.testing import do_bench
-
-    from megaevo.kernels.jit.attention import candidate_tiles
 
     if not torch.cuda.is_available():
         print(json.dumps({"benchmark": "attention_tiles", "skipped": True, "reason": "no CUDA device"}))
         return 0
+    from triton.testing import do_bench
+
+    from megaevo.kernels.jit.attention import candidate_tiles
+
     jobs = [(kernel, tile, dim) for dim in args.dims for kernel in args.kernels
             for tile in candidates(kernel, args.warps, args.stages)]
     ctx = __import__("multiprocessing").get_context("spawn")

@@ -12,6 +12,8 @@ compiles every (BLOCK_M, BLOCK_N, warps) of a grid instead, to look for tiles wo
 
 Runs on a CPU (Triton compiles ahead of time; only ptxas is needed, and Triton ships one).
 Registers and spills come from this Triton's code generation: another Triton version can differ.
+Spills are a hint, not a verdict: on an H100 some listed four-warp backward tiles that spill here
+were the fastest measured (`benchmarks/attention_tiles.py` times tiles on a GPU).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 10
 POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 FLOAT32_POINTERS = {"LSE", "DELTA"}
 SCALARS = {"qk_scale", "sm_scale"}
-SPILL_NOTE = 200  # bytes; the tile lists leave out tiles whose causal kernel spills more
+SPILL_NOTE = 200  # bytes; the summary counts listed tiles whose causal kernel spills more
 
 
 @dataclass
