@@ -41,7 +41,7 @@ def main() -> int:
         for rows, warps, per_sm in grid:
             if rows * base["block"] > 32768:
                 continue
-            cfg = dict(base, rows=rows, warps=warps, bwd_rows=rows, bwd_warps=warps, programs=per_sm * sms)
+            cfg = dict(base, rows=rows, warps=warps, programs=per_sm * sms)
             rmsnorm.launch_config = lambda n, s, cfg=cfg: cfg
 
             def fwd():

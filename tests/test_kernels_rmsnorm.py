@@ -45,7 +45,7 @@ def test_backward_programs_walk_several_row_groups():
     from megaevo.kernels.jit import num_sms
 
     cfg = launch_config(300, num_sms(torch.device(DEVICE)))
-    rows = 3 * cfg["programs"] * cfg["bwd_rows"] + 5
+    rows = 3 * cfg["programs"] * cfg["rows"] + 5
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, 300, generator=gen).to(DEVICE).requires_grad_()
     weight = (1 + 0.2 * torch.randn(300, generator=gen)).to(DEVICE).requires_grad_()

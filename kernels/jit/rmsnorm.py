@@ -68,7 +68,8 @@ def _sum_rows(part_ptr, out_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C:
 
 
 def launch_config(n_cols: int, sms: int) -> dict:
-    """Rows per program and warps for the forward and the backward, and the backward's programs.
+    """Rows per program and warps (the forward's and the backward's alike), and the backward's
+    number of programs.
 
     A program covers about 8192 elements (at least one whole row), about 32 per thread (measured
     on an H100 with `benchmarks/rmsnorm_configs.py`).
@@ -76,7 +77,7 @@ def launch_config(n_cols: int, sms: int) -> dict:
     block = triton.next_power_of_2(n_cols)
     rows = max(1, 8192 // block)
     warps = min(max(rows * block // 1024, 4), 16)
-    return dict(block=block, rows=rows, warps=warps, bwd_rows=rows, bwd_warps=warps, programs=2 * sms)
+    return dict(block=block, rows=rows, warps=warps, programs=2 * sms)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -105,12 +106,12 @@ class RMSNormFunction(torch.autograd.Function):
         cfg = launch_config(cols, num_sms(x.device))
         dy = dy.contiguous()
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        programs = max(1, min(triton.cdiv(rows, cfg["bwd_rows"]), cfg["programs"]))
+        programs = max(1, min(triton.cdiv(rows, cfg["rows"]), cfg["programs"]))
         dw_part = torch.empty(programs, cols, dtype=torch.float32, device=x.device)
         dw = torch.empty_like(weight)
         if rows:
             _rmsnorm_bwd[(programs,)](dy, x2, weight, rstd, dx, dw_part, rows, cols, x2.stride(0),
-                                      ROWS=cfg["bwd_rows"], BLOCK=cfg["block"], num_warps=cfg["bwd_warps"])
+                                      ROWS=cfg["rows"], BLOCK=cfg["block"], num_warps=cfg["warps"])
             _sum_rows[(triton.cdiv(cols, 64),)](dw_part, dw, programs, cols, BLOCK_R=32, BLOCK_C=64)
         else:
             dw.zero_()
