@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 HEADS, KV_HEADS = 32, 4
+MAX_ERR = 2e-2  # relative error against the float32 reference above which a tile counts as wrong
 GRID = {
     # (BLOCK_M, BLOCK_N): queries x keys per step
     "fwd": dict(blocks=[(64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)], warps=(4, 8), stages=(2, 3, 4)),
@@ -111,9 +113,12 @@ def main() -> int:
 
     jobs = [(kernel, tile, dim) for dim in args.dims for kernel in args.kernels
             for tile in candidates(kernel, args.warps, args.stages)]
-    ctx = __import__("multiprocessing").get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        checked = dict(zip(jobs, pool.map(check, jobs)))
+    checked = {}
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for i, (job, result) in enumerate(zip(jobs, pool.map(check, jobs)), 1):
+            checked[job] = result
+            print(f"\r{i}/{len(jobs)} tiles compiled and checked", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
     print(json.dumps({"benchmark": "attention_tiles", "checked": len(jobs),
                       "failed": sum("error" in c for c in checked.values())}), flush=True)
 
@@ -125,7 +130,9 @@ def main() -> int:
             for tile in candidates(kernel, args.warps, args.stages):
                 row = dict(benchmark="attention_tiles", dim=dim, seq=args.seq, kernel=kernel, tile=list(tile),
                            listed=tile in candidate_tiles(kernel, dim), **checked[(kernel, tile, dim)])
-                if "error" not in row and row["rel_err"] < 2e-2:
+                if "error" not in row and row["rel_err"] >= MAX_ERR:
+                    row["error"] = f"wrong result: relative error {row['rel_err']:.3g} >= {MAX_ERR}"
+                if "error" not in row:
                     fn = run_tile(kernel, tile, q, k, v, do, fixed)
                     row["ms"] = round(float(do_bench(fn, warmup=10, rep=40, return_mode="median")), 4)
                 results.append(row)

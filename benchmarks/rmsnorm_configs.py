@@ -37,7 +37,7 @@ def main() -> int:
         w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
         base = default(hidden, sms)
-        grid = [(base["rows"], base["warps"], 2)] + list(itertools.product((1, 2, 4, 8), (4, 8, 16), (1, 2, 4)))
+        grid = [(base["rows"], base["warps"], base["programs"] // sms)] + list(itertools.product((1, 2, 4, 8), (4, 8, 16), (1, 2, 4)))
         for rows, warps, per_sm in grid:
             if rows * base["block"] > 32768:
                 continue
