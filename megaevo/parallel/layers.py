@@ -232,6 +232,56 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, sta
     return cross_entropy(logits, target, ignore_index=ignore_index, group=state.tp_group)
 
 
+def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, state: ParallelState,
+                             vocab_size: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token log-probability of ``target`` (float32; 0 where ``target == ignore_index``) from
+    vocab-parallel logits, differentiable, without gathering the vocabulary."""
+    return -vocab_parallel_cross_entropy(logits, target, state, vocab_size, ignore_index)
+
+
+class _VocabParallelEntropy(torch.autograd.Function):
+    """Entropy of softmax(logits) over a vocabulary split across ``group``: per-token max, sum of
+    exponentials and sum of ``exp * logit`` cross the group, never the vocab dim.
+
+    With p = softmax(l) and H = -sum p log p, dH/dl_j = -p_j (log p_j + H): local to each rank once
+    the global H and normaliser are known, so backward needs no communication.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, group):
+        x = logits.float()
+        top = x.max(dim=-1).values
+        if group is not None:
+            compat.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
+        shifted = x - top.unsqueeze(-1)
+        exp = shifted.exp()
+        sums = torch.stack([exp.sum(dim=-1), torch.where(exp > 0, exp * shifted, 0.0).sum(dim=-1)])
+        if group is not None:
+            compat.all_reduce(sums, group=group)
+        z, weighted = sums[0], sums[1]
+        log_z = z.log()
+        entropy = log_z - weighted / z
+        ctx.save_for_backward(shifted, log_z, entropy)
+        ctx.dtype = logits.dtype
+        return entropy
+
+    @staticmethod
+    def backward(ctx, grad):
+        shifted, log_z, entropy = ctx.saved_tensors
+        log_p = shifted - log_z.unsqueeze(-1)
+        p = log_p.exp()
+        grad_logits = torch.where(p > 0, -p * (log_p + entropy.unsqueeze(-1)), 0.0) * grad.unsqueeze(-1)
+        return grad_logits.to(ctx.dtype), None
+
+
+def vocab_parallel_entropy(logits: torch.Tensor, state: ParallelState, vocab_size: int | None = None) -> torch.Tensor:
+    """Per-token entropy (float32, ``logits.shape[:-1]``) of the distribution given by vocab-parallel
+    logits, differentiable; with ``vocab_size``, padded ids are masked out first."""
+    if vocab_size is not None:
+        logits = mask_vocab_padding(logits, vocab_size, state)
+    return _VocabParallelEntropy.apply(logits, state.tp_group)
+
+
 def gather_vocab_logits(logits: torch.Tensor, state: ParallelState, vocab_size: int | None = None) -> torch.Tensor:
     """All-gather vocab-parallel logits to (..., vocab) and drop the padded ids (for eval/generation)."""
     full = gather_from_tp(logits, state.tp_group)

@@ -31,6 +31,9 @@ import torch.distributed as dist
 
 from megaevo.parallel.state import ParallelState
 
+# A last-stage loss: (chunk, input, micro-batch) -> (loss sum, count of what the sum is over).
+LossFn = Callable[[torch.nn.Module, torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor]]
+
 FORWARD, BACKWARD = "F", "B"
 _TAGS = {FORWARD: 1, BACKWARD: 2}  # activations and gradients never match each other's receives
 
@@ -208,10 +211,18 @@ class _P2P:
 class StepStats:
     """What one :meth:`PipelineEngine.run` did on this rank."""
 
-    losses: list[torch.Tensor] = field(default_factory=list)  # per micro-batch mean loss, on the last stage
+    losses: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (sum, count) per micro-batch,
+    #                                                                                   on the last stage
     max_live: int = 0  # most activation sets held at once
     wait_s: float = 0.0  # time spent waiting for messages
     total_s: float = 0.0
+
+
+def token_loss(chunk: torch.nn.Module, x: torch.Tensor, batch: dict[str, torch.Tensor]):
+    """The default loss of the last stage: the sum of the per-token losses and the number of tokens
+    that count (labels other than -100)."""
+    per_token = chunk(x, batch["labels"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+    return per_token.float().sum(), (batch["labels"] != -100).sum()
 
 
 class PipelineEngine:
@@ -232,15 +243,25 @@ class PipelineEngine:
     def _stage(self, chunk: int) -> int:
         return chunk * self.state.pp_size + self.state.pp_rank
 
-    def run(self, batches: list[dict[str, torch.Tensor]], *, forward_only: bool = False,
+    def run(self, batches: list[dict[str, torch.Tensor]], *, loss_fn: LossFn | None = None,
+            loss_scale: float | None = None, forward_only: bool = False,
             no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> StepStats:
-        """Forward (and backward) every micro-batch of ``batches`` ({"tokens", "labels"} each).
+        """Forward (and backward) every micro-batch of ``batches`` (named tensors: ``tokens``, and
+        whatever ``loss_fn`` reads; ``position_ids`` and ``doc_ids`` reach every chunk).
 
-        Backward scales each micro-batch's loss by ``1 / len(batches)``. Backwards run inside
+        On the last stage ``loss_fn(chunk, x, batch)`` runs the head and returns ``(loss_sum,
+        count)`` (default :func:`token_loss`); backward starts from ``loss_sum * loss_scale``
+        (with the default loss, by default one over the tokens of all of ``batches``). Backwards run inside
         ``no_sync()`` except the last one of each chunk (that chunk's gradient reduction may then
         start while the remaining backwards run).
         """
         s = self.state
+        if loss_fn is None:
+            loss_fn = token_loss
+            if loss_scale is None:
+                loss_scale = 1.0 / max(sum(int((b["labels"] != -100).sum()) for b in batches), 1)
+        elif loss_scale is None and not forward_only:
+            raise ValueError("PipelineEngine.run: a custom loss_fn needs loss_scale (one over the step's count)")
         p2p = _P2P(s)
         n = len(batches)
         plan = schedule(n, s.pp_size, s.pp_rank, self.vpp, forward_only)
@@ -261,10 +282,11 @@ class PipelineEngine:
                         x = p2p.recv(self.shape, self.dtype, self.device, (s.pp_rank - 1) % s.pp_size, FORWARD)
                         x.requires_grad_(not forward_only)
                     if stage == self.last_stage:
-                        out = chunk(x, batch["labels"]).float().mean()
-                        stats.losses.append(out.detach())
+                        loss_sum, count = loss_fn(chunk, x, batch)
+                        out = loss_sum.float()
+                        stats.losses.append((out.detach(), torch.as_tensor(count).detach()))
                     else:
-                        out = chunk(x)
+                        out = chunk(x, position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
                         p2p.send(out.detach(), (s.pp_rank + 1) % s.pp_size, FORWARD)
                     if not forward_only:
                         saved[(a.chunk, a.micro)] = (x, out)
@@ -273,7 +295,7 @@ class PipelineEngine:
                     x, out = saved.pop((a.chunk, a.micro))
                     if stage == self.last_stage:
                         grad = None
-                        out = out / n
+                        out = out * loss_scale
                     else:
                         grad = p2p.recv(out.shape, out.dtype, self.device, (s.pp_rank + 1) % s.pp_size, BACKWARD)
                     sync = no_sync is None or i == last_backward[a.chunk]
@@ -285,4 +307,3 @@ class PipelineEngine:
         stats.wait_s = p2p.wait_s
         stats.total_s = time.perf_counter() - start
         return stats
-

@@ -1,0 +1,101 @@
+"""Training metrics: one record per log step to metrics.jsonl, TensorBoard and the console.
+
+A record is a flat dict: ``step``, ``consumed_samples``, ``tokens``, ``loss``, ``lr``, ``grad_norm``,
+``tokens_per_s``, ``mfu`` (against the device's dense bf16 peak; null where unknown), ``mem_gb``,
+``skipped_steps``, and ``val/NAME`` after an evaluation. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megaevo.log import get_logger
+
+log = get_logger(__name__)
+
+# Dense bf16 peak of the devices MFU is reported against, in FLOP/s.
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(shape, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters plus causal attention scores and values."""
+    h, f, layers = shape.hidden_size, shape.ffn_hidden_size, shape.num_layers
+    kv = shape.num_kv_heads * shape.head_dim
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * f
+    matmul = layers * per_layer + h * shape.vocab_size
+    attention = layers * 2 * seq_len * h  # QK^T and PV, halved by the causal mask, x2 for multiply-add
+    return 6 * matmul + 3 * attention
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory: allocated on the GPU, else this process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except ImportError:
+        return 0.0
+
+
+def describe(r: dict, iters: int) -> str:
+    """The console line of a record."""
+    parts = [f"step {r['step']:>6}/{iters}"]
+    if "loss" in r:
+        parts += [f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"grad {r['grad_norm']:.3f}"]
+        if "tokens_per_s" in r:
+            parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+        if r.get("mfu") is not None:
+            parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        if "mem_gb" in r:
+            parts.append(f"mem {r['mem_gb']:.2f} GB")
+        if r.get("skipped_steps"):
+            parts.append(f"skipped {r['skipped_steps']}")
+    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith("val/")]
+    return "  ".join(parts)
+
+
+class MetricsWriter:
+    """Appends records to ``out_dir/metrics.jsonl``, TensorBoard (when installed) and the log (rank 0)."""
+
+    def __init__(self, out_dir: str | Path, iters: int, enabled: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.iters = iters
+        self.enabled = enabled
+        self.board = _tensorboard(Path(out_dir) / "tensorboard") if enabled else None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info(describe(record, self.iters))
+        if self.board is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.board.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
+
+
+def _tensorboard(path: Path):
+    """A TensorBoard writer when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
