@@ -23,7 +23,8 @@ import torch
 from megaevo.config import config_from_dict
 from megaevo.data.indexed import IndexedDatasetWriter
 from megaevo.model.llama import build_stage
-from megaevo.training.trainer import Trainer, flops_per_token, peak_flops
+from megaevo.training.metrics import flops_per_token, peak_flops
+from megaevo.training.trainer import Trainer
 
 
 def synthetic_corpus(prefix: Path, vocab: int, tokens: int, seed: int = 0) -> None:
@@ -108,16 +109,15 @@ def main() -> None:
         device = trainer.device
 
         # The same model, data and optimizer math in a minimal loop.
-        model = build_stage(trainer.args, trainer.state, seed=cfg.train.seed, device=device, dtype=trainer.dtype)
+        model = build_stage(cfg.model, trainer.state, seed=cfg.train.seed, device=device, dtype=trainer.dtype)
         params = list(model.parameters())
         opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-        batches = [next(trainer._micro_batches(trainer.splits.train, i * args.micro_batch, 1))
-                   for i in range(args.accum)]
+        batches = trainer.stage.train.batches(0, args.accum)
 
         def plain_step():
             opt.zero_grad(set_to_none=True)
             for b in batches:
-                (model(b["tokens"], b["labels"]).float().mean() / args.accum).backward()
+                (model(b["tokens"], b["labels"]).float().sum() / (gbs * args.seq_len)).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
 
@@ -129,11 +129,11 @@ def main() -> None:
         mega, plain = mega[args.warmup:], plain[args.warmup:]
         runs = [("megaevo", mega), ("plain-pytorch", plain)]
         if args.hf:
-            runs.append(("hf-transformers", hf_llama_steps(trainer.args, batches, args, device, trainer.dtype)))
+            runs.append(("hf-transformers", hf_llama_steps(cfg.model, batches, args, device, trainer.dtype)))
 
     tokens = gbs * args.seq_len
     peak = peak_flops(device)
-    fpt = flops_per_token(trainer.args, args.seq_len)
+    fpt = flops_per_token(cfg.model, args.seq_len)
     for impl, times in runs:
         step = statistics.median(times)
         tps = tokens / step

@@ -129,6 +129,7 @@ def _layouts(rank, world, data, root, ref_dir):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_layouts_match_the_single_process_run(data, reference, tmp_path, world):
     results = run_distributed(_layouts, world, data, str(tmp_path), str(reference["out"]))[0]
@@ -198,6 +199,7 @@ Trainer(config({"web": sys.argv[1], "math": sys.argv[2]}, sys.argv[3])).fit()
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_the_previous_checkpoint(data, reference, tmp_path):
     import subprocess
     import sys
@@ -215,6 +217,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(data, reference, tmp_pat
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_stop_the_run(data, tmp_path):
     trainer = Trainer(config(data, tmp_path, **{"checkpoint.interval": 1, "train.iters": 20}))
     forward = trainer.model.forward
@@ -257,6 +260,7 @@ def test_inspect_checkpoint(reference, capsys):
     assert info["parameters"] == sum(t.numel() for t in reference["w6"].values())
 
 
+@pytest.mark.slow
 def test_finetune_takes_weights_and_starts_a_new_run(data, reference, tmp_path):
     src = str(reference["out"] / "checkpoints" / "iter_0000006")
     settings = {"checkpoint.load": src, "checkpoint.finetune": True, "train.iters": 3, "optim.warmup": 0,
@@ -299,12 +303,13 @@ def test_a_block_is_read_from_the_fragments_that_hold_it(tmp_path):
         LoadedCheckpoint(tmp_path).region("model", "w", (3, 0), (2, 6))
 
 
-def test_loading_names_model_settings_the_shapes_cannot_show(data, reference, tmp_path, capsys):
+@pytest.mark.slow
+def test_loading_names_model_settings_the_shapes_cannot_show(data, reference, tmp_path, caplog):
     src = str(reference["out"] / "checkpoints" / "iter_0000006")
     settings = {"checkpoint.load": src, "checkpoint.finetune": True, "train.iters": 1, "optim.warmup": 0,
                 "checkpoint.save": False}
     fit(config(data, tmp_path / "same", **settings))
-    assert "other model settings" not in capsys.readouterr().out
+    assert not [r for r in caplog.records if "other model settings" in r.getMessage()]
     fit(config(data, tmp_path / "theta", **{**settings, "model.rope_theta": 500000.0}))
-    out = capsys.readouterr().out
-    assert "warning:" in out and "model.rope_theta: 10000.0 in the checkpoint, 500000.0 here" in out
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("megaevo")]
+    assert any("model.rope_theta: 10000.0 in the checkpoint, 500000.0 here" in r.getMessage() for r in warnings)

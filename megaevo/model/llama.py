@@ -27,12 +27,14 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from megaevo import kernels
+from megaevo.configio import ConfigError, errors_message
 from megaevo.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                     mask_vocab_padding, skip_init, tag_param, vocab_parallel_cross_entropy)
+                                     mask_vocab_padding, skip_init, tag_param, vocab_parallel_cross_entropy,
+                                     vocab_parallel_entropy)
 from megaevo.parallel.layout import ParamLayout, ParamMeta, param_meta
 from megaevo.parallel.state import ParallelState
 
-from .args import ModelArgs
+from .args import ModelArgs, pipeline_errors
 
 OUTPUT_PROJECTIONS = ("attention.dense.weight", "mlp.down.weight")
 
@@ -121,7 +123,8 @@ class LlamaStage(nn.Module):
     on a stage with the embedding, else hidden states from the previous stage. Returns, on a stage
     with the head, the per-token loss (float32, (batch, seq); 0 where ``labels == -100``) when
     ``labels`` is given, else this rank's vocab slice of the logits (padded ids at the dtype's
-    minimum); on other stages the hidden states ((batch, seq / tp, hidden) under sequence
+    minimum); with ``with_entropy`` also the per-token entropy of the predicted distribution, as
+    ``(loss, entropy)`` (the log-probability of each label is ``-loss``); on other stages the hidden states ((batch, seq / tp, hidden) under sequence
     parallelism). ``position_ids`` and ``doc_ids`` are (batch, seq) over the whole sequence.
 
     Parameters are initialised by :meth:`reset_parameters` from ``seed`` and their logical names,
@@ -213,7 +216,7 @@ class LlamaStage(nn.Module):
         return self._rope_cache[key]
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, ignore_index: int = -100, with_entropy: bool = False):
         h = self.embedding(x) if self.has_embedding else x
         cos, sin = self.rope_tables(h.device)
         full_recompute = self.args.recompute == "full" and torch.is_grad_enabled()
@@ -229,7 +232,10 @@ class LlamaStage(nn.Module):
         logits = mask_vocab_padding(logits, self.args.vocab_size, self.state)
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels, self.state, ignore_index=ignore_index)
+        loss = vocab_parallel_cross_entropy(logits, labels, self.state, ignore_index=ignore_index)
+        if with_entropy:
+            return loss, vocab_parallel_entropy(logits, self.state)
+        return loss
 
 
 def stage_layer_range(num_layers: int, num_stages: int, stage: int,
@@ -238,14 +244,11 @@ def stage_layer_range(num_layers: int, num_stages: int, stage: int,
 
     An even split, or ``layers_per_stage`` (one count per stage, summing to ``num_layers``).
     """
+    errors = pipeline_errors(num_layers, num_stages, 1, layers_per_stage)
+    if errors:
+        raise ConfigError(errors_message(errors))
     if layers_per_stage is None:
-        if num_layers % num_stages:
-            raise ValueError(f"model.num_layers ({num_layers}) is not divisible by the {num_stages} pipeline stages "
-                             "(parallel.pp x parallel.virtual_pp); change one of them or set parallel.pp_layers")
         layers_per_stage = [num_layers // num_stages] * num_stages
-    if len(layers_per_stage) != num_stages or sum(layers_per_stage) != num_layers or min(layers_per_stage) < 0:
-        raise ValueError(f"parallel.pp_layers {layers_per_stage} must have {num_stages} non-negative entries "
-                         f"summing to model.num_layers ({num_layers})")
     first = sum(layers_per_stage[:stage])
     return first, first + layers_per_stage[stage]
 
@@ -257,6 +260,7 @@ def build_chunks(args: ModelArgs, state: ParallelState | None = None, *, virtual
     ``pp * virtual_pp``, with its share of the layers (an even split, or ``layers_per_stage``, one
     entry per virtual stage), the embedding on virtual stage 0 and the head on the last."""
     state = state or ParallelState.single()
+    args.validate(state.tp_size, state.pp_size, virtual_pp, layers_per_stage)
     stages = state.pp_size * virtual_pp
     chunks = []
     for c in range(virtual_pp):

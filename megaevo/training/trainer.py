@@ -41,8 +41,8 @@ from megaevo.parallel.layout import ParamMeta
 from megaevo.parallel.pipeline import PipelineEngine, StepStats
 from megaevo.parallel.state import ParallelState, init_parallel_state
 from megaevo.stages import Batch, LossFunction, Stage
-from megaevo.training.checkpoint import (Checkpointer, CheckpointError, LoadedCheckpoint, SavePlan, read_local,
-                                         set_rng_state)
+from megaevo.training.checkpoint import (Checkpointer, CheckpointMeta, LoadedCheckpoint, SavedLayout, build_save_plan,
+                                         load_local_weights, read_local_state, set_rng_state)
 from megaevo.training.metrics import MetricsWriter, flops_per_token, memory_gb, peak_flops
 from megaevo.training.optimizer import STATE_KINDS, DistributedAdamW
 from megaevo.training.schedules import lr_at
@@ -194,7 +194,8 @@ class Trainer:
         scale = self.state.dp_size / count if count else 0.0
         stats = self.pipeline.run(batches, loss_fn=loss, loss_scale=scale, forward_only=forward_only,
                                   no_sync=None if forward_only else self.buffers.no_sync)
-        self.last_step_stats = stats
+        if not forward_only:
+            self.last_step_stats = stats
         return self._step_loss(stats, count)
 
     def train_step(self) -> dict:
@@ -224,33 +225,18 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self) -> None:
-        s = self.state
-        model = {}
-        for name, p in self.params.items():
-            meta = self.metas[name]
-            frags = [] if (meta.tp_replicated and s.tp_rank != 0) else meta.fragments(p.shape)
-            model[name] = (p.detach(), frags)
-        tensors = {"model": model}
-        optim = self.optimizer.local_state()  # collective over DP with the distributed optimizer
-        for kind in STATE_KINDS:
-            tensors[kind] = {n: (optim[n][kind], model[n][1]) for n in self.params}
-        metadata = {
-            "consumed_samples": self.run.consumed_samples,
-            "tokens": self.run.consumed_samples * self.stage.tokens_per_sample,
-            "optimizer_step": self.optimizer.step_count,
-            "skipped_steps": self.run.skipped_steps,
-            "scheduler": {"iteration": self.run.iteration, "schedule": self.cfg.optim.schedule},
-            "layout": {"tp": s.tp_size, "pp": s.pp_size, "dp": s.dp_size, "virtual_pp": len(self.chunks),
-                       "distributed_optimizer": self.buffers.distributed, "dtype": str(self.dtype)},
-            "config": config_to_dict(self.cfg),
-            "extra": {"stage": self.stage.name, "data": self.stage.train.state_dict()},
-        }
-        self.checkpointer.save(SavePlan(self.run.iteration, tensors, {n: m.logical_shape for n, m in self.metas.items()},
-                                        self.rank, self.world_size, writer=s.dp_rank == 0,
-                                        file_tag=f"tp{s.tp_rank}_pp{s.pp_rank}", metadata=metadata))
-
-    def _local(self, ck: LoadedCheckpoint, kind: str, name: str) -> torch.Tensor:
-        return read_local(ck, kind, name, self.metas[name], self.params[name].shape)
+        s, run = self.state, self.run
+        meta = CheckpointMeta(
+            iteration=run.iteration, consumed_samples=run.consumed_samples,
+            tokens=run.consumed_samples * self.stage.tokens_per_sample, optimizer_step=self.optimizer.step_count,
+            skipped_steps=run.skipped_steps,
+            scheduler={"iteration": run.iteration, "schedule": self.cfg.optim.schedule},
+            layout=SavedLayout(tp=s.tp_size, pp=s.pp_size, dp=s.dp_size, virtual_pp=len(self.chunks),
+                               distributed_optimizer=self.buffers.distributed, dtype=str(self.dtype)),
+            config=config_to_dict(self.cfg), extra={"stage": self.stage.name, "data": self.stage.train.state_dict()})
+        optimizer_state = self.optimizer.local_state()  # collective over DP with the distributed optimizer
+        self.checkpointer.save(build_save_plan(meta, self.params, self.metas, optimizer_state, s, self.rank,
+                                               self.world_size))
 
     def load_weights(self, path: Path) -> LoadedCheckpoint:
         """Take the weights (and master weights) of checkpoint ``path``, saved in any layout; the
@@ -261,39 +247,31 @@ class Trainer:
         """Continue the run saved in ``path`` (any layout): weights, optimizer, iteration, data position,
         and the random states when the layout is the same."""
         ck = self._load(path, with_optimizer=True)
-        meta = ck.meta
-        self.run = RunState(ck.iteration, int(meta["consumed_samples"]), int(meta.get("skipped_steps", 0)))
-        data = (meta.get("extra") or {}).get("data") or {"consumed_samples": self.run.consumed_samples}
-        self.stage.train.load_state_dict(data)
-        s, saved = self.state, meta.get("layout", {})
-        same_layout = meta.get("world_size") == self.world_size and \
-            (saved.get("tp"), saved.get("pp"), saved.get("virtual_pp", 1)) == (s.tp_size, s.pp_size, len(self.chunks))
-        rng = ck.rng(self.rank) if same_layout else None
+        rec = ck.record
+        self.run = RunState(rec.iteration, rec.consumed_samples, rec.skipped_steps)
+        self.stage.train.load_state_dict(rec.extra.get("data") or {"consumed_samples": rec.consumed_samples})
+        s = self.state
+        rng = ck.rng(self.rank) if rec.saved_with(self.world_size, s.tp_size, s.pp_size, len(self.chunks)) else None
         if rng is not None:
             set_rng_state(rng)
 
     def _load(self, path: Path, with_optimizer: bool) -> LoadedCheckpoint:
         ck = LoadedCheckpoint(path)
         self._warn_on_model_changes(ck)
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(self._local(ck, "model", name).to(p.dtype))
-            if not ck.has("master"):  # e.g. an imported model: master weights start from the weights
-                self.optimizer.reset_master()
-            else:
-                kinds = STATE_KINDS if with_optimizer else ("master",)
-                if not all(ck.has(k) for k in kinds):
-                    raise CheckpointError(f"{path}: optimizer state is incomplete (has {sorted(ck.meta['tensors'])})")
-                local = {name: {k: (self._local(ck, k, name) if k in kinds else torch.zeros(p.shape))
-                                for k in STATE_KINDS} for name, p in self.params.items()}
-                step = ck.meta.get("optimizer_step", ck.iteration) if with_optimizer else 0
-                self.optimizer.load_local_state(local, step)
+        load_local_weights(ck, self.params, self.metas)
+        if not ck.has("master"):  # e.g. an imported model: master weights start from the weights
+            self.optimizer.reset_master()
+        else:
+            kinds = STATE_KINDS if with_optimizer else ("master",)
+            step = ck.record.optimizer_step if ck.record.optimizer_step is not None else ck.iteration
+            self.optimizer.load_local_state(read_local_state(ck, self.params, self.metas, kinds),
+                                            step if with_optimizer else 0)
         return ck
 
     def _warn_on_model_changes(self, ck: LoadedCheckpoint) -> None:
         """Say which settings the checkpoint's model had differently that the tensor shapes cannot show
         (e.g. rope_theta), in case the change is not meant (it may be: longer-context CPT)."""
-        saved = (ck.meta.get("config") or {}).get("model") or {}
+        saved = (ck.record.config or {}).get("model") or {}
         ours = config_to_dict(self.cfg)["model"]
         changed = [f"model.{k}: {saved[k]!r} in the checkpoint, {ours[k]!r} here" for k in _NUMERIC_MODEL_FIELDS
                    if k in saved and saved[k] != ours.get(k)]
