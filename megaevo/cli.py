@@ -7,6 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+from megaevo.log import get_logger, setup_logging
+
+logger = get_logger(__name__)
+
 
 def _tokenizer_train(args) -> int:
     from megaevo.data.tokenizers import train_sentencepiece
@@ -247,11 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Its result (a table, JSON, what was written) is printed to stdout; progress
+    and notices are logged through `megaevo.log` (INFO on stdout, warnings and errors on stderr)."""
     args = build_parser().parse_args(argv)
+    setup_logging(rank=int(os.environ.get("RANK", "0") or 0))
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        logger.error("megaevo %s: interrupted", args.command)
         return 130
     except BrokenPipeError:  # output piped into head & co.
         return 0
@@ -259,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input (files, formats, settings) gets its message, not a traceback; MEGAEVO_DEBUG=1 shows it.
         if os.environ.get("MEGAEVO_DEBUG"):
             raise
-        print(f"megaevo {args.command}: error: {e}", file=sys.stderr)
+        logger.error("megaevo %s: %s", args.command, e)
         return 2
 
 

@@ -36,6 +36,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from megaevo.log import configured, get_logger, setup_logging
+
+logger = get_logger(__name__)
+
 GENERAL_DOCS = 4000
 GENERAL_BYTES = 6_000_000
 MATH_DOCS = 4000
@@ -446,6 +450,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _reporters(verbose: bool) -> tuple[Callable[[str], None], Callable[[str], None]]:
+    """(log, show): progress and notices go to the `megaevo.demo` logger, results (the tables of
+    what was made and of the losses) are printed; both are silent when not verbose."""
+    if not verbose:
+        def quiet(text: str) -> None:
+            pass
+
+        return quiet, quiet
+    if not configured():
+        setup_logging()
+    return logger.info, print
+
+
 def _cached(marker: Path, inputs: dict, build: Callable[[], dict], complete: Callable[[dict], bool], log) -> dict:
     """Run build() unless `marker` records the same inputs and complete(record) holds; return the record."""
     if marker.is_file():
@@ -507,7 +524,7 @@ def run_demo(
     from megaevo.data.tokenizers import load_tokenizer
 
     start = time.perf_counter()
-    log = print if verbose else (lambda *a, **k: None)
+    log, show = _reporters(verbose)
     root = Path(directory).resolve()
     steps = 4 if train else 3
     log(f"[1/{steps}] corpora in {root / 'corpus'}")
@@ -528,7 +545,7 @@ def run_demo(
     facts = result.as_dict()
     del facts["seconds"], facts["training"]  # demo.json records the data made, identical on a rerun
     (root / "demo.json").write_text(json.dumps(facts, indent=2) + "\n")
-    log(result.describe())
+    show(result.describe())
     if train:
         log(f"[4/{steps}] training the tiny model on the CPU")
         result.training = train_demo(root, result.vocab_size, seed, train_iters, train_overrides, verbose)
@@ -745,7 +762,7 @@ def train_demo(
     from megaevo.training.trainer import Trainer
 
     start = time.perf_counter()
-    log = print if verbose else (lambda *a, **k: None)
+    log, show = _reporters(verbose)
     root = Path(root).resolve()
     cfg = config_from_dict(train_settings(root, iters, vocab_size, seed), list(overrides), source="megaevo demo")
     validate(cfg, world_size=1)
@@ -778,7 +795,7 @@ def train_demo(
         torch.set_num_threads(use)
         try:
             with contextlib.ExitStack() as quiet:
-                if not verbose:  # the trainer prints its progress lines
+                if not verbose:  # the trainer's progress lines go to stdout (its logger's INFO lines)
                     quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
                 Trainer(cfg).fit()
         except KeyboardInterrupt:
@@ -788,10 +805,10 @@ def train_demo(
             torch.set_num_threads(threads)
     result = TrainingResult(str(config_path), str(out), _latest_iteration(out) or 0, status,
                             _evals(out / "metrics.jsonl"), round(time.perf_counter() - start, 1))
-    log(result.table())
-    log(f"  (cross-entropy in nats per token; a model that has learnt nothing scores about "
-        f"ln {cfg.model.vocab_size} = {math.log(cfg.model.vocab_size):.2f})")
-    log(f"  run     {out}  (metrics.jsonl, config.yaml, checkpoints/)")
+    show(result.table())
+    show(f"  (cross-entropy in nats per token; a model that has learnt nothing scores about "
+         f"ln {cfg.model.vocab_size} = {math.log(cfg.model.vocab_size):.2f})")
+    show(f"  run     {out}  (metrics.jsonl, config.yaml, checkpoints/)")
     return result
 
 

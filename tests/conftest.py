@@ -1,9 +1,26 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the test environment set before any test module is imported."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton's CPU interpreter, switched on before any Triton kernel is defined (kernels are
+    # defined at import), so that the Triton kernels run and are compared on CPU tensors.
+    # Processes started by the tests inherit it.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+@pytest.fixture(autouse=True)
+def _fresh_logging():
+    """Each test starts with megaevo's logging unconfigured (a test may call setup_logging)."""
+    from megaevo.log import reset_logging
+
+    yield
+    reset_logging()
+
 
 _SYLLABLES = "ka lo mi ne ru sa te vo an el is or un ba de fi go hu ja".split()
 

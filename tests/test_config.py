@@ -5,18 +5,24 @@ import textwrap
 
 import pytest
 
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megaevo import configio
 from megaevo.config import (
     PRESETS,
     Config,
     ConfigError,
     Layout,
     ModelConfig,
+    config_from_dict,
     config_to_dict,
     load_config,
     resolve_dtype,
     save_config,
     validate,
 )
+from megaevo.model.args import ModelArgs, layout_errors, shape_errors
 
 
 def write(tmp_path, text: str, name: str = "run.yaml"):
@@ -205,11 +211,14 @@ def test_validate_returns_layout():
 
 @pytest.mark.parametrize("overrides, world, pattern", [
     (["model.preset=evolm-1b", "parallel.tp=3"], 3,
-     r"model\.num_heads=32 is not divisible by parallel\.tp=3: set parallel\.tp to one of 1, 2, 4"),
+     r"parallel\.tp=3 does not divide the model's 32 attention heads \(model\.num_heads=32\): "
+     r".*set parallel\.tp to one of 1, 2, 4"),
     (["model.preset=evolm-1b", "parallel.tp=8"], 8,
-     r"model\.num_kv_heads=4 is not divisible by parallel\.tp=8: set parallel\.tp to one of 1, 2, 4"),
+     r"parallel\.tp=8 does not divide the model's 4 KV heads \(model\.num_kv_heads=4\): "
+     r".*set parallel\.tp to one of 1, 2, 4"),
     (["model.num_layers=22", "parallel.pp=4"], 4,
-     r"model\.num_layers=22 is not divisible by parallel\.pp=4: choose .* 1, 2, 11, 22 .*parallel\.pp_layers"),
+     r"parallel\.pp=4 does not divide the model's 22 layers \(model\.num_layers=22\): "
+     r"choose .* 1, 2, 11, 22 .*parallel\.pp_layers"),
     (["parallel.pp=2", "parallel.pp_layers=[3, 2]"], 2,
      r"parallel\.pp_layers=\[3, 2\] must list 2 positive layer counts .* summing to model\.num_layers=4"),
     (["train.micro_batch_size=2", "train.global_batch_size=12"], 4,
@@ -224,7 +233,8 @@ def test_validate_returns_layout():
     (["optim.warmup=5000"], 1, r"optim\.warmup=5000 must be between 0 and train\.iters=1000"),
     (["parallel.pp=2", "parallel.virtual_pp=2", "train.global_batch_size=3"], 2,
      r"micro-batches per step \(3\) to be a multiple of parallel\.pp=2"),
-    (["model.ffn_hidden_size=351", "parallel.tp=2"], 2, r"model\.ffn_hidden_size=351 is not divisible by parallel\.tp=2"),
+    (["model.ffn_hidden_size=351", "parallel.tp=2"], 2,
+     r"parallel\.tp=2 does not divide the model's 351 FFN columns \(model\.ffn_hidden_size=351\)"),
     (["data.train=[1, a, x, b]"], 1, r"data\.train: cannot read data blend"),
 ])
 def test_validate_messages(overrides, world, pattern):
@@ -263,3 +273,90 @@ def test_resolve_dtype():
     assert resolve_dtype("auto", "cuda") == "bf16"
     assert resolve_dtype("auto", "cpu") == "fp32"
     assert resolve_dtype("fp32", "cuda") == "fp32"
+
+
+# ---------------------------------------------------------------- one model shape
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+def test_the_model_section_is_the_model_shape(tmp_path):
+    assert ModelConfig is ModelArgs
+    cfg = config("model.preset=evolm-1b", "model.rope_scaling=" + str(LLAMA3).replace("'", ""))
+    assert type(cfg.model) is ModelArgs and ModelArgs.from_config(cfg.model) is cfg.model
+    assert cfg.model.rope_scaling == LLAMA3 and cfg.model.vocab_pad_multiple == 128
+    # rope_scaling is a mapping in YAML and in Python, and the shape still hashes (by its sorted items)
+    back = load_config(save_config(cfg, tmp_path / "c.yaml"), [])
+    assert back == cfg and config_to_dict(back) == config_to_dict(cfg)
+    assert hash(back.model) == hash(cfg.model.replace(rope_scaling=dict(reversed(list(LLAMA3.items())))))
+    assert ModelArgs(rope_scaling=tuple(sorted(LLAMA3.items()))).rope_scaling == LLAMA3  # the items also do
+    with pytest.raises(ConfigError, match="unknown model preset 'tinyy'.*did you mean 'tiny'"):
+        ModelArgs(preset="tinyy")
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    (dict(num_kv_heads=0), r"model\.num_kv_heads=0 must be a positive integer"),
+    (dict(recompute="some"), r"model\.recompute='some' must be one of 'none', 'full', 'selective'"),
+    (dict(norm_eps=0.0), r"model\.norm_eps=0\.0 must be a positive number"),
+    (dict(hidden_size=132, num_heads=12, num_kv_heads=4), r"model\.hidden_size / model\.num_heads = 11 must be even"),
+    (dict(rope_scaling={**LLAMA3, "beta": 1}), r"unknown key\(s\) beta for rope_type llama3"),
+])
+def test_shape_errors(changes, pattern):
+    errors = shape_errors(ModelArgs(**changes))
+    assert len(errors) == 1 and __import__("re").search(pattern, errors[0]), errors
+    with pytest.raises(ConfigError, match=pattern):
+        validate(Config(model=ModelArgs(**changes)), 1)
+    with pytest.raises(ValueError, match=pattern):
+        ModelArgs(**changes).validate()
+
+
+def test_layout_errors_one_message_per_problem_named_by_key_or_flag():
+    tiny = ModelArgs()
+    assert layout_errors(tiny, 2, 2) == [] and layout_errors(tiny, 1, 2, 2, [1, 1, 1, 1]) == []
+    errors = layout_errors(tiny, 4, 3)
+    assert [e.split(" does not divide")[0] for e in errors] == ["parallel.tp=4", "parallel.pp=3"]
+    assert "the model's 2 KV heads (model.num_kv_heads=2)" in errors[0] and "one of 1, 2" in errors[0]
+    flags = {"tp": "--tp", "pp": "--pp", "virtual_pp": "--virtual-pp", "pp_layers": "--pp-layers"}
+    assert layout_errors(tiny, 4, 3, names=flags)[1].startswith("--pp 3 does not divide the model's 4 layers")
+    assert layout_errors(tiny.replace(num_layers=3), 1, 1, 2, names=flags) == [
+        "--virtual-pp 2 needs --pp of at least 2",
+        "--pp × --virtual-pp = 1 × 2 = 2 does not divide the model's 3 layers (model.num_layers=3): choose a number "
+        "of pipeline stages among 1, 3 or list the layers per stage in --pp-layers"]
+    assert layout_errors(tiny, 1, 2, 1, [1, 2]) == [
+        "parallel.pp_layers=[1, 2] must list 2 positive layer counts (one per pipeline stage, parallel.pp=2) "
+        "summing to model.num_layers=4"]
+    assert layout_errors(tiny, 0, 1) == ["parallel.tp, parallel.pp and parallel.virtual_pp must be positive "
+                                         "integers (got 0, 1, 1)"]
+    with pytest.raises(ValueError, match=r"invalid|parallel\.tp=4"):
+        tiny.validate(4)
+
+
+# ---------------------------------------------------------------- the YAML machinery on its own
+
+
+@dataclass
+class _Inner:
+    size: int = 1
+    kind: Optional[str] = field(default=None, metadata={"fills": lambda v, key: {"size": len(v)}})
+
+
+@dataclass
+class _Root:
+    inner: _Inner = field(default_factory=_Inner)
+    name_of: str = field(default="x", metadata={"yaml": "name"})
+
+
+def test_configio_is_generic_over_the_root(tmp_path):
+    root = configio.load(_Root, None, ["inner.kind=abc", "name=y"])
+    assert root == _Root(_Inner(3, "abc"), "y")
+    assert configio.from_dict(_Root, {"inner": {"size": 7, "kind": "abc"}}).inner.size == 7  # explicit fields win
+    assert configio.load(_Root, configio.save(root, tmp_path / "r.yaml")) == root
+    with pytest.raises(ConfigError, match=r"^override 'inner.sise=2': unknown key 'inner.sise' \(did you mean 'inner.size'\?\)"):
+        configio.load(_Root, None, ["inner.sise=2"])
+    with pytest.raises(ConfigError, match=r"^src: unknown key 'nam' \(did you mean 'name'\?\)"):
+        configio.from_dict(_Root, {"nam": "z"}, source="src")
+    with pytest.raises(ConfigError, match=r"^inner.size: expected an integer, got 'many'"):
+        configio.from_dict(_Root, {"inner": {"size": "many"}})
+    assert config_from_dict({"model": {"preset": "evolm-2b"}}).model.num_layers == 26

@@ -1,6 +1,7 @@
 """Data parallelism and the (distributed) optimizer: DP=2 equals DP=1, bucket overlap, clipping, state."""
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -71,6 +72,7 @@ def _dp_worker(rank, world):
             "noclip": train(state, True, 4, clip=0.0)}
 
 
+@pytest.mark.slow
 def test_dp2_equals_dp1_with_and_without_distributed_optimizer():
     ref = train(ParallelState.single(), False, 4)
     ref_accum = train(ParallelState.single(), False, 2)  # gradient accumulation over 4 micro-batches

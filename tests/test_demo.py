@@ -171,6 +171,7 @@ def test_math_corpus_needs_reasoning_gym(monkeypatch):
 # -- the whole demo ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_demo_small(tmp_path, capsys):
     from megaevo.data.tokenizers import load_tokenizer
 
@@ -215,6 +216,7 @@ def test_run_demo_small(tmp_path, capsys):
     assert json.loads((out / "demo.json").read_text())["seed"] == 6
 
 
+@pytest.mark.slow
 def test_run_demo_rebuilds_incomplete_outputs(tmp_path):
     out = tmp_path / "demo"
     first = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, verbose=False, train=False)
@@ -239,6 +241,7 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_run_demo_trains_and_writes_its_config(tmp_path, capsys):
     from megaevo.config import config_from_dict, load_config, validate
     from megaevo.training.checkpoint import LoadedCheckpoint
@@ -277,6 +280,7 @@ def test_run_demo_trains_and_writes_its_config(tmp_path, capsys):
         assert f"{last[name] - first[name]:+.3f}" in row
 
 
+@pytest.mark.slow
 def test_run_demo_leaves_a_finished_run_resumes_an_interrupted_one(tmp_path, capsys):
     out = tmp_path / "demo"
     kwargs = dict(seed=5, scale=0.01, vocab_size=600, train_iters=4, train_overrides=SHORT)
@@ -311,6 +315,7 @@ def test_run_demo_leaves_a_finished_run_resumes_an_interrupted_one(tmp_path, cap
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_train_demo_refuses_a_directory_it_did_not_make(tmp_path):
     demo.run_demo(tmp_path / "demo", seed=5, scale=0.01, vocab_size=600, verbose=False, train=False)
     other = tmp_path / "precious"

@@ -1,5 +1,6 @@
 """GPT samples, splits, the index cache, blending and the resumable sampler."""
 import os
+import random
 
 import numpy as np
 import pytest
@@ -56,15 +57,50 @@ def test_more_samples_than_an_epoch_take_several_epochs(corpus, tmp_path):
 
 
 def test_split_ranges_follow_megatron_rounding():
+    assert split_ranges(3773, "98,1,1") == {"train": (0, 3698), "valid": (3698, 3735), "test": (3735, 3773)}
+    assert split_ranges(3773, "1,1,1")["train"] == (0, 1258)
     assert split_ranges(1000, "98,1,1") == {"train": (0, 980), "valid": (980, 990), "test": (990, 1000)}
     assert split_ranges(10, "969,30,1") == {"train": (0, 10), "valid": (10, 10), "test": (10, 10)}
-    # Rounding overshoot comes off every boundary but the first, as in Megatron-LM.
-    assert split_ranges(7, [1, 1]) == {"train": (0, 3), "valid": (3, 7), "test": (7, 7)}
+    # Each bound is rounded on its own, ties to even: 3.5 -> 4 and 2.5 -> 2.
+    assert split_ranges(7, [1, 1]) == {"train": (0, 4), "valid": (4, 7), "test": (7, 7)}
+    assert split_ranges(5, [1, 1]) == {"train": (0, 2), "valid": (2, 5), "test": (5, 5)}
     assert split_ranges(100, "100")["train"] == (0, 100)
     with pytest.raises(ValueError, match="split"):
         split_ranges(10, "a,b")
     with pytest.raises(ValueError, match="split"):
         split_ranges(10, "0,0,0")
+    with pytest.raises(ValueError, match="rounding"):
+        split_ranges(10, "1,1,1", rounding="nearest")
+
+
+def test_split_ranges_legacy_rounding():
+    # Older Megatron-LM: part sizes rounded, the overshoot taken off every bound but the first.
+    legacy = {"rounding": "megatron-legacy"}
+    assert split_ranges(7, [1, 1], **legacy) == {"train": (0, 3), "valid": (3, 7), "test": (7, 7)}
+    assert split_ranges(3773, "98,1,1", **legacy) == {"train": (0, 3697), "valid": (3697, 3735),
+                                                     "test": (3735, 3773)}
+
+
+def _megatron_bounds(n: int, split: str) -> list[int]:
+    """Megatron-LM core's rule, written out on its own: normalise, cumulative sums, round each."""
+    parts = [float(p) for p in split.split(",")]
+    parts += [0.0] * (3 - len(parts))
+    parts = [p / sum(parts) for p in parts]
+    cumulative = [0.0]
+    for p in parts:
+        cumulative.append(cumulative[-1] + p)
+    return [int(round(c * float(n))) for c in cumulative]
+
+
+def test_split_ranges_match_megatron_for_many_sizes():
+    rng = random.Random(0)
+    sizes = sorted({*range(100, 400), *rng.sample(range(400, 100_001), 3000), 3773, 100_000})
+    for split in ("98,1,1", "969,30,1", "1,1,1", "90,5,5", "100,0,0", "1,1", "80,10,10"):
+        for n in sizes:
+            b = _megatron_bounds(n, split)
+            got = split_ranges(n, split)
+            assert [got["train"], got["valid"], got["test"]] == [(b[0], b[1]), (b[1], b[2]), (b[2], b[3])], (n, split)
+            assert got["test"][1] == n
 
 
 def test_splits_use_disjoint_document_ranges(corpus, tmp_path):
@@ -123,6 +159,7 @@ def _build_in_ranks(rank, world, prefix, cache, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_one_rank_builds_the_others_wait_and_map(corpus, tmp_path):
     prefix, _ = corpus
     world = 3

@@ -1,13 +1,8 @@
 """Flash attention (Triton) against the explicit-math reference: GQA, causal and document masks."""
 import math
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
 import pytest
+import torch
 
 from megaevo.kernels import attention_sdpa, flash_attention, flash_attention_reference
 
@@ -44,12 +39,14 @@ def _check(q, k, v, causal, doc_ids=None, scale=None, backend="triton"):
         torch.testing.assert_close(g.float(), r, **tol, msg=lambda m: f"d{name}: {m}")
 
 
+# The larger cases take seconds each under Triton's CPU interpreter: `slow` there.
+_SLOW_ON_CPU = pytest.mark.slow if DEVICE == "cpu" else ()
 CASES = [
     # batch, seq_q, seq_k, heads, kv_heads, head_dim, causal, docs
-    (2, 37, 37, 4, 2, 16, True, 0),     # GQA 2, length not a block multiple
-    (1, 64, 64, 4, 1, 32, False, 0),    # MQA, exact blocks, not causal
-    (1, 100, 100, 4, 4, 64, True, 0),   # MHA, head_dim 64
-    (2, 50, 50, 6, 2, 16, True, 3),     # GQA 3 with packed documents
+    pytest.param((2, 37, 37, 4, 2, 16, True, 0), marks=_SLOW_ON_CPU),    # GQA 2, length not a block multiple
+    pytest.param((1, 64, 64, 4, 1, 32, False, 0), marks=_SLOW_ON_CPU),   # MQA, exact blocks, not causal
+    pytest.param((1, 100, 100, 4, 4, 64, True, 0), marks=_SLOW_ON_CPU),  # MHA, head_dim 64
+    pytest.param((2, 50, 50, 6, 2, 16, True, 3), marks=_SLOW_ON_CPU),    # GQA 3 with packed documents
     (1, 45, 45, 4, 1, 32, False, 4),    # document mask alone
     (1, 33, 70, 2, 1, 16, True, 0),     # decoding-style: fewer queries than keys, causal at the end
     (1, 20, 50, 2, 2, 16, False, 0),    # cross lengths, no mask
@@ -160,6 +157,7 @@ def _tile_id(run) -> str:
     return f"d{run[0]}-" + "-".join("x".join(map(str, tile)) for tile in run[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", _tile_runs(), ids=_tile_id)
 def test_every_tile_a_gpu_may_launch_matches_reference(run):
     """Each (BLOCK_M, BLOCK_N) that autotuning may pick, or that runs with autotuning off, on a

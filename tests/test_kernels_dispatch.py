@@ -1,13 +1,8 @@
 """Backend resolution for the fused kernels: argument > environment > configured default."""
-import os
 import sys
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
-
 import pytest
+import torch
 
 import megaevo.kernels as K
 from megaevo.kernels import dispatch

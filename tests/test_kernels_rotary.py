@@ -1,12 +1,6 @@
 """Rotary embedding (Triton) against the plain-torch reference, and the reference's own properties."""
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
-
 import pytest
+import torch
 
 from megaevo.kernels import apply_rotary, apply_rotary_reference, rotary_tables
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import assert_check_passed, run_checks, run_distributed
-from megaevo.model import LlamaStage, ModelArgs, build_stage, fuse_qkv, model_preset, split_qkv, stage_layer_range
+from megaevo.model import (LlamaStage, ModelArgs, build_chunks, build_stage, fuse_qkv, model_preset, split_qkv,
+                           stage_layer_range)
 from megaevo.parallel import ParallelState, allreduce_sequence_parallel_grads, init_parallel_state
 
 WORLD = 2
@@ -163,6 +164,7 @@ def dist_results():
     return run_distributed(_run_all, WORLD)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_tensor_parallel(dist_results, name):
     assert_check_passed(dist_results, name)
@@ -269,8 +271,19 @@ def test_pipeline_stages_start_from_the_same_weights():
     assert stage_layer_range(5, 2, 1, [3, 2]) == (3, 5)
     with pytest.raises(ValueError, match="pp_layers"):
         stage_layer_range(5, 2, 1, [3, 3])
-    with pytest.raises(ValueError, match="num_layers .* not divisible by the 2 pipeline stages"):
+    with pytest.raises(ValueError, match=r"parallel\.pp=2 does not divide the model's 5 layers"):
         stage_layer_range(5, 2, 0)
+
+
+def test_build_chunks_checks_the_whole_layout():
+    args = tiny_args(num_layers=6)
+    with pytest.raises(ValueError, match=r"parallel\.pp × parallel\.virtual_pp = 2 × 2 = 4 does not divide the "
+                                         r"model's 6 layers .* among 1, 2, 3, 6"):
+        build_chunks(args, ParallelState(pp_size=2, pp_rank=0), virtual_pp=2, device="meta")
+    with pytest.raises(ValueError, match=r"parallel\.pp_layers=\[3, 3\] must list 4 positive layer counts"):
+        build_chunks(args, ParallelState(pp_size=2, pp_rank=0), virtual_pp=2, layers_per_stage=[3, 3], device="meta")
+    assert len(build_chunks(args, ParallelState(pp_size=2, pp_rank=1), virtual_pp=2, layers_per_stage=[2, 1, 2, 1],
+                            device="meta")) == 2
 
 
 def test_parameter_metadata():
@@ -311,7 +324,7 @@ def test_qkv_fuse_split_roundtrip():
                                                (8, 4, 8, "num_kv_heads")])
 def test_not_divisible_by_tp_is_a_clear_error(heads, kv, tp, field):
     args = tiny_args(hidden_size=8 * heads, num_heads=heads, num_kv_heads=kv, ffn_hidden_size=64)
-    with pytest.raises(ValueError, match=rf"model\.{field} \(\d+\) is not divisible by parallel\.tp"):
+    with pytest.raises(ValueError, match=rf"parallel\.tp={tp} does not divide the model's \d+ .* \(model\.{field}=\d+\)"):
         LlamaStage(args, ParallelState(tp_size=tp, tp_rank=0))
 
 
@@ -326,6 +339,6 @@ def test_presets():
     with pytest.raises(ValueError, match="num_kv_heads"):
         model_preset("evolm-1b").validate(8)
     assert model_preset("tiny", rope_theta=5e5).rope_theta == 5e5
-    cfg = SimpleNamespace(preset="evolm-1b", **{**vars(model_preset("evolm-1b")), "tie_embeddings": True})
+    cfg = SimpleNamespace(**{**vars(model_preset("evolm-1b")), "tie_embeddings": True})
     assert ModelArgs.from_config(cfg) == model_preset("evolm-1b", tie_embeddings=True)
     assert math.isclose(model_preset("evolm-1b").padded_vocab_size(8), 32768)

@@ -257,6 +257,7 @@ def dist_results():
     return run_distributed(_run_all, WORLD)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_distributed(dist_results, name):
     assert_check_passed(dist_results, name)

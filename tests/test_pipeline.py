@@ -128,6 +128,7 @@ def _assert_losses(losses, expected, name):
         assert math.isclose(a, b, rel_tol=1e-5), (name, losses, expected)
 
 
+@pytest.mark.slow
 def test_pipeline_layouts_match_one_process(data, tmp_path):
     results = run_distributed(_pipeline_runs, 8, data, str(tmp_path))
     tied = _reference(data, tmp_path / "ref_tied")

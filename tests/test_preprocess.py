@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from megaevo.cli import main
-from megaevo.data.indexed import IndexedDataset
+from megaevo.data.gpt_dataset import GPTDataset
+from megaevo.data.indexed import IndexedDataset, merge_datasets, summarize, write_index
 from megaevo.data.preprocess import PreprocessError, preprocess
 from megaevo.data.tokenizers import SentencePieceTokenizer
+from megaevo.log import setup_logging
 
 
 def write_jsonl(path: Path, texts, key: str = "text", extra_lines=()) -> Path:
@@ -30,7 +32,9 @@ def write_jsonl(path: Path, texts, key: str = "text", extra_lines=()) -> Path:
 
 def documents(prefix) -> list[list[int]]:
     ds = IndexedDataset(prefix)
-    assert len(ds) == ds.num_documents  # one sequence per document
+    ds.validate()
+    per_document = np.diff(ds.document_indices)
+    assert set(per_document.tolist()) <= {0, 1}  # one sequence per document, none for an empty one
     return [ds.document(i).tolist() for i in range(ds.num_documents)]
 
 
@@ -63,15 +67,44 @@ def test_documents_match_encode_and_output_is_independent_of_workers(small_chunk
 
 def test_gzip_inputs_in_order_and_empty_documents(tmp_path, spm_tokenizer, corpus_texts):
     a = write_jsonl(tmp_path / "a.jsonl.gz", corpus_texts[:50])
-    b = write_jsonl(tmp_path / "b.jsonl", corpus_texts[50:80] + [""])  # an empty text is left out
+    b = write_jsonl(tmp_path / "b.jsonl", corpus_texts[50:80] + [""])  # an empty text: a document, no sequence
     c = tmp_path / "c.data"  # gzip recognised by its magic bytes
     c.write_bytes(gzip.compress((json.dumps({"text": corpus_texts[80]}) + "\n").encode()))
     summary = preprocess([a, b, c], tmp_path / "out", spm_tokenizer, workers=2, progress=False)
-    assert documents(tmp_path / "out") == [spm_tokenizer.encode(t) for t in corpus_texts[:81]]
-    assert (summary.documents, summary.empty) == (81, 1)
+    assert documents(tmp_path / "out") == [spm_tokenizer.encode(t) for t in corpus_texts[:80] + ["", corpus_texts[80]]]
+    assert (summary.documents, summary.empty) == (82, 1) and len(IndexedDataset(tmp_path / "out")) == 81
+    assert "1 documents with no tokens" in summary.describe()
     (tmp_path / "fake.jsonl.gz").write_text('{"text": "x"}\n')
     with pytest.raises(PreprocessError, match="fake.jsonl.gz: named .gz but not gzip"):
         preprocess([tmp_path / "fake.jsonl.gz"], tmp_path / "fake", spm_tokenizer, progress=False)
+
+
+@pytest.mark.parametrize("append_eod", [False, True])
+def test_empty_document_is_kept_as_megatron_keeps_it(tmp_path, spm_tokenizer, append_eod):
+    """An empty text is a document with no sequence: document index [0, 1, 1, 2], as Megatron-LM writes it."""
+    texts = ["def f(): pass", "", "x = 1"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    summary = preprocess([src], tmp_path / "out", spm_tokenizer, append_eod=append_eod, progress=False)
+    assert (summary.documents, summary.empty) == (3, 1)
+
+    eod = [spm_tokenizer.eod_id] if append_eod else []
+    sequences = [spm_tokenizer.encode(t) + eod for t in texts if t]  # no end-of-document token for the empty one
+    assert all(len(s) > 1 for s in sequences)
+    expected_idx = tmp_path / "expected.idx"
+    write_index(expected_idx, np.uint16, np.array([len(s) for s in sequences]), np.array([0, 1, 1, 2]))
+    assert (tmp_path / "out.idx").read_bytes() == expected_idx.read_bytes()
+    assert (tmp_path / "out.bin").read_bytes() == np.array(sum(sequences, []), dtype="<u2").tobytes()
+
+    ds = IndexedDataset(tmp_path / "out")
+    ds.validate()
+    assert ds.document_indices.tolist() == [0, 1, 1, 2] and len(ds) == 2 and ds.num_documents == 3
+    assert [ds.document(i).tolist() for i in range(3)] == [sequences[0], [], sequences[1]]
+    assert summarize(tmp_path / "out")["documents"] == 3
+    merged = merge_datasets([tmp_path / "out", tmp_path / "out"], tmp_path / "merged")
+    assert merged.document_indices.tolist() == [0, 1, 1, 2, 3, 3, 4]
+    samples = GPTDataset(ds, 2, None, seed=1, cache_dir=tmp_path / "cache")  # splits are over sequences
+    assert len(samples) > 0 and len(samples[0]) == 3
 
 
 BAD_LINES = [
@@ -92,6 +125,7 @@ def test_malformed_line_fails_naming_file_and_line_and_writes_nothing(small_chun
 
 
 def test_skip_mode_counts_and_reports_malformed_lines(small_chunks, tmp_path, spm_tokenizer, corpus_texts, capsys):
+    setup_logging()
     src = write_jsonl(tmp_path / "in.jsonl", corpus_texts[:40], extra_lines=BAD_LINES)
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     summary = preprocess([src, tmp_path / "latin1.jsonl"], tmp_path / "out", spm_tokenizer, workers=2, on_error="skip", progress=False)
@@ -102,7 +136,8 @@ def test_skip_mode_counts_and_reports_malformed_lines(small_chunks, tmp_path, sp
     reasons = " | ".join(summary.skipped_locations)
     for reason in ("invalid JSON", "expected a JSON object, got list", "key 'text' missing", "'text' is int", "not valid UTF-8"):
         assert reason in reasons
-    assert f"{src}:6" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"warning: skipping {src}:6: " in err and err.count("warning: skipping") == 5
     assert documents(tmp_path / "out") == [spm_tokenizer.encode(t) for t in corpus_texts[:40]]
 
 
@@ -144,6 +179,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_or_killed_process_leaves_no_dataset(tmp_path, spm_model, corpus_texts, sig):
     src = write_jsonl(tmp_path / "in.jsonl", corpus_texts * 20)

@@ -9,11 +9,12 @@ head tied to the input embedding on the last stage is stored with the embedding 
 
 :func:`write_checkpoint` is the one entry point; it takes :class:`TensorSource` objects, so an
 importer (Hugging Face) and a resharder (checkpoint to checkpoint) differ only in where the
-logical tensors come from.
+logical tensors come from. File names, the metadata record and the atomic commit are the
+trainer's own (:mod:`megaevo.training.checkpoint`), so both writers produce one format.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import shutil
@@ -24,10 +25,12 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from megaevo.model.args import ModelArgs
+from megaevo.configio import errors_message
+from megaevo.model.args import ModelArgs, layout_errors, shape_errors
 from megaevo.model.llama import build_chunks
 from megaevo.parallel.state import ParallelState
-from megaevo.training.checkpoint import FORMAT_VERSION, iteration_dir
+from megaevo.training.checkpoint import (FORMAT_VERSION, LATEST, CheckpointMeta, StoredFragment, TensorEntry,
+                                         commit_checkpoint, dtype_name, iteration_dir, model_file, temp_dir)
 
 from .safetensors_io import StreamingWriter
 
@@ -61,10 +64,6 @@ class Block:
     shape: tuple[int, ...]
 
 
-def rank_file(tp_rank: int, pp_rank: int) -> str:
-    return f"model_tp{tp_rank}_pp{pp_rank}.safetensors"
-
-
 def target_blocks(args: ModelArgs, tp: int = 1, pp: int = 1, pp_layers: list[int] | None = None,
                   virtual_pp: int = 1) -> tuple[dict[str, list[Block]], dict[str, tuple[int, ...]]]:
     """For every logical parameter, the blocks each target rank stores, and its logical shape.
@@ -94,67 +93,53 @@ def target_blocks(args: ModelArgs, tp: int = 1, pp: int = 1, pp_layers: list[int
                     i = count.get(name, 0)
                     count[name] = i + 1
                     blocks.setdefault(name, []).append(
-                        Block(rank_file(t, p), i, tuple(frag.logical_offset), tuple(frag.shape)))
+                        Block(model_file(t, p), i, tuple(frag.logical_offset), tuple(frag.shape)))
     return blocks, shapes
 
 
 def check_layout(args: ModelArgs, tp: int, pp: int, pp_layers: list[int] | None = None, virtual_pp: int = 1) -> None:
-    """Refuse, saying which number to change, a target layout the model's shape cannot take."""
-    if not all(isinstance(x, int) and x >= 1 for x in (tp, pp, virtual_pp)):
-        raise ConvertError(f"--tp, --pp and --virtual-pp must be positive integers, got {tp}, {pp} and {virtual_pp}")
-    if virtual_pp > 1 and pp < 2:
-        raise ConvertError(f"--virtual-pp {virtual_pp} needs --pp of at least 2")
-    stages = pp * virtual_pp
-    per = "stage of --pp" if virtual_pp == 1 else "virtual stage of --pp x --virtual-pp"
-    target = f"--pp {pp}" if virtual_pp == 1 else f"--pp x --virtual-pp = {stages}"
-    for what, value, unit in (("num_kv_heads", args.num_kv_heads, "KV heads"),
-                              ("num_heads", args.num_heads, "attention heads"),
-                              ("ffn_hidden_size", args.ffn_hidden_size, "FFN columns")):
-        if value % tp:
-            fits = [d for d in range(1, min(value, 64) + 1) if value % d == 0]
-            raise ConvertError(f"target --tp {tp} does not divide the model's {value} {unit} ({what}): each "
-                               f"tensor-parallel rank must hold whole {unit}; use --tp among {fits}")
-    if pp_layers is not None:
-        if len(pp_layers) != stages or sum(pp_layers) != args.num_layers or min(pp_layers) < 1:
-            raise ConvertError(f"--pp-layers {pp_layers} must list {stages} positive layer counts (one per {per} "
-                               f"{stages}) summing to the model's {args.num_layers} layers")
-    elif args.num_layers % stages:
-        fits = [d for d in range(1, args.num_layers + 1) if args.num_layers % d == 0]
-        raise ConvertError(f"target {target} does not divide the model's {args.num_layers} layers: use a number of "
-                           f"stages among {fits} or give the layers per stage with --pp-layers")
+    """Refuse, saying which setting to change, a model shape that cannot run or a target layout it
+    cannot take: the checks of :mod:`megaevo.model.args`, naming the converter's flags."""
+    flags = {"tp": "--tp", "pp": "--pp", "virtual_pp": "--virtual-pp", "pp_layers": "--pp-layers"}
+    errors = shape_errors(args) + layout_errors(args, tp, pp, virtual_pp, pp_layers, names=flags)
+    if errors:
+        raise ConvertError(errors_message(errors, "the model does not fit the target layout"))
 
 
 def write_checkpoint(root: str | os.PathLike, sources: Iterable[TensorSource], args: ModelArgs, *,
                      tp: int = 1, pp: int = 1, pp_layers: list[int] | None = None, virtual_pp: int = 1,
-                     iteration: int = 0,
-                     metadata: dict | None = None, files: dict[str, Path] | None = None,
-                     progress: bool = True, desc: str = "writing") -> Path:
+                     iteration: int = 0, metadata: CheckpointMeta | dict | None = None,
+                     files: dict[str, Path] | None = None, progress: bool = True, desc: str = "writing") -> Path:
     """Write ``root/iter_NNNNNNN`` (through a temporary directory) and point ``root/latest`` at it.
 
     ``sources`` must hold every parameter of the model for kind ``model`` (other kinds are optional
     but complete per kind); ``files`` are copied into the checkpoint under their given names.
+    ``metadata`` is the checkpoint's record (its iteration then wins over ``iteration``), or a dict
+    of :class:`CheckpointMeta` fields; its tensors and world size are filled in here.
     """
     root = Path(root)
-    final = iteration_dir(root, iteration)
-    if final.exists() or (root / "latest").exists():
+    if not isinstance(metadata, CheckpointMeta):
+        fields = {"format_version": FORMAT_VERSION, "iteration": iteration, **(metadata or {}), "tensors": {}}
+        metadata = CheckpointMeta.from_json(fields, "checkpoint metadata to write")
+    final = iteration_dir(root, metadata.iteration)
+    if final.exists() or (root / LATEST).exists():
         raise ConvertError(f"{root} already holds a checkpoint; choose another output directory or remove it")
     sources = list(sources)
     blocks, shapes = target_blocks(args, tp, pp, pp_layers, virtual_pp)
     _check_sources(sources, shapes)
 
-    per_file: dict[str, list] = {rank_file(t, p): [] for p in range(pp) for t in range(tp)}
-    entries: dict = {}
+    per_file: dict[str, list] = {model_file(t, p): [] for p in range(pp) for t in range(tp)}
+    entries: dict[str, dict[str, TensorEntry]] = {}
     for src in sources:
         frags = []
         for b in blocks[src.name]:
             key = f"{src.kind}/{src.name}/{b.index}"
             per_file[b.file].append((key, src.dtype, b.shape))
-            frags.append({"file": b.file, "key": key, "offset": list(b.offset), "shape": list(b.shape)})
-        entries.setdefault(src.kind, {})[src.name] = {
-            "shape": list(src.shape), "dtype": str(src.dtype).removeprefix("torch."), "fragments": frags}
+            frags.append(StoredFragment(b.file, key, b.offset, b.shape))
+        entries.setdefault(src.kind, {})[src.name] = TensorEntry(tuple(src.shape), dtype_name(src.dtype), frags)
 
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp_iter_{iteration:07d}"
+    tmp = temp_dir(root, metadata.iteration)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -181,12 +166,7 @@ def write_checkpoint(root: str | os.PathLike, sources: Iterable[TensorSource], a
         raise
     for name, path in (files or {}).items():
         shutil.copyfile(path, tmp / name)
-    meta = {"format_version": FORMAT_VERSION, "iteration": iteration, **(metadata or {}),
-            "world_size": tp * pp, "tensors": entries}
-    _atomic_write(tmp / "metadata.json", json.dumps(meta, indent=1))
-    os.replace(tmp, final)
-    _atomic_write(root / "latest", final.name + "\n")
-    return final
+    return commit_checkpoint(root, tmp, dataclasses.replace(metadata, world_size=tp * pp, tensors=entries))
 
 
 def _check_sources(sources: list[TensorSource], shapes: dict[str, tuple[int, ...]]) -> None:
@@ -208,9 +188,3 @@ def _check_sources(sources: list[TensorSource], shapes: dict[str, tuple[int, ...
             if tuple(s.shape) != shapes[name]:
                 raise ConvertError(f"{kind} tensor {name!r} has shape {list(s.shape)}, the model needs "
                                    f"{list(shapes[name])}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

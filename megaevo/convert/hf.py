@@ -20,11 +20,12 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from megaevo.config import (CheckpointConfig, Config, ConfigError, DataConfig, ModelConfig, ParallelConfig,
+from megaevo.config import (CheckpointConfig, Config, ConfigError, DataConfig, ParallelConfig,
                             config_from_dict, config_to_dict, save_config, validate)
 from megaevo.model.args import ModelArgs
 from megaevo.model.llama import fuse_qkv, split_qkv
-from megaevo.training.checkpoint import LoadedCheckpoint, resolve_checkpoint
+from megaevo.training.checkpoint import (LATEST, CheckpointMeta, LoadedCheckpoint, SavedLayout, iteration_dir,
+                                         resolve_checkpoint)
 
 from .checkpoint_writer import ConvertError, TensorSource, check_layout, target_blocks, write_checkpoint
 from .hf_config import ARCHITECTURES, HFModelSpec, hf_config_from_model, spec_from_hf_config
@@ -222,13 +223,13 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp
     casts the weights; by default they keep the dtype they have. Returns the checkpoint directory.
     """
     src, out = Path(src), Path(out)
-    if (out / "latest").exists() or any(out.glob("iter_*")):
+    if (out / LATEST).exists() or any(out.glob("iter_*")):
         raise ConvertError(f"{out} already holds a checkpoint; choose another --save directory or remove it")
     raw = read_hf_config(src)
     spec = spec_from_hf_config(raw, str(src / "config.json"))
-    cfg = Config(model=ModelConfig(**spec.model),
+    cfg = Config(model=ModelArgs(**spec.model),
                  parallel=ParallelConfig(tp=tp, pp=pp, virtual_pp=virtual_pp, pp_layers=pp_layers))
-    args = ModelArgs.from_config(cfg.model)
+    args = cfg.model
     check_layout(args, tp, pp, pp_layers, virtual_pp)
     try:
         validate(cfg, world_size=tp * pp)
@@ -252,20 +253,19 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp
         sources.append(TensorSource("model", name, shapes[name], target, load))
 
     side = {name: src / name for name in SIDE_FILES if (src / name).is_file()}
-    ckpt_dir = out / "iter_0000000"
+    ckpt_dir = iteration_dir(out, 0)
     tok = next((n for n in ("tokenizer.json", "tokenizer.model") if n in side), None)
     cfg.data = DataConfig(tokenizer=str((ckpt_dir / tok).resolve()) if tok else None)
     # finetune: the run starts from the imported weights, and a restart resumes its own checkpoints.
     cfg.checkpoint = CheckpointConfig(load=str(out.resolve()), finetune=True)
     model_dtype = {s.dtype for s in sources}
-    metadata = {
-        "consumed_samples": 0, "tokens": 0, "optimizer_step": 0, "skipped_steps": 0,
-        "layout": {"tp": tp, "pp": pp, "virtual_pp": virtual_pp, "dp": 1, "distributed_optimizer": False,
-                   "dtype": str(model_dtype.pop()) if len(model_dtype) == 1 else "mixed"},
-        "config": config_to_dict(cfg),
-        "hf": {"architecture": spec.architecture, "model_type": spec.model_type, "source": str(src.resolve()),
-               "files": sorted(side), "config": raw},
-    }
+    metadata = CheckpointMeta(
+        iteration=0, optimizer_step=0,
+        layout=SavedLayout(tp=tp, pp=pp, virtual_pp=virtual_pp, dp=1, distributed_optimizer=False,
+                           dtype=str(model_dtype.pop()) if len(model_dtype) == 1 else "mixed"),
+        config=config_to_dict(cfg),
+        hf={"architecture": spec.architecture, "model_type": spec.model_type, "source": str(src.resolve()),
+            "files": sorted(side), "config": raw})
     path = write_checkpoint(out, sources, args, tp=tp, pp=pp, pp_layers=pp_layers, virtual_pp=virtual_pp,
                             metadata=metadata, files=side,
                             progress=progress, desc=f"import {src.name}")
@@ -290,20 +290,20 @@ def export_hf(load: str | os.PathLike, out: str | os.PathLike, *, architecture: 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out} exists and is not an empty directory; choose another --to-hf directory")
-    ck = LoadedCheckpoint(path)
-    if not ck.meta.get("config"):
+    record = LoadedCheckpoint(path).record
+    if not record.config:
         raise ConvertError(f"{path}/metadata.json: no model config recorded, cannot describe the model")
     try:
-        cfg = config_from_dict(ck.meta["config"], source=f"{path}/metadata.json")
+        cfg = config_from_dict(record.config, source=f"{path}/metadata.json")
     except ConfigError as e:
         raise ConvertError(str(e)) from None
-    args = ModelArgs.from_config(cfg.model)
-    hf_meta = ck.meta.get("hf") or {}
+    args = cfg.model
+    hf_meta = record.hf or {}
     arch = architecture or hf_meta.get("architecture") or ("Qwen2ForCausalLM" if args.qkv_bias else "LlamaForCausalLM")
     if arch not in ARCHITECTURES:
         raise ConvertError(f"cannot export as {arch!r} (supported: {', '.join(ARCHITECTURES)})")
     shapes = target_blocks(args)[1]
-    entries = ck.meta["tensors"].get("model", {})
+    entries = record.tensors.get("model", {})
     missing, extra = sorted(set(shapes) - set(entries)), sorted(set(entries) - set(shapes))
     if missing or extra:
         raise ConvertError(f"{path}: the checkpoint's model tensors do not match its config: "
@@ -316,10 +316,10 @@ def export_hf(load: str | os.PathLike, out: str | os.PathLike, *, architecture: 
     plan, shards, size = [], [[]], 0
     for name, hf_names, how in tensor_links(args):
         stored = entries[name]
-        if tuple(stored["shape"]) != shapes[name] and not _padded_vocab(name, stored["shape"], shapes[name]):
-            raise ConvertError(f"{path}: tensor {name!r} has shape {stored['shape']}, the config implies "
+        if stored.shape != tuple(shapes[name]) and not _padded_vocab(name, stored.shape, shapes[name]):
+            raise ConvertError(f"{path}: tensor {name!r} has shape {list(stored.shape)}, the config implies "
                                f"{list(shapes[name])}")
-        target = cast or _dtype(stored["dtype"])
+        target = cast or _dtype(stored.dtype)
         parts = list(zip(hf_names, _part_shapes(how, shapes[name], args)))
         for key, shape in parts:
             nbytes = _numel(shape) * _itemsize(target)

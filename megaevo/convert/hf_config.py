@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` <-> megaevo model settings.
+"""Hugging Face ``config.json`` <-> megaevo's model shape (:class:`megaevo.model.args.ModelArgs`).
 
 Supported: ``LlamaForCausalLM`` (also Llama 3 rope scaling and tied embeddings),
 ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` (q/k/v biases). Both the older layout of the
@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
+from megaevo.model.args import LLAMA3_SCALING_KEYS as _LLAMA3_KEYS
+
 from .checkpoint_writer import ConvertError
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 _MOE_FIELDS = ("num_local_experts", "num_experts", "num_experts_per_tok", "n_routed_experts", "n_shared_experts",
                "moe_intermediate_size", "shared_expert_intermediate_size", "moe_layer_freq", "first_k_dense_replace")
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _DEFAULTS = {  # what transformers assumes when config.json leaves a field out
     "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
     "mistral": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
@@ -30,12 +31,12 @@ class HFModelSpec:
 
     architecture: str
     model_type: str
-    model: dict  # megaevo ModelConfig fields
+    model: dict  # ModelArgs fields
     dtype: str | None  # the checkpoint's declared dtype ("bfloat16", ...), if any
 
 
 def spec_from_hf_config(raw: dict, where: str = "config.json") -> HFModelSpec:
-    """Map a Hugging Face model config onto megaevo's model fields, refusing what does not fit."""
+    """Map a Hugging Face model config onto ModelArgs fields, refusing what does not fit."""
     if not isinstance(raw, dict):
         raise ConvertError(f"{where}: expected a JSON object")
 
@@ -149,7 +150,7 @@ def _rope(raw: dict, default_theta: float, max_pos: int, refuse) -> tuple[float,
 
 
 def hf_config_from_model(model, architecture: str, dtype: torch.dtype, extra: dict | None = None) -> dict:
-    """A ``config.json`` for ``model`` (megaevo ModelConfig or ModelArgs) as ``architecture``.
+    """A ``config.json`` for ``model`` (a ModelArgs) as ``architecture``.
 
     Written with both ``rope_theta``/``rope_scaling`` and ``rope_parameters`` so that older and
     newer transformers read the same rotary settings. ``extra`` (e.g. token ids of the imported

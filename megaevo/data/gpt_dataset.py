@@ -40,13 +40,38 @@ def parse_split(split: str | Sequence[float]) -> list[float]:
     return [w / total for w in weights]
 
 
-def split_ranges(num_documents: int, split: str | Sequence[float]) -> dict[str, tuple[int, int]]:
-    """Document ranges [begin, end) of train, valid and test, rounded as Megatron-LM rounds them."""
-    bounds = [0]
-    for w in parse_split(split):
-        bounds.append(bounds[-1] + int(round(w * float(num_documents))))
-    excess = bounds[-1] - num_documents
-    bounds = [bounds[0]] + [b - excess for b in bounds[1:]]
+SPLIT_ROUNDINGS = ("megatron", "megatron-legacy")
+
+
+def split_ranges(
+    num_documents: int, split: str | Sequence[float], rounding: str = "megatron"
+) -> dict[str, tuple[int, int]]:
+    """Document ranges [begin, end) of train, valid and test.
+
+    "megatron" (the default) is Megatron-LM core's rule: the weights are normalised to sum to 1,
+    summed cumulatively (0, w0, w0 + w1, ...) and each bound is rounded on its own,
+    `int(round(cumulative * num_documents))` with Python's round (ties to even). Adjacent splits
+    share a bound, so the ranges are contiguous; a part of weight 0 is an empty range.
+    "megatron-legacy" is the older rule (Megatron-LM's `get_train_valid_test_split_`): each part's
+    size is rounded, the sizes are summed, and the excess over num_documents is taken off every
+    bound after the first.
+    """
+    weights = parse_split(split)
+    n = float(num_documents)
+    if rounding == "megatron":
+        cumulative = [0.0]
+        for w in weights:
+            cumulative.append(cumulative[-1] + w)
+        bounds = [0] + [int(round(c * n)) for c in cumulative[1:]]
+        bounds[-1] = min(bounds[-1], num_documents)  # never past the end, whatever the float error
+    elif rounding == "megatron-legacy":
+        bounds = [0]
+        for w in weights:
+            bounds.append(bounds[-1] + int(round(w * n)))
+        excess = bounds[-1] - num_documents
+        bounds = [bounds[0]] + [b - excess for b in bounds[1:]]
+    else:
+        raise ValueError(f"split rounding {rounding!r}: expected one of {', '.join(SPLIT_ROUNDINGS)}")
     return {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(SPLIT_NAMES)}
 
 

@@ -23,12 +23,15 @@ import numpy as np
 
 from megaevo.data.indexed import IndexedDatasetWriter, token_dtype
 from megaevo.data.tokenizers import Tokenizer, load_tokenizer
+from megaevo.log import get_logger
+
+logger = get_logger(__name__)
 
 GZIP_MAGIC = b"\x1f\x8b"
 CHUNK_LINES = 512
 CHUNK_BYTES = 1 << 20
 MAX_LOCATIONS = 10  # skipped-line locations kept in the summary
-MAX_WARNINGS = 5  # skipped-line locations printed as they happen
+MAX_WARNINGS = 5  # skipped-line locations logged as they happen
 
 
 class PreprocessError(ValueError):
@@ -44,7 +47,7 @@ class PreprocessSummary:
     tokens: int
     skipped: int
     skipped_locations: list[str]
-    empty: int  # documents whose text encodes to no tokens (not written)
+    empty: int  # documents whose text encodes to no tokens (kept, with no sequence; counted in documents)
     seconds: float
     docs_per_s: float
     tokens_per_s: float
@@ -63,7 +66,8 @@ class PreprocessSummary:
             f"{self.docs_per_s:,.0f} docs/s, {self.tokens_per_s:,.0f} tokens/s",
         ]
         if self.empty:
-            lines.append(f"  empty      {self.empty:,} documents with no tokens were left out")
+            lines.append(f"  empty      {self.empty:,} documents with no tokens (kept in the document index "
+                         f"with no sequence, as Megatron-LM keeps them)")
         if self.skipped:
             lines.append(f"  skipped    {self.skipped:,} malformed lines, first: {self.skipped_locations[0]}")
         return "\n".join(lines)
@@ -106,7 +110,7 @@ def check_inputs(inputs) -> list[Path]:
 @dataclasses.dataclass
 class _Encoded:
     tokens: np.ndarray  # all documents of a chunk back to back
-    lengths: list[int]
+    lengths: list[int]  # tokens per document; 0 for a document that encodes to no tokens
     errors: list[tuple[int, str]]  # (line offset in the chunk, reason)
     empty: int
 
@@ -142,8 +146,9 @@ def encode_lines(tokenizer: Tokenizer, lines: list[bytes], json_key: str, eod: i
             errors.append((i, str(e)))
             continue
         ids = tokenizer.encode(text)
-        if not ids:
+        if not ids:  # a document with no sequence (and no end-of-document token), as in Megatron-LM
             empty += 1
+            lengths.append(0)
             continue
         if eod is not None:
             ids.append(eod)
@@ -237,9 +242,10 @@ def preprocess(
     """Tokenize the string under json_key of every line of the jsonl(.gz) inputs, in order, into output_prefix.
 
     One sequence per document (plus the end-of-document token when append_eod). Blank lines are
-    ignored, documents that encode to no tokens are left out (counted as `empty`). A malformed
-    line raises PreprocessError naming file and line (on_error="fail", nothing is written) or is
-    skipped and counted (on_error="skip").
+    ignored. A document that encodes to no tokens is kept as Megatron-LM keeps it: an entry of the
+    document index with no sequence (and no end-of-document token), counted in `documents` and in
+    `empty`. A malformed line raises PreprocessError naming file and line (on_error="fail", nothing
+    is written) or is skipped and counted (on_error="skip").
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -275,16 +281,21 @@ def preprocess(
                 if len(locations) < MAX_LOCATIONS:
                     locations.append(where)
                 if skipped <= MAX_WARNINGS:
-                    bar.write(f"warning: skipping {where}", file=sys.stderr)
+                    with bar.external_write_mode(file=sys.stderr):  # the line goes above the progress bar
+                        logger.warning("skipping %s", where)
             pos = 0
             for n in enc.lengths:
-                writer.add_document(enc.tokens[pos : pos + n])
+                if n:
+                    writer.add_document(enc.tokens[pos : pos + n])
+                else:
+                    writer.end_document()
                 pos += n
             documents += len(enc.lengths)
             empty += enc.empty
             bar.update(len(enc.lengths))
             elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix_str(f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
+            speed = f"{writer.num_tokens / elapsed:,.0f} tokens/s"
+            bar.set_postfix_str(speed + (f", {empty:,} empty" if empty else ""), refresh=False)
         if pool is not None:
             pool.close()
             pool.join()
@@ -304,7 +315,7 @@ def preprocess(
         if bar is not None:
             bar.close()
     if skipped > MAX_WARNINGS:
-        print(f"warning: skipped {skipped} malformed lines in all (first {len(locations)} in the summary)", file=sys.stderr)
+        logger.warning("skipped %d malformed lines in all (first %d in the summary)", skipped, len(locations))
 
     seconds = time.perf_counter() - start
     rate = 1.0 / max(seconds, 1e-9)

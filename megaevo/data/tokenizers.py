@@ -8,13 +8,15 @@ worker processes get an identical copy.
 from __future__ import annotations
 
 import abc
-
 import json
 import os
 import random
-import sys
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from megaevo.log import get_logger
+
+logger = get_logger(__name__)
 
 # Ids of the control pieces of every model `train_sentencepiece` writes.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -342,7 +344,7 @@ def _sample_sentences(inputs: list[Path], json_key: str, max_sentences: int, see
             what = f"no string under key {json_key!r} on any line" if is_jsonl(path) else "no text"
             raise ValueError(f"{path}: {what}, nothing to train on{hint}")
         if problems:
-            print(f"warning: skipped {len(problems)} unreadable lines in {path}, first: {problems[0]}", file=sys.stderr)
+            logger.warning("skipped %d unreadable lines in %s, first: %s", len(problems), path, problems[0])
     return reservoir
 
 
