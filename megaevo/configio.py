@@ -29,10 +29,12 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from megaevo.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A setting that is unknown, of the wrong type, or impossible together with the others."""
 
 

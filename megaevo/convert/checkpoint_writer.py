@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from megaevo.configio import errors_message
+from megaevo.errors import UserError
 from megaevo.model.args import ModelArgs, layout_errors, shape_errors
 from megaevo.model.llama import build_chunks
 from megaevo.parallel.state import ParallelState
@@ -35,7 +36,7 @@ from megaevo.training.checkpoint import (FORMAT_VERSION, LATEST, CheckpointMeta,
 from .safetensors_io import StreamingWriter
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
     """Input that cannot be converted: unsupported, inconsistent, or in the way of the output."""
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megaevo.errors import UserError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8
@@ -37,7 +39,7 @@ DTYPE_CODES: dict[int, type] = {
 _CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError):
     """An indexed dataset file is missing, truncated, foreign or inconsistent."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from megaevo.data.indexed import IndexedDatasetWriter, token_dtype
 from megaevo.data.tokenizers import Tokenizer, load_tokenizer
+from megaevo.errors import UserError
 from megaevo.log import get_logger
 
 logger = get_logger(__name__)
@@ -34,7 +35,7 @@ MAX_LOCATIONS = 10  # skipped-line locations kept in the summary
 MAX_WARNINGS = 5  # skipped-line locations logged as they happen
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError):
     """An input is missing, unreadable or malformed."""
 
 

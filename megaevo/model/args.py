@@ -90,8 +90,9 @@ class ModelArgs:
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """The vocabulary rounded up to a multiple of ``vocab_pad_multiple`` × tp, as Megatron-LM pads it."""
-        step = self.vocab_pad_multiple * tp
-        return -(-self.vocab_size // step) * step
+        from megaevo.parallel.layers import padded_vocab_size  # the one rule; imported late to keep torch out
+
+        return padded_vocab_size(self.vocab_size, tp, self.vocab_pad_multiple)
 
     def replace(self, **changes) -> "ModelArgs":
         return replace(self, **changes)

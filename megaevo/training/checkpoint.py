@@ -45,6 +45,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megaevo.errors import UserError
 from megaevo.parallel.layout import ParamMeta
 from megaevo.parallel.state import ParallelState
 from megaevo.training.optimizer import STATE_KINDS
@@ -59,7 +60,7 @@ _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint is missing, incomplete, malformed, or does not fit the model."""
 
 
