@@ -29,6 +29,7 @@ from megaevo.training.checkpoint import (LATEST, CheckpointMeta, LoadedCheckpoin
 
 from .checkpoint_writer import ConvertError, TensorSource, check_layout, target_blocks, write_checkpoint
 from .hf_config import ARCHITECTURES, HFModelSpec, hf_config_from_model, spec_from_hf_config
+from .hf_tokenizer import generation_config, special_token_ids, write_spm_tokenizer_files
 from .safetensors_io import DTYPES, StreamingWriter, TensorInfo, parse_size, read_header
 
 # Files besides the weights that describe how to use the model; copied both ways when present.
@@ -284,7 +285,10 @@ def export_hf(load: str | os.PathLike, out: str | os.PathLike, *, architecture: 
     The architecture is the imported one when the checkpoint came from Hugging Face, else
     ``Qwen2ForCausalLM`` for a model with q/k/v biases and ``LlamaForCausalLM`` otherwise.
     Tokenizer files come from ``tokenizer`` (a file or directory), else those the checkpoint
-    carries, else the run's ``data.tokenizer`` when it exists. Returns a summary.
+    carries, else the run's ``data.tokenizer`` when it exists. A bare SentencePiece model also
+    gets ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``; the
+    tokenizer's bos/eos/pad ids go into ``config.json`` and a ``generation_config.json`` (unless
+    the checkpoint carries one), so that ``generate()`` stops at eos. Returns a summary.
     """
     path = resolve_checkpoint(load)
     out = Path(out)
@@ -355,12 +359,19 @@ def export_hf(load: str | os.PathLike, out: str | os.PathLike, *, architecture: 
                 del full
         for w in writers.values():
             w.close()
-        config = hf_config_from_model(args, arch, _single_dtype([t for _, _, t, _ in plan]), hf_meta.get("config"))
+        copied = _copy_tokenizer(tmp, path, hf_meta, cfg, tokenizer)
+        written = _complete_tokenizer(tmp, copied, args.max_seq_len)
+        token_ids = special_token_ids(tmp) if copied else {}
+        config = hf_config_from_model(args, arch, _single_dtype([t for _, _, t, _ in plan]), hf_meta.get("config"),
+                                      token_ids=token_ids)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = None if "generation_config.json" in copied else generation_config(config)
+        if generation:
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+            written.append("generation_config.json")
         index = {"metadata": {"total_size": total, "total_parameters": sum(_numel(shapes[nm]) for nm in shapes)},
                  "weight_map": dict(sorted(file_of.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        copied = _copy_tokenizer(tmp, path, hf_meta, cfg, tokenizer)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -370,7 +381,7 @@ def export_hf(load: str | os.PathLike, out: str | os.PathLike, *, architecture: 
         out.rmdir()
     os.replace(tmp, out)
     return {"path": str(out), "checkpoint": str(path), "architecture": arch, "shards": n, "bytes": total,
-            "parameters": index["metadata"]["total_parameters"], "files_copied": copied}
+            "parameters": index["metadata"]["total_parameters"], "files_copied": copied, "files_written": written}
 
 
 def _padded_vocab(name: str, stored, logical) -> bool:
@@ -405,6 +416,18 @@ def _copy_tokenizer(dst: Path, ckpt: Path, hf_meta: dict, cfg: Config, explicit)
     for name, p in found.items():
         shutil.copyfile(p, dst / name)
     return sorted(found)
+
+
+def _complete_tokenizer(dst: Path, copied: list[str], max_seq_len: int) -> list[str]:
+    """Write the Hugging Face files for a bare SentencePiece ``tokenizer.model`` in ``dst``; their names.
+
+    tokenizer.json, tokenizer_config.json and special_tokens_map.json let transformers load the
+    tokenizer without sentencepiece or protobuf (see :mod:`megaevo.convert.hf_tokenizer`). A
+    tokenizer that came with its own tokenizer.json or tokenizer_config.json is left as it is.
+    """
+    if "tokenizer.model" not in copied or {"tokenizer.json", "tokenizer_config.json"} & set(copied):
+        return []
+    return write_spm_tokenizer_files(dst, dst / "tokenizer.model", max_seq_len)
 
 
 # ------------------------------------------------------------------------------------------------ inspect

@@ -149,12 +149,14 @@ def _rope(raw: dict, default_theta: float, max_pos: int, refuse) -> tuple[float,
     return theta, scaling
 
 
-def hf_config_from_model(model, architecture: str, dtype: torch.dtype, extra: dict | None = None) -> dict:
+def hf_config_from_model(model, architecture: str, dtype: torch.dtype, extra: dict | None = None,
+                         token_ids: dict | None = None) -> dict:
     """A ``config.json`` for ``model`` (a ModelArgs) as ``architecture``.
 
     Written with both ``rope_theta``/``rope_scaling`` and ``rope_parameters`` so that older and
     newer transformers read the same rotary settings. ``extra`` (e.g. token ids of the imported
-    model) fills fields megaevo does not own.
+    model) fills fields megaevo does not own; ``token_ids`` (``bos_token_id``, ``eos_token_id``,
+    ``pad_token_id`` of the exported tokenizer) fills those ``extra`` leaves unset.
     """
     if architecture not in ARCHITECTURES:
         raise ConvertError(f"cannot export as {architecture!r} (supported: {', '.join(ARCHITECTURES)})")
@@ -163,7 +165,9 @@ def hf_config_from_model(model, architecture: str, dtype: torch.dtype, extra: di
         raise ConvertError(f"the model has q/k/v biases, which {architecture} cannot hold; export as Qwen2ForCausalLM")
     scaling = dict(model.rope_scaling) if model.rope_scaling else None
     dtype_name = str(dtype).removeprefix("torch.")
-    out = {k: v for k, v in (extra or {}).items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    id_keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    out = {k: v for k, v in (token_ids or {}).items() if k in id_keys and v is not None}
+    out.update({k: v for k, v in (extra or {}).items() if k in id_keys and v is not None})
     out.update({
         "architectures": [architecture],
         "model_type": kind,
