@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from megaevo.errors import UserError
 from megaevo.log import get_logger, setup_logging
 
 logger = get_logger(__name__)
@@ -48,11 +49,24 @@ def _inspect(args) -> int:
     from megaevo.convert import is_hf_dir
     from megaevo.data import indexed
 
+    if args.verify and (is_hf_dir(args.path) or not Path(args.path).is_dir()):
+        raise SystemExit(f"megaevo inspect --verify: {args.path}: not a megaevo checkpoint (--verify reads and "
+                         f"checks checkpoints only)")
     if is_hf_dir(args.path):
         return _inspect_hf(args)
     if Path(args.path).is_dir():
-        from megaevo.training.checkpoint import summarize_checkpoint
+        from megaevo.training.checkpoint import summarize_checkpoint, verify_checkpoint
 
+        if args.verify:  # a problem is a CheckpointError: main prints it as one line and exits non-zero
+            result = verify_checkpoint(args.path, progress=not args.json)
+            if args.json:
+                print(json.dumps({"ok": True, **result}))
+            else:
+                sums = (f"match their {result['checksum']} checksums" if result["checksum"]
+                        else "have no checksums recorded (an older checkpoint): not compared")
+                print(f"OK  {result['path']}: {len(result['files'])} files ({result['bytes']:,} bytes) {sums}; "
+                      f"{result['tensors']} tensors readable and finite ({result['seconds']:.1f} s)")
+            return 0
         info = summarize_checkpoint(args.path)
         if args.json:
             print(json.dumps(info))
@@ -66,6 +80,9 @@ def _inspect(args) -> int:
               f"distributed_optimizer={layout.get('distributed_optimizer')} dtype={layout.get('dtype')}")
         print(f"optimizer   {', '.join(info['optimizer_state']) or 'none'}")
         print(f"parameters  {info['parameters']:,} in {len(info['tensors'])} tensors")
+        print(f"files       {len(info['files'])}, {sum(info['files'].values()):,} bytes, sizes as recorded; "
+              + (f"{info['checksum']} checksums recorded (--verify reads and checks them)" if info["checksum"]
+                 else "no checksums recorded"))
         width = max(map(len, info["tensors"]), default=0)
         for name, t in info["tensors"].items():
             print(f"  {name:<{width}}  {str(t['shape']):<16} {t['dtype']:<9} {t['fragments']} fragment(s)")
@@ -111,10 +128,10 @@ def _convert(args) -> int:
     from megaevo import convert
 
     if args.from_hf and args.load:
-        raise ValueError("give either --from-hf DIR or --load CKPT, not both")
+        raise UserError("give either --from-hf DIR or --load CKPT, not both")
     if args.from_hf:
         if not args.save or args.to_hf:
-            raise ValueError("--from-hf DIR needs --save OUT (a megaevo checkpoint directory to create)")
+            raise UserError("--from-hf DIR needs --save OUT (a megaevo checkpoint directory to create)")
         path = convert.import_hf(args.from_hf, args.save, tp=args.tp, pp=args.pp, pp_layers=args.pp_layers,
                                  virtual_pp=args.virtual_pp, dtype=args.dtype, progress=not args.quiet)
         info = {"checkpoint": str(path), "config": str(Path(args.save) / "config.yaml"), "tp": args.tp, "pp": args.pp}
@@ -127,8 +144,14 @@ def _convert(args) -> int:
     if args.load:
         if args.to_hf:
             if args.tp != 1 or args.pp != 1 or args.virtual_pp != 1 or args.pp_layers:
-                raise ValueError("--tp/--pp/--virtual-pp/--pp-layers describe a megaevo layout; they do not apply to "
-                                 "--to-hf")
+                raise UserError("--tp/--pp/--virtual-pp/--pp-layers describe a megaevo layout; they do not apply to "
+                                "--to-hf")
+            from megaevo.convert.safetensors_io import parse_size
+
+            try:
+                parse_size(args.max_shard_size)
+            except ValueError as e:
+                raise UserError(f"--max-shard-size: {e}") from None
             info = convert.export_hf(args.load, args.to_hf, architecture=args.arch, dtype=args.dtype,
                                      max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
                                      progress=not args.quiet)
@@ -153,7 +176,7 @@ def _convert(args) -> int:
                 print(f"continue training from it: checkpoint.load={args.save} parallel.tp={args.tp} "
                       f"parallel.pp={args.pp}")
             return 0
-    raise ValueError("nothing to do: use --from-hf DIR --save OUT, --load CKPT --to-hf OUT, or --load CKPT --save OUT")
+    raise UserError("nothing to do: use --from-hf DIR --save OUT, --load CKPT --to-hf OUT, or --load CKPT --save OUT")
 
 
 def _merge(args) -> int:
@@ -168,7 +191,8 @@ def _merge(args) -> int:
 def _train(args) -> int:
     from megaevo.training.trainer import main as train_main
 
-    return train_main((["--config", args.config] if args.config else []) + args.overrides)
+    return train_main((["--config", args.config] if args.config else [])
+                      + (["--print-config"] if args.print_config else []) + args.overrides)
 
 
 def _demo(args) -> int:
@@ -178,28 +202,59 @@ def _demo(args) -> int:
     return 0
 
 
+# The sections of a run's config, one dataclass each in megaevo/config.py (the tests keep this in step).
+CONFIG_SECTIONS = {
+    "model": "the model's shape (megaevo/model/args.py); model.preset fills it",
+    "parallel": "tp, pp, virtual_pp, sequence parallelism, the distributed optimizer",
+    "data": "training blend, validation sets, seq_len, split, tokenizer",
+    "train": "batch sizes, iters, seed, log/eval intervals, dtype",
+    "optim": "AdamW and the learning-rate schedule",
+    "checkpoint": "saving and loading: interval, keep_last, load, finetune",
+    "kernels": "the fused-kernel backend (auto, triton, torch, apex) and autotuning",
+    "out_dir": "where the run writes (a top-level key, default runs/megaevo)",
+}
+
+TRAIN_EPILOG = (
+    "The config keys are the fields of the dataclasses in megaevo/config.py (their docstrings say\n"
+    "what each does), one YAML section each:\n"
+    + "".join(f"  {name:<11} {what}\n" for name, what in CONFIG_SECTIONS.items())
+    + "Give them in the --config file and/or as dotted overrides after it (optim.lr=3e-4 parallel.tp=2);\n"
+      "--print-config shows every key with the value the run would use."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from megaevo import __version__
+    from megaevo.data.tokenizers import MIN_VOCAB_SIZE
+
     p = argparse.ArgumentParser(prog="megaevo", description=__doc__)
+    p.add_argument("--version", action="version", version=f"megaevo {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
     t = tok.add_parser("train", help="train a SentencePiece BPE model (byte fallback, chat special tokens)")
     t.add_argument("--input", nargs="+", required=True, help="text or jsonl(.gz) files")
-    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--vocab-size", type=int, required=True, metavar="N",
+                   help=f"pieces in the vocabulary, the {MIN_VOCAB_SIZE - 1} control, chat and byte-fallback pieces "
+                        f"included (at least {MIN_VOCAB_SIZE}; e.g. 32000): the model's model.vocab_size must be "
+                        f"at least this")
     t.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
     t.add_argument("--json-key", default="text", help="field to read from jsonl inputs")
     t.add_argument("--max-sentences", type=int, default=2_000_000, help="sample at most this many lines")
-    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--seed", type=int, default=1234, help="seed of the line sample (default: %(default)s)")
     t.set_defaults(func=_tokenizer_train)
 
     pp = sub.add_parser("preprocess", help="tokenize jsonl text into an indexed dataset (.bin/.idx)")
     pp.add_argument("--input", nargs="+", required=True, help="jsonl or jsonl.gz files")
-    pp.add_argument("--json-key", default="text")
+    pp.add_argument("--json-key", default="text", help="field of each jsonl line that holds the document text "
+                                                       "(default: %(default)s)")
     pp.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")
-    pp.add_argument("--output-prefix", required=True)
-    pp.add_argument("--workers", type=int, default=1)
+    pp.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx (Megatron-LM's format)")
+    pp.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: %(default)s)")
     pp.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
-    pp.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="what to do with malformed lines")
+    pp.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                    help="malformed lines: fail at the first one, naming file and line, writing nothing; or skip "
+                         "and count them (default: %(default)s)")
     pp.add_argument("--quiet", action="store_true", help="no progress bar")
     pp.add_argument("--json", action="store_true", help="print the summary as JSON")
     pp.set_defaults(func=_preprocess)
@@ -207,10 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="summarise a dataset prefix, a checkpoint or a Hugging Face model directory")
     ins.add_argument("path")
     ins.add_argument("--json", action="store_true")
+    ins.add_argument("--verify", action="store_true",
+                     help="read a checkpoint's every file and check sizes, checksums, fragments and finite values; "
+                          "exit non-zero naming the first problem")
     ins.set_defaults(func=_inspect)
 
-    tr = sub.add_parser("train", help="train in this process (use torchrun -m megaevo.train for several)")
-    tr.add_argument("--config", help="YAML config file")
+    tr = sub.add_parser("train", help="train in this process (use torchrun -m megaevo.train for several)",
+                        description="Train a model in this process; for several, the same arguments go to "
+                                    "torchrun --nproc_per_node N -m megaevo.train.",
+                        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("--config", help="YAML config file (examples/*.yaml)")
+    tr.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (every key, defaults included) as YAML and exit")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iters=100 parallel.tp=2")
     tr.set_defaults(func=_train)
 
@@ -240,19 +303,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser("merge", help="concatenate indexed datasets of one dtype into one")
     mg.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in order")
-    mg.add_argument("--output-prefix", required=True)
+    mg.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     mg.set_defaults(func=_merge)
 
     d = sub.add_parser("demo", help="build the embedded demo data (no download) and train the tiny model on it")
-    d.add_argument("--dir", default="megaevo-demo")
-    d.add_argument("--seed", type=int, default=1234)
+    d.add_argument("--dir", default="megaevo-demo",
+                   help="directory for everything the demo makes: corpora, tokenizer, datasets and the training "
+                        "run; a rerun reuses what is complete and resumes an interrupted training run "
+                        "(default: %(default)s)")
+    d.add_argument("--seed", type=int, default=1234,
+                   help="seed of the math problems, the tokenizer's sample and the training run; another seed "
+                        "makes another demo (default: %(default)s)")
     d.set_defaults(func=_demo)
     return p
 
 
+# Optional packages a command may need, and how to install each.
+OPTIONAL_PACKAGES = {
+    "tokenizers": "pip install 'megaevo[hf]'",
+    "reasoning_gym": "pip install 'megaevo[demo]'",
+    "transformers": "pip install transformers",
+    "triton": "pip install triton",
+    "apex": "see https://github.com/NVIDIA/apex",
+}
+
+# OSErrors about a path the user gave (a missing input, an existing output, no permission).
+PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message for an error in the user's input, or None for anything else (a bug,
+    which keeps its traceback): a UserError, an OSError about a given path, a missing optional package."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, PATH_ERRORS):
+        if e.filename is not None and e.strerror:
+            both = f" -> {e.filename2}" if e.filename2 is not None else ""
+            return f"{e.filename}{both}: {e.strerror}"
+        return str(e)
+    if isinstance(e, ImportError):
+        if "pip install" in str(e):  # megaevo's own message for an optional package
+            return str(e)
+        top = (e.name or "").split(".")[0]
+        if isinstance(e, ModuleNotFoundError) and top in OPTIONAL_PACKAGES:
+            return f"this needs the optional package {top!r}, which is not installed: {OPTIONAL_PACKAGES[top]}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Its result (a table, JSON, what was written) is printed to stdout; progress
-    and notices are logged through `megaevo.log` (INFO on stdout, warnings and errors on stderr)."""
+    and notices are logged through `megaevo.log` (INFO on stdout, warnings and errors on stderr).
+
+    A mistake in the user's input (a :class:`megaevo.errors.UserError`, a missing or unwritable path,
+    a missing optional package) is one line on stderr and exit code 2; anything else is a bug and
+    keeps its traceback (as does every error with MEGAEVO_DEBUG=1)."""
     args = build_parser().parse_args(argv)
     setup_logging(rank=int(os.environ.get("RANK", "0") or 0))
     try:
@@ -263,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head & co.
         return 0
     except (ValueError, OSError, ImportError) as e:
-        # Bad input (files, formats, settings) gets its message, not a traceback; MEGAEVO_DEBUG=1 shows it.
-        if os.environ.get("MEGAEVO_DEBUG"):
+        message = user_error_message(e)
+        if message is None or os.environ.get("MEGAEVO_DEBUG"):
             raise
-        logger.error("megaevo %s: %s", args.command, e)
+        logger.error("megaevo %s: %s", args.command, message)
         return 2
 
 

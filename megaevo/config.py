@@ -92,7 +92,8 @@ class TrainConfig:
 class OptimConfig:
     """AdamW and the learning-rate schedule (see megaevo.training.schedules).
 
-    `warmup` and every `*_iters` count iterations. cosine / linear decay to `min_lr` at
+    `warmup` and every `*_iters` count iterations; a `warmup` longer than the run is allowed (the
+    learning rate then never reaches `lr`). cosine / linear decay to `min_lr` at
     `decay_iters` (None: the end of training). wsd holds `lr` and decays over the final
     `decay_fraction` of training with shape `decay_style`. inf-cos cools down from `lr` to
     `constant_lr` over `cooldown_iters` (cosine), holds it, and anneals to `min_lr` over the
@@ -123,7 +124,9 @@ class CheckpointConfig:
     (None: all). `load` is None (start fresh), "auto" (the latest checkpoint under out_dir, if
     any) or a path. `finetune`: take only the model weights from `load` and start at iteration 0
     with a fresh optimizer and data position (continued pre-training, SFT); once the run has saved
-    checkpoints of its own, a restart resumes those instead. `async_save` is the YAML key `async`."""
+    checkpoints of its own, a restart resumes those instead. `async_save` is the YAML key `async`.
+    `save_on_signal`: on SIGTERM, SIGINT or SIGUSR1 (a scheduler's preemption or time-limit warning),
+    save a checkpoint at the next step boundary and exit cleanly."""
 
     interval: int = 1000
     keep_last: Optional[int] = None
@@ -131,6 +134,7 @@ class CheckpointConfig:
     finetune: bool = False
     async_save: bool = field(default=False, metadata={"yaml": "async"})
     save: bool = True
+    save_on_signal: bool = True
 
 
 @dataclass
@@ -235,8 +239,16 @@ def _optim_errors(cfg: Config) -> list[str]:
         errors.append(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} must not be negative")
     if o.lr < o.min_lr:
         errors.append(f"optim.lr={o.lr} is below optim.min_lr={o.min_lr}: lower min_lr or raise lr")
-    if o.warmup < 0 or o.warmup > iters:
-        errors.append(f"optim.warmup={o.warmup} must be between 0 and train.iters={iters}")
+    if o.warmup < 0:
+        errors.append(f"optim.warmup={o.warmup} must not be negative")
+    elif o.warmup > iters and os.environ.get("RANK", "0") in ("", "0"):  # once per run, not once per rank
+        # A shortened run: as in Megatron-LM, the warm-up simply does not end before the run does.
+        from megaevo.log import get_logger
+
+        peak = o.lr * max(iters - 1, 0) / o.warmup
+        get_logger("megaevo.config").warning(
+            "optim.warmup=%d is longer than train.iters=%d: the learning rate never reaches optim.lr=%g "
+            "(it rises to %.3g at the last step)", o.warmup, iters, o.lr, peak)
     if o.decay_iters is not None and o.decay_iters < o.warmup:
         errors.append(f"optim.decay_iters={o.decay_iters} is shorter than optim.warmup={o.warmup}")
     if not 0 <= o.decay_fraction <= 1 or not 0 <= o.anneal_fraction <= 1:

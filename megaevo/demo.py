@@ -481,16 +481,24 @@ def _cached(marker: Path, inputs: dict, build: Callable[[], dict], complete: Cal
     return record
 
 
-def _write_jsonl(path: Path, docs: Iterable[str], total: int | None, verbose: bool) -> dict:
+def _write_jsonl(path: Path, docs: Iterable[str], total: int | None, verbose: bool, unit: str = "doc") -> dict:
+    """Write `docs` as jsonl, with a progress bar towards `total` documents (unit "doc") or UTF-8
+    bytes of text (unit "B"), the cap that the generator stops at. A corpus that ends short of it
+    (the other cap came first, or the source ran out) closes the bar at its real end."""
     from tqdm import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in tqdm(docs, total=total, desc=path.stem, unit="doc", disable=not verbose, leave=False):
+    by_bytes = unit == "B"
+    with open(tmp, "w", encoding="utf-8") as f, tqdm(total=total, desc=path.stem, unit=unit, unit_scale=by_bytes,
+                                                      disable=not verbose, leave=False) as bar:
+        for doc in docs:
             f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
             n += 1
+            bar.update(len(doc.encode("utf-8")) if by_bytes else 1)
+        bar.total = bar.n
+        bar.refresh()
     if n == 0:
         tmp.unlink()
         raise RuntimeError(f"{path}: the {path.stem} corpus came out empty")
@@ -561,22 +569,24 @@ def _make_corpora(folder: Path, seed: int, scale: float, log, verbose: bool) -> 
         "general": (
             {"source": "python-stdlib", "python": sys.version.split()[0], "docs": general_docs, "bytes": general_bytes},
             lambda: general_corpus(limit_docs=general_docs, max_bytes=general_bytes),
-            general_docs,
+            general_bytes,  # the byte cap ends it (about 1,300 documents at scale 1), not the document cap
+            "B",
         ),
         "math": (
             {"source": "reasoning-gym", "version": _reasoning_gym_version(), "docs": math_docs, "seed": seed},
             lambda: math_corpus(math_docs, seed),
             math_docs,
+            "doc",
         ),
     }
     folder.mkdir(parents=True, exist_ok=True)
     corpora = {}
-    for name, (inputs, documents, total) in recipes.items():
+    for name, (inputs, documents, total, unit) in recipes.items():
         path = folder / f"{name}.jsonl"
         record = _cached(
             path.with_name(path.name + ".done"),
             inputs,
-            lambda: _write_jsonl(path, documents(), total, verbose),
+            lambda: _write_jsonl(path, documents(), total, verbose, unit),
             lambda rec: _file_matches(path, rec),
             log,
         )

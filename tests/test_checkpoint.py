@@ -12,10 +12,11 @@ import megaevo.training.checkpoint as ckpt
 from megaevo.convert import TensorSource, target_blocks, write_checkpoint
 from megaevo.model import ModelArgs, build_chunks
 from megaevo.parallel.state import ParallelState
-from megaevo.training.checkpoint import (LATEST, Checkpointer, CheckpointError, CheckpointMeta, LoadedCheckpoint,
-                                         SavedLayout, SavePlan, StoredFragment, TensorEntry, build_save_plan,
-                                         commit_checkpoint, iteration_dir, load_local_weights, model_file,
-                                         read_local, read_local_state, rng_file, summarize_checkpoint, temp_dir)
+from megaevo.training.checkpoint import (LATEST, Checkpointer, CheckpointError, CheckpointMeta, FileRecord,
+                                         LoadedCheckpoint, SavedLayout, SavePlan, StoredFragment, TensorEntry,
+                                         build_save_plan, commit_checkpoint, iteration_dir, load_local_weights,
+                                         model_file, read_local, read_local_state, rng_file, summarize_checkpoint,
+                                         temp_dir)
 from megaevo.training.optimizer import STATE_KINDS
 
 ARGS = ModelArgs(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_heads=4, num_kv_heads=2, vocab_size=300)
@@ -41,6 +42,8 @@ def full_meta() -> CheckpointMeta:
         layout=SavedLayout(tp=2, pp=2, dp=1, virtual_pp=1, distributed_optimizer=True, dtype="torch.bfloat16"),
         config={"model": {"num_layers": 2}}, hf={"architecture": "LlamaForCausalLM", "files": ["tokenizer.json"]},
         resharded_from={"path": "/elsewhere", "layout": {"tp": 1, "pp": 1}}, extra={"sft": {"epoch": 2}},
+        files={model_file(0, 0): FileRecord(4096, "sha256", "ab" * 32), model_file(1, 0): FileRecord(4096, "crc32",
+                                                                                                      "0badf00d")},
         tensors={"model": {"w": TensorEntry((8, 6), "float32", [StoredFragment(model_file(0, 0), "model/w/0", (0, 0),
                                                                                (4, 6)),
                                                                 StoredFragment(model_file(1, 0), "model/w/0", (4, 0),
@@ -72,6 +75,7 @@ def test_metadata_round_trips_through_json():
     meta = full_meta()
     raw = json.loads(json.dumps(meta.to_json()))
     assert raw["layout"]["tp"] == 2 and raw["tensors"]["model"]["w"]["fragments"][1]["offset"] == [4, 0]
+    assert raw["files"][model_file(1, 0)] == {"bytes": 4096, "crc32": "0badf00d"}
     assert CheckpointMeta.from_json(raw, "metadata.json") == meta
     # Keys of a newer writer survive a rewrite; optional fields left None stay out of the file.
     raw["future_field"] = {"x": 1}
@@ -99,6 +103,10 @@ def test_metadata_round_trips_through_json():
     (lambda m: m["tensors"]["model"]["w"]["fragments"][0].update(file="../x.safetensors"),
      "tensors.model['w'].fragments[0].file names a file outside"),
     (lambda m: m.update(format_version=99), "format_version 99"),
+    (lambda m: m["files"][model_file(0, 0)].update(bytes="4096"), f"files['{model_file(0, 0)}'].bytes"),
+    (lambda m: m["files"][model_file(0, 0)].update(md4="00"), f"files['{model_file(0, 0)}'] must be an object"),
+    (lambda m: m["files"].update({"../x": {"bytes": 1}}), "files['../x'] names a file outside"),
+    (lambda m: m["files"].update({"x": {"bytes": 1, "md4": "00"}}), "files['x'] must be a checksum this megaevo knows"),
 ])
 def test_a_malformed_field_is_named_with_the_file(tmp_path, change, field):
     raw = full_meta().to_json()
@@ -132,9 +140,9 @@ def test_interrupted_commit_keeps_the_previous_checkpoint(tp1_checkpoint, tmp_pa
     (root / LATEST).write_text("iter_0000007\n")
 
     # Killed while rank files are written: the temporary directory is left, nothing else changes.
-    def dying_save(tensors, path):
+    def dying_write(path, tensors, checksum=None):
         raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(ckpt, "save_file", dying_save)
+    monkeypatch.setattr(ckpt, "write_safetensors", dying_write)
     plan = SavePlan(8, {"model": {}}, {}, rank=0, world_size=1, writer=True, file_tag="tp0_pp0",
                     metadata=CheckpointMeta(iteration=8))
     with pytest.raises(KeyboardInterrupt):
@@ -219,7 +227,8 @@ def test_two_tp_ranks_save_and_one_rank_loads(tmp_path):
     checkpointers[0].wait()
     ck = LoadedCheckpoint(iteration_dir(tmp_path, 4))
     assert sorted(p.name for p in ck.path.iterdir()) == sorted(
-        ["metadata.json", model_file(0, 0), model_file(1, 0), rng_file(0), rng_file(1)])
+        ["metadata.json", "metadata.json.sha256", model_file(0, 0), model_file(1, 0), rng_file(0), rng_file(1)])
+    assert ck.record.files.keys() == {model_file(0, 0), model_file(1, 0), rng_file(0), rng_file(1)}
     assert (ck.record.world_size, ck.record.consumed_samples, ck.record.layout.tp) == (2, 32, 2)
     for (kind, name), t in tensors.items():
         assert torch.equal(ck.tensor(kind, name), t), (kind, name)

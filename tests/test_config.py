@@ -1,6 +1,7 @@
 """Config: presets, YAML and dotted overrides, type and unknown-key errors, layout validation."""
 from __future__ import annotations
 
+import logging
 import textwrap
 
 import pytest
@@ -230,7 +231,7 @@ def test_validate_returns_layout():
     (["data.seq_len=512"], 1, r"data\.seq_len=512 must be between 1 and model\.max_seq_len=256"),
     (["optim.lr=1e-5", "optim.min_lr=1e-4"], 1, r"optim\.lr=1e-05 is below optim\.min_lr=0\.0001"),
     (["optim.schedule=inf-cos"], 1, r"needs optim\.constant_lr"),
-    (["optim.warmup=5000"], 1, r"optim\.warmup=5000 must be between 0 and train\.iters=1000"),
+    (["optim.warmup=-1"], 1, r"optim\.warmup=-1 must not be negative"),
     (["parallel.pp=2", "parallel.virtual_pp=2", "train.global_batch_size=3"], 2,
      r"micro-batches per step \(3\) to be a multiple of parallel\.pp=2"),
     (["model.ffn_hidden_size=351", "parallel.tp=2"], 2,
@@ -240,6 +241,22 @@ def test_validate_returns_layout():
 def test_validate_messages(overrides, world, pattern):
     with pytest.raises(ConfigError, match=pattern):
         validate(config(*overrides), world)
+
+
+def test_warmup_longer_than_the_run_is_a_warning(caplog, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with caplog.at_level(logging.WARNING, logger="megaevo.config"):
+        validate(config("optim.warmup=100", "train.iters=50", "optim.lr=1e-3"), 1)
+    records = [r for r in caplog.records if r.name == "megaevo.config"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert records[0].getMessage().startswith(
+        "optim.warmup=100 is longer than train.iters=50: the learning rate never reaches optim.lr=0.001")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megaevo.config"):
+        validate(config("optim.warmup=50", "train.iters=50"), 1)  # ends the warmup with the run: no notice
+        monkeypatch.setenv("RANK", "3")  # said once, by rank 0, not by every rank
+        validate(config("optim.warmup=100", "train.iters=50"), 1)
+    assert not [r for r in caplog.records if r.name == "megaevo.config"]
 
 
 def test_validate_lists_every_problem():

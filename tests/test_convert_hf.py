@@ -254,6 +254,7 @@ def test_export_refuses_missing_or_duplicated_fragments(hf_models, tmp_path):
     ckpt = import_hf(src, tmp_path / "ckpt", tp=2, progress=False)
     meta_path = ckpt / "metadata.json"
     meta = json.loads(meta_path.read_text())
+    (ckpt / "metadata.json.sha256").unlink()  # metadata.json is edited on purpose below
     for problem in ("missing", "duplicated"):
         broken = json.loads(json.dumps(meta))
         frags = broken["tensors"]["model"]["layers.1.attention.qkv.weight"]["fragments"]

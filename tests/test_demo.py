@@ -168,6 +168,30 @@ def test_math_corpus_needs_reasoning_gym(monkeypatch):
         demo.math_problems(5, seed=0)
 
 
+# -- corpus files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit, total, end", [("B", 6_000, 3 + 4 + 2), ("doc", 4_000, 3)])
+def test_corpus_progress_bar_closes_at_the_real_end(tmp_path, monkeypatch, unit, total, end):
+    # The general corpus stops at its byte cap long before its document cap: the bar counts what
+    # ends it, and a corpus that ends short of the bar's total closes the bar full, not at 1,318/4,000.
+    import tqdm
+
+    bars = []
+
+    class Recording(tqdm.tqdm):
+        def close(self):
+            bars.append((self.n, self.total, self.unit))
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    record = demo._write_jsonl(tmp_path / "general.jsonl", iter(["abc", "déf", "gh"]), total, True, unit)
+    assert record["documents"] == 3
+    assert bars[0] == (end, end, unit)  # (closed once more when collected)
+    assert [json.loads(line)["text"] for line in (tmp_path / "general.jsonl").read_text().splitlines()] == [
+        "abc", "déf", "gh"]
+
+
 # -- the whole demo ------------------------------------------------------------------------------
 
 

@@ -7,9 +7,11 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megaevo.data import DataError
 from megaevo.data import gpt_dataset as gpt_module
 from megaevo.data.blended import BlendedDataset, Corpus, build_datasets, parse_blend
-from megaevo.data.gpt_dataset import GPTDataset, split_ranges
+from megaevo.data.gpt_dataset import GPTDataset, format_split, split_ranges, split_share
+from megaevo.errors import UserError
 from megaevo.data.indexed import IndexedDatasetWriter
 from megaevo.data.sampler import MicroBatchSampler, collate
 
@@ -200,6 +202,47 @@ def test_single_corpus_and_extra_validation_sets(tmp_path):
     assert list(splits.valid) == ["held-out"]
     with pytest.raises(ValueError, match="already used"):
         build_datasets([str(tmp_path / "a")], 16, 1, 50, 10, "90,10,0", extra_valid={"a": str(tmp_path / "held")})
+
+
+def test_too_few_tokens_names_the_corpus_the_split_and_the_settings(tmp_path):
+    # 1,000 documents of 1-59 tokens split 998,1,1: the test split is one short document, too short for
+    # one sample of 128 + 1 tokens when a single pass over it is asked for (test_samples None).
+    make_corpus(tmp_path / "general", 1000, seed=1)
+    with pytest.raises(DataError) as e:
+        build_datasets({"general": {"prefix": str(tmp_path / "general")}}, 128, 1, train_samples=100,
+                       valid_samples=10, test_samples=None, split="998,1,1")
+    message = str(e.value)
+    assert isinstance(e.value, UserError)
+    assert message.startswith(f"the test split (1/1000 of data.split=998,1,1) of corpus 'general' "
+                              f"({tmp_path / 'general'}) holds 1 document of ")
+    assert "too few for a single sample of 129 tokens (data.seq_len=128 + 1)" in message
+    assert "set its part to 0 to skip it (data.split=998,1,0)" in message
+    assert "shorten data.seq_len" in message and "add data" in message
+    assert "ask for a number of samples" not in message  # not something a config can do
+    # Skipping that split (share 0) builds no test set at all; a split asked for 0 samples is not built either.
+    splits = build_datasets({"general": {"prefix": str(tmp_path / "general")}}, 128, 1, train_samples=100,
+                            valid_samples=0, test_samples=None, split="998,1,0")
+    assert splits.test == {} and splits.valid == {} and len(splits.train) == 100
+    # Another corpus name, the valid split, and a split given as a list.
+    make_corpus(tmp_path / "tiny", 10, seed=2)
+    with pytest.raises(DataError, match=r"the valid split \(1/2 of data\.split=1,1\) of corpus 'web' \(.*tiny\)"):
+        build_datasets({"web": str(tmp_path / "tiny")}, 1000, 1, train_samples=10, valid_samples=None, split=[1, 1])
+
+
+def test_too_few_tokens_of_a_dataset_alone_names_it(corpus, tmp_path):
+    prefix, _ = corpus
+    with pytest.raises(DataError, match=r"web \(.*web\), valid split of 1 document \[5, 6\): the documents hold"):
+        GPTDataset(prefix, 64, None, 1, (5, 6), "valid", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # refused before any index is built
+
+
+def test_split_share_and_format():
+    assert split_share("998,1,1", "test") == "1/1000" and split_share("969,30,1", "valid") == "3/100"
+    assert split_share([0.98, 0.01, 0.01], "valid") == "1/100" and split_share("100", "train") == "all"
+    assert split_share("1,0,0", "test") == "none"
+    assert format_split("98/1/1") == "98,1,1" and format_split([98, 1, 1]) == "98,1,1"
+    with pytest.raises(DataError, match="expected numbers"):
+        split_share("a,b", "train")
 
 
 def test_parse_blend_forms(tmp_path):

@@ -113,6 +113,21 @@ def test_inf_cos_anneal_fraction_and_linear_style():
     assert lr_at(10 * TOTAL, o, TOTAL) == 0.5
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant", "inf-cos"])
+@pytest.mark.parametrize("warmup, total", [(100, 50), (100, 1), (51, 50), (50, 50), (100, 0)])
+def test_warmup_longer_than_a_shortened_run_keeps_rising(schedule, warmup, total):
+    # As in Megatron-LM: the rate rises until the run ends and never reaches lr; the phases after
+    # the warmup (decays, a cool-down, an anneal) never start, and nothing divides by zero.
+    o = optim(schedule, warmup=warmup, constant_lr=0.5, cooldown_iters=20, anneal_fraction=0.5)
+    run = [lr_at(s, o, total) for s in range(total)]
+    assert all(math.isfinite(v) and 0.0 <= v < LR for v in run)
+    assert run == [LR * s / warmup for s in range(total)]
+    assert all(a < b for a, b in zip(run, run[1:]))
+    after = [lr_at(s, o, total) for s in range(total, warmup + 30)]  # past the end: still defined
+    assert all(math.isfinite(v) and 0.0 <= v <= LR for v in after)
+    assert lr_at(-3, o, total) == 0.0
+
+
 def test_invalid_settings_raise():
     with pytest.raises(ValueError, match="unknown learning-rate schedule 'cosin'"):
         lr_at(0, optim("cosin"), TOTAL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import random
 import sys
 
 import pytest
@@ -13,6 +14,7 @@ from megaevo.data.tokenizers import (
     CHAT_TOKENS,
     HFTokenizer,
     SentencePieceTokenizer,
+    TokenizerError,
     load_tokenizer,
     split_text,
     train_sentencepiece,
@@ -98,11 +100,22 @@ def test_training_errors_name_the_problem(tmp_path, corpus_texts):
     other_key.write_text('{"content": "hello"}\n\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"other\.jsonl.*'text'.*other\.jsonl:1"):
         train_sentencepiece([str(good), str(other_key)], 400, str(tmp_path / "t"))
-    with pytest.raises(ValueError, match="vocab_size 100 is too small"):
+    with pytest.raises(TokenizerError, match="vocabulary of 100 is too small.*use --vocab-size 265 or more"):
         train_sentencepiece([str(good)], 100, str(tmp_path / "t"))
-    with pytest.raises(ValueError, match="vocab_size 100000"):  # more than the corpus can give
+    # More than the corpus can give: the remedy is in the command's own terms, not SentencePiece's.
+    with pytest.raises(TokenizerError, match=r"--vocab-size 100000\).*more or larger --input files, or use "
+                                             r"--vocab-size \d+ or less") as e:
         train_sentencepiece([str(good)], 100_000, str(tmp_path / "t"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.txt", "other.jsonl"]
+    assert "Please set" not in str(e.value)
+    # Many distinct characters need a piece each: SentencePiece's --character_coverage is not offered.
+    rng = random.Random(0)
+    cjk = tmp_path / "cjk.txt"
+    cjk.write_text("".join("".join(chr(0x4E00 + rng.randrange(3000)) for _ in range(40)) + "\n" for _ in range(3000)),
+                   encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"distinct characters.*use --vocab-size \d+ or more") as e:
+        train_sentencepiece([str(cjk)], 600, str(tmp_path / "t"))
+    assert "character_coverage" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cjk.txt", "good.txt", "other.jsonl"]
 
 
 @given(st.text(st.sampled_from("ab \n\té東😀"), max_size=200), st.integers(4, 24))

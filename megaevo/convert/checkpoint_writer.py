@@ -9,8 +9,9 @@ head tied to the input embedding on the last stage is stored with the embedding 
 
 :func:`write_checkpoint` is the one entry point; it takes :class:`TensorSource` objects, so an
 importer (Hugging Face) and a resharder (checkpoint to checkpoint) differ only in where the
-logical tensors come from. File names, the metadata record and the atomic commit are the
-trainer's own (:mod:`megaevo.training.checkpoint`), so both writers produce one format.
+logical tensors come from. File names, the metadata record, the checksums (computed as the
+bytes go out) and the atomic commit are the trainer's own (:mod:`megaevo.training.checkpoint`),
+so both writers produce one format.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ from megaevo.errors import UserError
 from megaevo.model.args import ModelArgs, layout_errors, shape_errors
 from megaevo.model.llama import build_chunks
 from megaevo.parallel.state import ParallelState
-from megaevo.training.checkpoint import (FORMAT_VERSION, LATEST, CheckpointMeta, StoredFragment, TensorEntry,
-                                         commit_checkpoint, dtype_name, iteration_dir, model_file, temp_dir)
+from megaevo.training.checkpoint import (CHECKSUM, FORMAT_VERSION, LATEST, CheckpointMeta, FileRecord,
+                                         RunningChecksum, StoredFragment, TensorEntry, commit_checkpoint, dtype_name,
+                                         iteration_dir, model_file, temp_dir)
 
 from .safetensors_io import StreamingWriter
 
@@ -144,7 +146,8 @@ def write_checkpoint(root: str | os.PathLike, sources: Iterable[TensorSource], a
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    writers = {name: StreamingWriter(tmp / name, items) for name, items in per_file.items()}
+    checksums = {name: RunningChecksum() for name in per_file}
+    writers = {name: StreamingWriter(tmp / name, items, checksum=checksums[name]) for name, items in per_file.items()}
     try:
         with tqdm(total=sum(s.nbytes for s in sources), unit="B", unit_scale=True, desc=desc,
                   disable=not progress) as bar:
@@ -165,9 +168,22 @@ def write_checkpoint(root: str | os.PathLike, sources: Iterable[TensorSource], a
             w.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    records = {name: FileRecord(w.size, CHECKSUM, checksums[name].hexdigest()) for name, w in writers.items()}
     for name, path in (files or {}).items():
-        shutil.copyfile(path, tmp / name)
-    return commit_checkpoint(root, tmp, dataclasses.replace(metadata, world_size=tp * pp, tensors=entries))
+        records[name] = _copy_file(path, tmp / name)
+    return commit_checkpoint(root, tmp, dataclasses.replace(metadata, world_size=tp * pp, tensors=entries,
+                                                            files=records))
+
+
+def _copy_file(src: str | os.PathLike, dst: Path, chunk_bytes: int = 16 << 20) -> FileRecord:
+    """Copy `src` to `dst`, checksumming the bytes as they are copied."""
+    checksum, size = RunningChecksum(), 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(chunk_bytes):
+            checksum.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+    return FileRecord(size, CHECKSUM, checksum.hexdigest())
 
 
 def _check_sources(sources: list[TensorSource], shapes: dict[str, tuple[int, ...]]) -> None:

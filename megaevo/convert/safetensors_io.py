@@ -5,7 +5,8 @@ touching the data. :class:`StreamingWriter` lays out a whole file from the shape
 known in advance, then takes the tensors in any order and writes each at its place, so a
 converter holds one tensor in memory at a time however large the file is. The files it writes
 are ordinary safetensors files (8-byte little-endian header length, JSON header padded to 8
-bytes, data in header order).
+bytes, data in header order). Given a running checksum, it feeds it the file's bytes as they go
+out (the tensors then come in file order), so the file need not be read back to be checksummed.
 """
 from __future__ import annotations
 
@@ -107,12 +108,15 @@ class StreamingWriter:
 
     ``write(name, tensor)`` puts one tensor at its place (any order, each exactly once);
     ``close()`` checks that every tensor was written. The file is preallocated, not filled, so
-    nothing is written twice.
+    nothing is written twice. ``size`` is the file's length in bytes. With ``checksum`` (an object
+    with ``update(bytes)``, e.g. a ``hashlib`` hash or ``checkpoint.RunningChecksum``), every byte
+    of the file goes through it in order, header first: tensors must then be written in file order.
     """
 
     def __init__(self, path: str | os.PathLike, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, checksum=None):
         self.path = Path(path)
+        self.checksum = checksum
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         self._slots: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
         offset = 0
@@ -129,22 +133,33 @@ class StreamingWriter:
         raw += b" " * (-len(raw) % 8)
         self.data_size = offset
         self._base = 8 + len(raw)
+        self.size = self._base + offset
+        self._next = 0  # with a checksum: the offset of the next tensor in file order
+        head = struct.pack("<Q", len(raw)) + raw
+        if checksum is not None:
+            checksum.update(head)
         self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
-        self._f.truncate(self._base + offset)
+        self._f.write(head)
+        self._f.truncate(self.size)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._slots:
             raise KeyError(f"{self.path}: no slot for tensor {name!r} (or written twice)")
-        offset, dtype, shape = self._slots.pop(name)
+        offset, dtype, shape = self._slots[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
                              f"laid out as {dtype} {list(shape)}")
+        if self.checksum is not None and offset != self._next:
+            raise ValueError(f"{self.path}: tensor {name!r} written out of file order (needed for the checksum)")
+        del self._slots[name]
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
+            out = data.view(torch.uint8).numpy().data
+            if self.checksum is not None:
+                self.checksum.update(out)  # hashed (on a helper thread, with a RunningChecksum) while written
+                self._next = offset + out.nbytes
             self._f.seek(self._base + offset)
-            self._f.write(data.view(torch.uint8).numpy().data)
+            self._f.write(out)
 
     def close(self) -> None:
         if self._f.closed:

@@ -14,10 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
+from megaevo.data import DataError
 from megaevo.data.cache import cached_arrays
-from megaevo.data.gpt_dataset import GPTDataset, split_ranges
+from megaevo.data.gpt_dataset import SPLIT_NAMES, GPTDataset, format_split, parse_split, split_ranges, split_share
 from megaevo.data.indexed import IndexedDataset
-from megaevo.data.indices import build_blending_indices, normalize_weights
+from megaevo.data.indices import TooFewTokensError, build_blending_indices, normalize_weights
 
 # Each corpus of a blend builds a few more samples than its share, as Megatron-LM does.
 SAMPLE_MARGIN = 1.005
@@ -29,7 +30,7 @@ class BlendedDataset:
     def __init__(self, datasets: Sequence, weights: Sequence[float], size: int,
                  cache_dir: str | os.PathLike, impl: str = "cpp"):
         if len(datasets) != len(weights):
-            raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
+            raise DataError(f"{len(datasets)} datasets but {len(weights)} weights")
         self.datasets = list(datasets)
         self.weights = normalize_weights(weights)
         self.size = int(size)
@@ -49,7 +50,7 @@ class BlendedDataset:
         for d, ds in enumerate(self.datasets):
             need = int(np.count_nonzero(self.dataset_index == d))
             if need > len(ds):
-                raise ValueError(f"blend needs {need} samples from {getattr(ds, 'name', d)}, which has only {len(ds)}")
+                raise DataError(f"blend needs {need} samples from {getattr(ds, 'name', d)}, which has only {len(ds)}")
 
     def __len__(self) -> int:
         return self.size
@@ -86,7 +87,7 @@ def parse_blend(spec: Sequence) -> list[Corpus]:
             if isinstance(v, dict):
                 unknown = set(v) - {"prefix", "weight"}
                 if unknown or "prefix" not in v:
-                    raise ValueError(f"data source {name!r}: expected keys 'prefix' and optional 'weight', got {sorted(v)}")
+                    raise DataError(f"data source {name!r}: expected keys 'prefix' and optional 'weight', got {sorted(v)}")
                 out.append(Corpus(str(v["prefix"]), float(v.get("weight", 1.0)), name))
             else:
                 out.append(Corpus(str(v), 1.0, name))
@@ -98,7 +99,24 @@ def parse_blend(spec: Sequence) -> list[Corpus]:
         return [Corpus(str(p), float(w)) for w, p in zip(items[0::2], items[1::2])]
     if not any(_is_number(x) for x in items):
         return [Corpus(str(p)) for p in items]
-    raise ValueError(f"cannot read data blend {items!r}: use [weight, prefix, weight, prefix, ...] or a list of prefixes")
+    raise DataError(f"cannot read data blend {items!r}: use [weight, prefix, weight, prefix, ...] or a list of prefixes")
+
+
+def _too_few_message(e: TooFewTokensError, which: str, split, doc_range: tuple[int, int], seq_len: int,
+                     corpus: str) -> str:
+    """Why split `which` of a corpus cannot give a sample, and which settings change that."""
+    docs = doc_range[1] - doc_range[0]
+    where = (f"the {which} split ({split_share(split, which)} of data.split={format_split(split)}) of {corpus} "
+             f"holds {docs:,} document{'s' if docs != 1 else ''} of {e.tokens:,} tokens, too few for a single "
+             f"sample of {e.sample_tokens:,} tokens (data.seq_len={seq_len} + 1)")
+    if which == "train":
+        fix = "give the train split a larger share in data.split, shorten data.seq_len, or add data to the corpus"
+    else:
+        parts = [p for p in format_split(split).split(",")] + ["0"] * 3
+        parts[SPLIT_NAMES.index(which)] = "0"
+        fix = (f"give the {which} split a larger share in data.split, or set its part to 0 to skip it "
+               f"(data.split={','.join(parts[:3])}); or shorten data.seq_len; or add data to the corpus")
+    return f"{where}: {fix}"
 
 
 def _is_number(x) -> bool:
@@ -133,13 +151,16 @@ def build_datasets(
     Every corpus is split by document ranges (`split`). The train set blends the corpora's train
     ranges by weight; validation and test sets stay per corpus (named by corpus) so that a run can
     report a loss per domain. `extra_valid` adds whole datasets as further named validation sets.
-    Sample counts of None mean one epoch.
+    Sample counts of None mean one epoch; a split whose share in `split` is 0, or that is asked for
+    0 samples, is not built. Errors speak of the run's settings (`data.split`, `data.seq_len`) and
+    name the corpus and the split.
     """
     corpora = parse_blend(corpora)
     names = [c.name for c in corpora]
     if len(set(names)) != len(names):
-        raise ValueError(f"corpus names must be unique, got {names} (name them, e.g. {{general: {{prefix: ...}}}})")
+        raise DataError(f"corpus names must be unique, got {names} (name them, e.g. {{general: {{prefix: ...}}}})")
     weights = normalize_weights([c.weight for c in corpora])
+    shares = dict(zip(SPLIT_NAMES, parse_split(split)))
     splits = DataSplits(train=None)
     train_parts = []
     for corpus, weight in zip(corpora, weights):
@@ -148,10 +169,14 @@ def build_datasets(
         ranges = split_ranges(len(indexed), split)
 
         def make(which: str, samples: int | None) -> GPTDataset:
-            return GPTDataset(indexed, seq_len, samples, seed, ranges[which], which, cache, impl, corpus.name)
+            try:
+                return GPTDataset(indexed, seq_len, samples, seed, ranges[which], which, cache, impl, corpus.name)
+            except TooFewTokensError as e:
+                raise DataError(_too_few_message(e, which, split, ranges[which], seq_len,
+                                                 f"corpus {corpus.name!r} ({corpus.prefix})")) from None
 
         beg, end = ranges["train"]
-        if end > beg and weight > 0:
+        if end > beg and weight > 0 and shares["train"] > 0:
             if train_samples is None or len(corpora) == 1:
                 n = train_samples
             else:
@@ -159,15 +184,23 @@ def build_datasets(
             train_parts.append((make("train", n), weight))
         for which, samples, target in (("valid", valid_samples, splits.valid), ("test", test_samples, splits.test)):
             beg, end = ranges[which]
-            if end > beg:
+            if end > beg and shares[which] > 0 and samples != 0:
                 target[corpus.name] = make(which, samples)
     for name, prefix in (extra_valid or {}).items():
         if name in splits.valid:
-            raise ValueError(f"validation set name {name!r} is already used by a corpus")
-        splits.valid[name] = GPTDataset(prefix, seq_len, valid_samples, seed, None, "valid",
-                                        cache_dir, impl, name)
+            raise DataError(f"validation set name {name!r} is already used by a corpus")
+        if valid_samples == 0:
+            continue
+        try:
+            splits.valid[name] = GPTDataset(prefix, seq_len, valid_samples, seed, None, "valid",
+                                            cache_dir, impl, name)
+        except TooFewTokensError as e:
+            raise DataError(f"validation set {name!r} ({prefix}) holds {e.tokens:,} tokens, too few for a single "
+                            f"sample of {e.sample_tokens:,} tokens (data.seq_len + 1): shorten data.seq_len, "
+                            f"give it more data, or leave it out of data.valid") from None
     if not train_parts:
-        raise ValueError("no corpus has documents in its train split (check `split` and the weights)")
+        raise DataError(f"no corpus has documents in its train split (check data.split={format_split(split)} "
+                        f"and the weights of data.train)")
     if len(train_parts) == 1:
         splits.train = train_parts[0][0]
     else:

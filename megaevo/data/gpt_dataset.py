@@ -9,35 +9,60 @@ from __future__ import annotations
 
 import math
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from megaevo.data import DataError
 from megaevo.data.cache import cached_arrays, dataset_fingerprint
 from megaevo.data.indexed import IndexedDataset
-from megaevo.data.indices import build_gpt_indices
+from megaevo.data.indices import TooFewTokensError, build_gpt_indices, plan_epochs
 
 SPLIT_NAMES = ("train", "valid", "test")
 
 
 def parse_split(split: str | Sequence[float]) -> list[float]:
     """'98,1,1' (or '98/1/1', or a list) -> three weights summing to 1; missing parts are 0."""
-    if isinstance(split, str):
-        parts = [p for p in split.replace("/", ",").split(",") if p.strip()]
-        try:
-            weights = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"split {split!r}: expected numbers like '98,1,1'") from None
-    else:
-        weights = [float(w) for w in split]
+    weights = [float(w) for w in _split_parts(split)]
     if not 1 <= len(weights) <= 3:
-        raise ValueError(f"split {split!r}: expected one to three parts (train, valid, test)")
+        raise DataError(f"split {split!r}: expected one to three parts (train, valid, test)")
     weights += [0.0] * (3 - len(weights))
     if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"split {split!r}: parts must be non-negative and not all zero")
+        raise DataError(f"split {split!r}: parts must be non-negative and not all zero")
     total = sum(weights)
     return [w / total for w in weights]
+
+
+def _split_parts(split: str | Sequence[float]) -> list[str]:
+    """The parts of a split as written ('98', '0.01'), checked to be numbers."""
+    try:
+        parts = split.replace("/", ",").split(",") if isinstance(split, str) else [str(w) for w in split]
+        parts = [p.strip() for p in parts if p.strip()]
+        [float(p) for p in parts]
+    except (TypeError, ValueError):
+        raise DataError(f"split {split!r}: expected numbers like '98,1,1'") from None
+    return parts
+
+
+def split_share(split: str | Sequence[float], which: str) -> str:
+    """The share of split part `which` (train, valid or test) as written: '1/1000' for the test
+    part of '998,1,1'; 'all' or 'none' for a part that takes everything or nothing."""
+    parse_split(split)  # the errors of a malformed split
+    parts = [Fraction(p) for p in _split_parts(split)]
+    parts += [Fraction(0)] * (3 - len(parts))
+    share = parts[SPLIT_NAMES.index(which)] / sum(parts)
+    if share in (0, 1):
+        return "all" if share else "none"
+    if share.denominator > 100_000:
+        return f"{float(share):.4%}"
+    return f"{share.numerator}/{share.denominator}"
+
+
+def format_split(split: str | Sequence[float]) -> str:
+    """A split as one would write it in a config: '998,1,1'."""
+    return ",".join(p.removesuffix(".0") for p in _split_parts(split))
 
 
 SPLIT_ROUNDINGS = ("megatron", "megatron-legacy")
@@ -71,7 +96,7 @@ def split_ranges(
         excess = bounds[-1] - num_documents
         bounds = [bounds[0]] + [b - excess for b in bounds[1:]]
     else:
-        raise ValueError(f"split rounding {rounding!r}: expected one of {', '.join(SPLIT_ROUNDINGS)}")
+        raise DataError(f"split rounding {rounding!r}: expected one of {', '.join(SPLIT_ROUNDINGS)}")
     return {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(SPLIT_NAMES)}
 
 
@@ -98,12 +123,20 @@ class GPTDataset:
         n = len(self.indexed)
         begin, end = document_range if document_range is not None else (0, n)
         if not 0 <= begin < end <= n:
-            raise ValueError(f"{self.indexed.prefix}: document range [{begin}, {end}) is empty or outside [0, {n})")
+            raise DataError(f"{self.indexed.prefix}: document range [{begin}, {end}) is empty or outside [0, {n})")
         if num_samples is not None and num_samples < 1:
-            raise ValueError(f"{self.indexed.prefix}: num_samples must be positive, got {num_samples}")
+            raise DataError(f"{self.indexed.prefix}: num_samples must be positive, got {num_samples}")
         self.name = name or Path(self.indexed.prefix).name
         self.seq_len, self.seed, self.split = int(seq_len), int(seed), split
         self.document_range = (begin, end)
+        # Checked here, on every rank, before one rank builds the indices while the others wait.
+        self.tokens = int(self.indexed.sequence_lengths[begin:end].sum(dtype=np.int64))
+        try:
+            plan_epochs(self.tokens, self.seq_len, num_samples)
+        except TooFewTokensError as e:
+            docs = f"{end - begin:,} document{'s' if end - begin != 1 else ''}"
+            raise TooFewTokensError(f"{self.name} ({self.indexed.prefix}), {split} split of {docs} "
+                                    f"[{begin}, {end}): {e}", e.tokens, e.sample_tokens) from None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else Path(self.indexed.prefix).parent / "cache"
         self.description = {
             "dataset": dataset_fingerprint(self.indexed.idx_path),

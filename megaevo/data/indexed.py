@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaevo.errors import UserError
+from megaevo.data import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -39,7 +39,7 @@ DTYPE_CODES: dict[int, type] = {
 _CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 
 
-class DatasetFormatError(UserError):
+class DatasetFormatError(DataError):
     """An indexed dataset file is missing, truncated, foreign or inconsistent."""
 
 
@@ -277,7 +277,7 @@ class IndexedDatasetWriter:
     def add_index(self, other: IndexedDataset) -> None:
         """Append every sequence and document of another dataset (streamed byte copy)."""
         if other.dtype != self.dtype:
-            raise ValueError(f"cannot merge {other.prefix} ({other.dtype}) into {self.bin_path} ({self.dtype})")
+            raise DataError(f"cannot merge {other.prefix} ({other.dtype}) into {self.bin_path} ({self.dtype})")
         base = len(self._lengths)
         contiguous = np.array_equal(
             other.sequence_pointers, sequence_byte_offsets(other.sequence_lengths, self.dtype.itemsize)
@@ -329,7 +329,7 @@ def merge_datasets(prefixes: list[str | os.PathLike], output_prefix: str | os.Pa
     parts = [IndexedDataset(p) for p in prefixes]
     dtypes = {p.dtype for p in parts}
     if len(dtypes) > 1:
-        raise ValueError("cannot merge datasets of different dtypes: " + ", ".join(f"{p.prefix} ({p.dtype})" for p in parts))
+        raise DataError("cannot merge datasets of different dtypes: " + ", ".join(f"{p.prefix} ({p.dtype})" for p in parts))
     with IndexedDatasetWriter(output_prefix, parts[0].dtype) as w:
         for p in parts:
             w.add_index(p)

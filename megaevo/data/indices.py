@@ -19,7 +19,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megaevo.data import DataError
+
 FINAL_EPOCH_THRESHOLD = 0.80
+
+
+class TooFewTokensError(DataError):
+    """Documents too short for one sample (or, when one epoch is asked for, for one sample without
+    repeating them). `tokens` is what the documents hold, `sample_tokens` what one sample needs."""
+
+    def __init__(self, message: str, tokens: int = 0, sample_tokens: int = 0):
+        super().__init__(message)
+        self.tokens, self.sample_tokens = tokens, sample_tokens
 
 
 def _cpp():
@@ -39,13 +50,15 @@ class EpochPlan:
 def plan_epochs(tokens_per_epoch: int, seq_len: int, num_samples: int | None, add_extra_token: int = 1) -> EpochPlan:
     """How many epochs `num_samples` samples need, and whether the last is shuffled on its own."""
     if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    too_few = f"the documents hold {tokens_per_epoch} tokens, too few for a single sample of {seq_len + add_extra_token}"
+        raise DataError(f"seq_len must be positive, got {seq_len}")
+    sample = seq_len + add_extra_token
+    too_few = f"the documents hold {tokens_per_epoch:,} tokens, too few for a single sample of {sample:,}"
     if tokens_per_epoch <= add_extra_token:
-        raise ValueError(too_few)
+        raise TooFewTokensError(too_few, tokens_per_epoch, sample)
     if num_samples is None:
         if tokens_per_epoch - add_extra_token < seq_len:
-            raise ValueError(too_few + " (ask for a number of samples to go over them more than once)")
+            raise TooFewTokensError(too_few + " (ask for a number of samples to go over them more than once)",
+                                    tokens_per_epoch, sample)
         return EpochPlan(tokens_per_epoch, 1, False, 0)
     requested = num_samples * seq_len + add_extra_token
     num_epochs = max(1, -(-requested // tokens_per_epoch))
@@ -120,9 +133,9 @@ def build_blending_indices(weights, size: int, impl: str = "cpp") -> tuple[np.nd
 def normalize_weights(weights) -> np.ndarray:
     w = np.ascontiguousarray(weights, dtype=np.float64)
     if w.ndim != 1 or len(w) == 0:
-        raise ValueError("blending needs a non-empty list of weights")
+        raise DataError("blending needs a non-empty list of weights")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"blend weights must be finite, non-negative and not all zero, got {w.tolist()}")
+        raise DataError(f"blend weights must be finite, non-negative and not all zero, got {w.tolist()}")
     return w / w.sum()
 
 

@@ -157,7 +157,7 @@ def encode_lines(tokenizer: Tokenizer, lines: list[bytes], json_key: str, eod: i
         lengths.append(len(ids))
     tokens = np.array(docs, dtype=np.int64)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= tokenizer.vocab_size):
-        raise ValueError(f"{tokenizer.name} produced token id {int(tokens.max())} outside its vocabulary ({tokenizer.vocab_size})")
+        raise PreprocessError(f"{tokenizer.name} produced token id {int(tokens.max())} outside its vocabulary ({tokenizer.vocab_size})")
     return _Encoded(tokens.astype(dtype), lengths, errors, empty)
 
 
@@ -246,12 +246,12 @@ def preprocess(
     ignored. A document that encodes to no tokens is kept as Megatron-LM keeps it: an entry of the
     document index with no sequence (and no end-of-document token), counted in `documents` and in
     `empty`. A malformed line raises PreprocessError naming file and line (on_error="fail", nothing
-    is written) or is skipped and counted (on_error="skip").
+    is written) or is skipped and counted (on_error="skip"; `--on-error skip` on the command line).
     """
     if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        raise PreprocessError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        raise PreprocessError(f"workers (--workers) must be at least 1, got {workers}")
     paths = check_inputs(inputs)
     tok = load_tokenizer(tokenizer)
     eod = None
@@ -277,7 +277,8 @@ def preprocess(
             for offset, reason in enc.errors:
                 where = f"{paths[index]}:{first + offset}: {reason}"
                 if on_error == "fail":
-                    raise PreprocessError(f"{where} (use on_error='skip' / --on-error skip to skip malformed lines)")
+                    raise PreprocessError(f"{where} (use --on-error skip to skip malformed lines and count them; "
+                                          f"on_error='skip' in Python)")
                 skipped += 1
                 if len(locations) < MAX_LOCATIONS:
                     locations.append(where)

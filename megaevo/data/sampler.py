@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from megaevo.data import DataError
+
 
 @dataclass
 class MicroBatchSampler:
@@ -28,9 +30,9 @@ class MicroBatchSampler:
         if not 0 <= self.dp_rank < self.dp_size:
             raise ValueError(f"dp_rank {self.dp_rank} is outside [0, {self.dp_size})")
         if self.consumed_samples < 0:
-            raise ValueError(f"consumed_samples must be non-negative, got {self.consumed_samples}")
+            raise DataError(f"consumed_samples must be non-negative, got {self.consumed_samples}")
         if self.consumed_samples % self.stride:
-            raise ValueError(
+            raise DataError(
                 f"consumed_samples {self.consumed_samples} is not a multiple of micro_batch_size x dp_size "
                 f"({self.stride}): it must fall on a micro-batch boundary"
             )

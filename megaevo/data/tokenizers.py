@@ -11,9 +11,11 @@ import abc
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from megaevo.data import DataError
 from megaevo.log import get_logger
 
 logger = get_logger(__name__)
@@ -32,6 +34,10 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<BOS>")
 _EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<EOS>")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<PAD>", "<|padding|>")
+
+
+class TokenizerError(DataError):
+    """A tokenizer file that cannot be read, or training inputs and settings that cannot give a tokenizer."""
 
 
 class Tokenizer(abc.ABC):
@@ -97,11 +103,11 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
 
         if not proto:
-            raise ValueError(f"{self.path}: empty file, not a SentencePiece model")
+            raise TokenizerError(f"{self.path}: empty file, not a SentencePiece model")
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{self.path}: not a SentencePiece model ({str(e).strip() or 'unparsable'})") from None
+            raise TokenizerError(f"{self.path}: not a SentencePiece model ({str(e).strip() or 'unparsable'})") from None
 
     def __getstate__(self):
         return {"path": str(self.path), "proto": self._sp.serialized_model_proto()}
@@ -161,7 +167,7 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = _HF.from_file(str(self.path))
         except Exception as e:  # the Rust side raises plain Exception
-            raise ValueError(f"{self.path}: not a Hugging Face tokenizer.json ({e})") from None
+            raise TokenizerError(f"{self.path}: not a Hugging Face tokenizer.json ({e})") from None
         config = self._read_config(self.path.parent / "tokenizer_config.json")
         added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
         self._bos = self._special(config, "bos_token", _BOS_NAMES, added)
@@ -175,9 +181,9 @@ class HFTokenizer(Tokenizer):
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise TokenizerError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(config, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+            raise TokenizerError(f"{path}: expected a JSON object, got {type(config).__name__}")
         config["__path__"] = str(path)
         return config
 
@@ -189,10 +195,10 @@ class HFTokenizer(Tokenizer):
             if value is None:
                 return None
             if not isinstance(value, str):
-                raise ValueError(f"{config['__path__']}: {key} must be a string or {{\"content\": ...}}, got {value!r}")
+                raise TokenizerError(f"{config['__path__']}: {key} must be a string or {{\"content\": ...}}, got {value!r}")
             i = self._tok.token_to_id(value)
             if i is None:
-                raise ValueError(f"{config['__path__']}: {key} {value!r} is not in the vocabulary of {self.path}")
+                raise TokenizerError(f"{config['__path__']}: {key} {value!r} is not in the vocabulary of {self.path}")
             return i
         for token in names:
             if token in added:
@@ -235,7 +241,7 @@ def load_tokenizer(path: str | os.PathLike | Tokenizer) -> Tokenizer:
             return HFTokenizer(p)
         if (p / "tokenizer.model").is_file():
             return SentencePieceTokenizer(p / "tokenizer.model")
-        raise ValueError(f"{p}: directory holds neither tokenizer.json nor tokenizer.model")
+        raise TokenizerError(f"{p}: directory holds neither tokenizer.json nor tokenizer.model")
     if not p.is_file():
         raise FileNotFoundError(f"{p}: tokenizer not found")
     if p.suffix == ".model":
@@ -249,7 +255,7 @@ def load_tokenizer(path: str | os.PathLike | Tokenizer) -> Tokenizer:
     try:
         return SentencePieceTokenizer(p)
     except ValueError:
-        raise ValueError(
+        raise TokenizerError(
             f"{p}: unknown tokenizer format (expected a SentencePiece .model, a Hugging Face tokenizer.json, "
             "or a directory holding one)"
         ) from None
@@ -342,10 +348,25 @@ def _sample_sentences(inputs: list[Path], json_key: str, max_sentences: int, see
         if seen == before:
             hint = f" (first problem: {problems[0]})" if problems else ""
             what = f"no string under key {json_key!r} on any line" if is_jsonl(path) else "no text"
-            raise ValueError(f"{path}: {what}, nothing to train on{hint}")
+            raise TokenizerError(f"{path}: {what}, nothing to train on{hint}")
         if problems:
             logger.warning("skipped %d unreadable lines in %s, first: %s", len(problems), path, problems[0])
     return reservoir
+
+
+def _training_failure(error: str, vocab_size: int) -> str:
+    """SentencePiece's reason for a failed training, with what to change in terms of `megaevo
+    tokenizer train` (SentencePiece names its own options, which the command does not take)."""
+    reason = error.rsplit("] ", 1)[-1].strip()
+    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", reason):
+        return (f"the inputs are too small to learn {vocab_size:,} pieces (they give at most {int(m[2]):,}): "
+                f"give more or larger --input files, or use --vocab-size {int(m[2])} or less")
+    if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", reason):
+        need = int(m[2])
+        return (f"the inputs use so many distinct characters that each needs a piece of its own, and with the "
+                f"special and byte pieces that takes {need:,} ids: use --vocab-size {need} or more (in practice "
+                f"far more, so that pieces longer than one character are learned)")
+    return f"{reason} (try more or larger --input files, or a smaller --vocab-size)"
 
 
 def _drain(items: list[str]) -> Iterator[str]:
@@ -373,14 +394,15 @@ def train_sentencepiece(
     import sentencepiece as spm
 
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
-            f"vocab_size {vocab_size} is too small: 4 control pieces, {len(CHAT_TOKENS)} chat tokens and "
-            f"256 byte-fallback pieces need {MIN_VOCAB_SIZE - 1} ids; use at least {MIN_VOCAB_SIZE} (in practice far more)"
+        raise TokenizerError(
+            f"a vocabulary of {vocab_size} is too small: 4 control pieces, {len(CHAT_TOKENS)} chat tokens and "
+            f"256 byte-fallback pieces need {MIN_VOCAB_SIZE - 1} ids; use --vocab-size {MIN_VOCAB_SIZE} or more "
+            f"(in practice far more)"
         )
     if max_sentences < 1:
-        raise ValueError(f"max_sentences must be positive, got {max_sentences}")
+        raise TokenizerError(f"max_sentences must be positive, got {max_sentences}")
     if not inputs:
-        raise ValueError("train_sentencepiece needs at least one input file")
+        raise TokenizerError("train_sentencepiece needs at least one input file")
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.is_file():
@@ -419,8 +441,8 @@ def train_sentencepiece(
         for src, dst in outputs:
             os.replace(src, dst)
     except RuntimeError as e:
-        reason = str(e).rsplit("] ", 1)[-1].strip()
-        raise ValueError(f"SentencePiece training for {prefix}.model failed (vocab_size {vocab_size}): {reason}") from None
+        raise TokenizerError(f"SentencePiece training for {prefix}.model failed (--vocab-size {vocab_size}): "
+                             f"{_training_failure(str(e), vocab_size)}") from None
     finally:
         for src, _ in outputs:
             src.unlink(missing_ok=True)

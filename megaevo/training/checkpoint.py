@@ -2,7 +2,9 @@
 
     out_dir/checkpoints/iter_0000100/
         metadata.json                 a CheckpointMeta: iteration, consumed samples, layout, config,
-                                      and for every logical tensor its shape, dtype and fragments
+                                      for every logical tensor its shape, dtype and fragments, and
+                                      for every file its size and checksum
+        metadata.json.sha256          the checksum of metadata.json (``sha256sum -c`` reads it)
         model_tp0_pp0.safetensors     fragments written by the rank at (tp 0, pp 0) of DP rank 0
         rng_rank0.safetensors         each rank's random states
     out_dir/checkpoints/latest        the name of the newest complete checkpoint
@@ -23,10 +25,20 @@ metadata.json, renames the directory into place and moves `latest` last, so an i
 leaves the previous checkpoint intact. A rank that never finishes its part makes the save fail
 after `timeout_s` instead of hanging. Nothing is unpickled on load, and file names from metadata
 must be plain names inside the checkpoint directory.
+
+Integrity: each file's checksum (:data:`CHECKSUM`, named in the record so that it can change) is
+computed while the file is written, from the bytes as they go out, and recorded in metadata.json
+(:class:`FileRecord`); metadata.json's own sha256 sits beside it. :class:`LoadedCheckpoint` checks
+metadata.json when it opens a checkpoint and each file's size and checksum the first time it opens
+that file, and refuses unreadable fragments and non-finite values (NaN/Inf) in what it reads, each
+with one line naming the file and the tensor. :func:`verify_checkpoint` reads and checks a whole
+checkpoint; :func:`last_verified_checkpoint` finds the newest one that passes. Checkpoints written
+before checksums were recorded load unverified.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -35,6 +47,8 @@ import re
 import shutil
 import threading
 import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,18 +56,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 from megaevo.errors import UserError
+from megaevo.log import get_logger
 from megaevo.parallel.layout import ParamMeta
 from megaevo.parallel.state import ParallelState
 from megaevo.training.optimizer import STATE_KINDS
+
+log = get_logger(__name__)
 
 FORMAT_VERSION = 1
 KINDS = ("model", *STATE_KINDS)
 LATEST = "latest"
 METADATA = "metadata.json"
+METADATA_CHECKSUM = METADATA + ".sha256"
 TIMEOUT_ENV = "MEGAEVO_CHECKPOINT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
@@ -107,6 +124,118 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 def _part_file(rank: int) -> str:
     """A rank's report of what it wrote, gathered by rank 0 into metadata.json."""
     return f"part_rank{rank}.json"
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+
+
+class _Crc32:
+    """zlib's CRC-32 behind hashlib's ``update``/``hexdigest``."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
+CHECKSUMS = {"crc32": _Crc32, "sha256": hashlib.sha256}  # what a FileRecord may name
+# What new checkpoints record: the fastest here (benchmarks/checkpoint_save.py: crc32 adds a quarter to
+# a save of evolm-1b on two cores, sha256 half). It catches damage, not tampering.
+CHECKSUM = "crc32"
+
+
+def _new_hash(algorithm: str):
+    if algorithm not in CHECKSUMS:
+        raise CheckpointError(f"unknown checksum {algorithm!r} (this megaevo knows {', '.join(CHECKSUMS)})")
+    return CHECKSUMS[algorithm]()
+
+
+class RunningChecksum:
+    """The checksum `algorithm` of the bytes given to :meth:`update`, in order.
+
+    Each update runs on a helper thread (hashlib and zlib release the GIL), so hashing a block
+    overlaps the caller's writing of the same block. One update is in flight at a time: a block
+    must stay unchanged until the next update or :meth:`hexdigest`."""
+
+    def __init__(self, algorithm: str = CHECKSUM):
+        self.algorithm = algorithm
+        self._hash = _new_hash(algorithm)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="megaevo-checksum")
+        self._pending: Future | None = None
+
+    def update(self, data) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self._hash.update, data)
+
+    def hexdigest(self) -> str:
+        self._wait()
+        self._pool.shutdown()
+        return self._hash.hexdigest()
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
+def file_checksum(path: str | os.PathLike, algorithm: str = CHECKSUM, chunk_bytes: int = 16 << 20) -> str:
+    """The checksum of the file at `path`, read once, in chunks."""
+    h = _new_hash(algorithm)
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file of a checkpoint as it was written: its size and, unless None, its checksum.
+    In metadata.json: ``{"bytes": 2215688, "crc32": "5e0c92a1"}`` (the key names the algorithm)."""
+
+    size: int
+    algorithm: str | None = None
+    digest: str | None = None
+
+    def to_json(self) -> dict:
+        return {"bytes": self.size, **({self.algorithm: self.digest} if self.algorithm else {})}
+
+    def check(self, path: Path) -> None:
+        """CheckpointError naming `path` if it is missing, has another size or fails its checksum."""
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file missing ({METADATA} lists it)")
+        size = path.stat().st_size
+        if size != self.size:
+            how = "truncated" if size < self.size else "longer than written"
+            raise CheckpointError(f"{path}: {how}: {size:,} bytes, {METADATA} records {self.size:,}")
+        if self.algorithm is not None:
+            actual = file_checksum(path, self.algorithm)
+            if actual != self.digest:
+                raise CheckpointError(f"{path}: checksum mismatch ({self.algorithm} {actual}, {METADATA} records "
+                                      f"{self.digest}): the file is damaged")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                      checksum: str | None = CHECKSUM) -> FileRecord:
+    """Write `tensors` (in their order) as a safetensors file, each streamed into the file and into
+    the checksum together; the file's record. The file is never read back."""
+    from megaevo.convert.safetensors_io import StreamingWriter  # not at the top: megaevo.convert imports this module
+
+    running = RunningChecksum(checksum) if checksum else None
+    with StreamingWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], checksum=running) as w:
+        for key, t in tensors.items():
+            w.write(key, t)
+    return FileRecord(w.size, checksum, running.hexdigest() if running else None)
+
+
+def _metadata_checksum(raw: bytes) -> str:
+    """The text of metadata.json.sha256 for metadata.json holding `raw` (the format of ``sha256sum``)."""
+    return f"{hashlib.sha256(raw).hexdigest()}  {METADATA}\n"
 
 
 # ------------------------------------------------------------------------------------------------ metadata
@@ -176,6 +305,7 @@ class CheckpointMeta:
     hf: dict | None = None  # set by Hugging Face import: architecture, model_type, source, files, config
     resharded_from: dict | None = None  # {"path": ..., "layout": {...}} when written by reshard
     extra: dict = field(default_factory=dict)
+    files: dict[str, FileRecord] = field(default_factory=dict)  # file name -> size and checksum, filled at commit
     format_version: int = FORMAT_VERSION
     unknown: dict = field(default_factory=dict, repr=False)  # keys of newer writers, kept as they are
 
@@ -189,7 +319,7 @@ class CheckpointMeta:
         """The metadata.json object; optional fields that are None are left out."""
         out: dict[str, Any] = {"format_version": self.format_version, "iteration": self.iteration}
         for f in dataclasses.fields(self):
-            if f.name in ("format_version", "iteration", "tensors", "unknown"):
+            if f.name in ("format_version", "iteration", "tensors", "files", "unknown"):
                 continue
             value = getattr(self, f.name)
             if value is not None:
@@ -197,6 +327,8 @@ class CheckpointMeta:
         out.update(self.unknown)
         out["tensors"] = {kind: {name: e.to_json() for name, e in named.items()}
                           for kind, named in self.tensors.items()}
+        if self.files:
+            out["files"] = {name: r.to_json() for name, r in sorted(self.files.items())}
         return out
 
     @classmethod
@@ -232,6 +364,7 @@ class CheckpointMeta:
             hf=v.opt_obj(data.get("hf"), "hf"),
             resharded_from=v.opt_obj(data.get("resharded_from"), "resharded_from"),
             extra=v.obj(data.get("extra", {}), "extra"),
+            files=v.files(data.get("files", {})),
             unknown={k: val for k, val in data.items() if k not in known},
         )
 
@@ -295,12 +428,30 @@ class _Validator:
                                                              for i, f in enumerate(frags)])
         return out
 
+    def files(self, value: Any) -> dict[str, FileRecord]:
+        out = {}
+        for name, record in self.obj(value, "files").items():
+            where = f"files[{name!r}]"
+            self.plain_name(name, where)
+            record = self.obj(record, where)
+            size = self.int(record.get("bytes"), f"{where}.bytes")
+            sums = [(k, d) for k, d in record.items() if k != "bytes"]
+            if len(sums) > 1 or any(not isinstance(d, str) for _, d in sums):
+                self.fail(where, 'an object {"bytes": N, "<checksum>": "<hex digest>"}', record)
+            if sums and sums[0][0] not in CHECKSUMS:
+                self.fail(where, f"a checksum this megaevo knows ({', '.join(CHECKSUMS)})", sums[0][0])
+            out[name] = FileRecord(size, *(sums[0] if sums else (None, None)))
+        return out
+
+    def plain_name(self, file: Any, where: str) -> None:
+        if not isinstance(file, str) or not _PLAIN_NAME.match(file) or file in (".", ".."):
+            raise CheckpointError(f"{self.source}: metadata field {where} names a file outside the "
+                                  f"checkpoint: {file!r}")
+
     def fragment(self, value: Any, where: str, full: tuple[int, ...]) -> StoredFragment:
         value = self.obj(value, where)
         file, key = value.get("file"), value.get("key")
-        if not isinstance(file, str) or not _PLAIN_NAME.match(file) or file in (".", ".."):
-            raise CheckpointError(f"{self.source}: metadata field {where}.file names a file outside the "
-                                  f"checkpoint: {file!r}")
+        self.plain_name(file, f"{where}.file")
         if not isinstance(key, str):
             self.fail(f"{where}.key", "a string", key)
         offset = self.shape(value.get("offset"), f"{where}.offset", len(full))
@@ -316,11 +467,13 @@ class _Validator:
 
 def commit_checkpoint(root: str | os.PathLike, tmp: Path, meta: CheckpointMeta, keep_last: int | None = None) -> Path:
     """Make the complete temporary directory `tmp` checkpoint `meta.iteration` under `root`: write
-    metadata.json, rename `tmp` into place, move `latest` last, then keep only the newest
-    `keep_last` checkpoints. An interruption before the rename leaves the previous checkpoint and
-    `latest` as they were. Returns the checkpoint directory."""
+    metadata.json and its checksum, rename `tmp` into place, move `latest` last, then keep only the
+    newest `keep_last` checkpoints. An interruption before the rename leaves the previous checkpoint
+    and `latest` as they were. Returns the checkpoint directory."""
     root = Path(root)
-    _atomic_write(tmp / METADATA, json.dumps(meta.to_json(), indent=1))
+    raw = json.dumps(meta.to_json(), indent=1).encode()
+    _atomic_write(tmp / METADATA, raw)
+    _atomic_write(tmp / METADATA_CHECKSUM, _metadata_checksum(raw))
     final = iteration_dir(root, meta.iteration)
     replaced = root / f".replaced_{final.name}"
     if final.exists():  # saved again (e.g. after a resume): move the old one aside, drop it once replaced
@@ -411,14 +564,18 @@ class Checkpointer:
     """Saves and loads checkpoints under `root` for one rank of a run.
 
     Rank 0 waits at most `timeout_s` (default: $MEGAEVO_CHECKPOINT_TIMEOUT, else 600 s) for the other
-    ranks' parts of a save; the barriers around a save are bounded by the process group's timeout."""
+    ranks' parts of a save; the barriers around a save are bounded by the process group's timeout.
+    Each file's `checksum` (one of CHECKSUMS; None records sizes only) is computed while it is written."""
 
     def __init__(self, root: str | os.PathLike, rank: int = 0, world_size: int = 1, keep_last: int | None = None,
-                 async_save: bool = False, timeout_s: float | None = None):
+                 async_save: bool = False, timeout_s: float | None = None, checksum: str | None = CHECKSUM):
         self.root = Path(root)
         self.rank, self.world_size = rank, world_size
         self.keep_last = keep_last
         self.async_save = async_save
+        if checksum is not None:
+            _new_hash(checksum)  # refuse an unknown name now, not in the middle of a save
+        self.checksum = checksum
         self.timeout_s = float(timeout_s) if timeout_s is not None else _timeout_from_env()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -433,8 +590,10 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
-        # Copy to host memory now, so training may change the tensors while the files are written.
-        host = {kind: {n: (t.detach().to("cpu", copy=True).contiguous(), frags) for n, (t, frags) in d.items()}
+        # Host copies: taken now with async_save, so that training may change the tensors while the files
+        # are written; a synchronous save of CPU tensors writes them as they are.
+        host = {kind: {n: (t.detach().to("cpu", copy=self.async_save).contiguous(), frags)
+                       for n, (t, frags) in d.items()}
                 for kind, d in plan.tensors.items()}
         rng = {k: v.clone() for k, v in rng_state().items()}
 
@@ -462,7 +621,7 @@ class Checkpointer:
             raise error
 
     def _write(self, tmp: Path, plan: SavePlan, host, rng) -> None:
-        fragments = {}
+        fragments, files = {}, {}
         if plan.writer:
             tensors, fname = {}, _model_file(plan.file_tag)
             for kind, named in host.items():
@@ -472,9 +631,9 @@ class Checkpointer:
                         tensors[key] = f.local_view(local).contiguous()
                         fragments.setdefault(kind, {}).setdefault(name, []).append(
                             StoredFragment(fname, key, tuple(f.logical_offset), tuple(f.shape)).to_json())
-            save_file(tensors, str(tmp / fname))
-        save_file(rng, str(tmp / rng_file(plan.rank)))
-        part = {"rank": plan.rank, "fragments": fragments,
+            files[fname] = write_safetensors(tmp / fname, tensors, self.checksum)
+        files[rng_file(plan.rank)] = write_safetensors(tmp / rng_file(plan.rank), rng, self.checksum)
+        part = {"rank": plan.rank, "fragments": fragments, "files": {n: r.to_json() for n, r in files.items()},
                 "shapes": {n: list(plan.logical_shapes[n]) for d in host.values() for n in d},
                 "dtypes": {kind: {n: dtype_name(t.dtype) for n, (t, _) in d.items()} for kind, d in host.items()}}
         _atomic_write(tmp / _part_file(plan.rank), json.dumps(part))
@@ -503,9 +662,11 @@ class Checkpointer:
     def _commit(self, tmp: Path, plan: SavePlan) -> None:
         """Rank 0: gather every rank's part into the metadata, then commit the directory."""
         tensors: dict[str, dict[str, TensorEntry]] = {}
+        files: dict[str, FileRecord] = {}
         parts = self._wait_for_parts(tmp, plan)
         for p in parts:
             part = json.loads(p.read_text())
+            files.update(_Validator(str(p)).files(part["files"]))
             for kind, named in part["fragments"].items():
                 for name, frags in named.items():
                     entry = tensors.setdefault(kind, {}).setdefault(
@@ -519,7 +680,8 @@ class Checkpointer:
         if not isinstance(meta, CheckpointMeta):
             meta = CheckpointMeta.from_json({"format_version": FORMAT_VERSION, "iteration": plan.iteration, **meta,
                                              "tensors": {}}, "checkpoint metadata to save")
-        meta = dataclasses.replace(meta, iteration=plan.iteration, world_size=plan.world_size, tensors=tensors)
+        meta = dataclasses.replace(meta, iteration=plan.iteration, world_size=plan.world_size, tensors=tensors,
+                                   files=files)
         for p in parts:
             p.unlink()
         commit_checkpoint(self.root, tmp, meta, self.keep_last)
@@ -551,18 +713,56 @@ def _unique_fragments(frags: list[StoredFragment]) -> list[StoredFragment]:
 class LoadedCheckpoint:
     """Read access to a checkpoint directory; every tensor is assembled from its fragments on demand.
 
-    `record` is the validated :class:`CheckpointMeta`; `meta` the raw metadata.json object."""
+    `record` is the validated :class:`CheckpointMeta`; `meta` the raw metadata.json object.
+    With `verify` (the default), metadata.json is checked against metadata.json.sha256 here, and each
+    file against its size and checksum the first time it is opened (reading it once, which also
+    brings it into the page cache for the reads that follow); every block read must be finite."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
         self.path = Path(path)
+        self.verify = verify
+        self._verified: set[str] = set()
         meta_path = self.path / METADATA
         if not meta_path.is_file():
             raise CheckpointError(f"{self.path}: not a megaevo checkpoint (no {METADATA})")
+        raw = meta_path.read_bytes()
+        if verify:
+            self._check_metadata(raw)
         try:
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{meta_path}: unreadable metadata ({e})") from None
         self.record = CheckpointMeta.from_json(self.meta, meta_path)
+        if verify and not self.record.files:
+            log.debug(f"{self.path}: no checksums recorded (written before megaevo recorded them); its files "
+                      f"are read unverified")
+
+    def _check_metadata(self, raw: bytes) -> None:
+        side = self.path / METADATA_CHECKSUM
+        if not side.is_file():
+            return
+        recorded = (side.read_text(errors="replace").split() or [""])[0]
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual != recorded:
+            raise CheckpointError(f"{self.path / METADATA}: checksum mismatch (sha256 {actual}, {METADATA_CHECKSUM} "
+                                  f"records {recorded or 'nothing'}): the file is damaged (if it was edited on "
+                                  f"purpose, delete {METADATA_CHECKSUM})")
+
+    def verify_file(self, name: str) -> FileRecord | None:
+        """Check file `name` against the size and checksum that metadata.json records for it, once per
+        file; None for a checkpoint that records none. CheckpointError naming the file on a mismatch."""
+        path = self._path(name)
+        record = self.record.files.get(name)
+        if record is None:
+            if self.record.files:
+                raise CheckpointError(f"{path}: not listed in {self.path / METADATA} (no size or checksum to check)")
+            if not path.is_file():
+                raise CheckpointError(f"{path}: fragment file missing")
+            return None
+        if name not in self._verified:
+            record.check(path)
+            self._verified.add(name)
+        return record
 
     @property
     def iteration(self) -> int:
@@ -574,15 +774,24 @@ class LoadedCheckpoint:
     def names(self, kind: str = "model") -> list[str]:
         return list(self.record.tensors.get(kind, {}))
 
-    def _file(self, name: str):
-        """A fresh read handle on file `name` of the checkpoint. Handles are not kept: each maps its
-        file, and pages read through a kept one would stay in this process's memory until the end."""
+    def _path(self, name: str) -> Path:
         if not _PLAIN_NAME.match(name) or name in (".", ".."):
             raise CheckpointError(f"{self.path}: metadata names a file outside the checkpoint: {name!r}")
-        path = self.path / name
-        if not path.is_file():
+        return self.path / name
+
+    def _file(self, name: str):
+        """A fresh read handle on file `name` of the checkpoint, verified on its first opening. Handles
+        are not kept: each maps its file, and pages read through a kept one would stay in this
+        process's memory until the end."""
+        path = self._path(name)
+        if self.verify:
+            self.verify_file(name)
+        elif not path.is_file():
             raise CheckpointError(f"{path}: fragment file missing")
-        return safe_open(str(path), framework="pt")
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({_one_line(e)})") from None
 
     def entry(self, kind: str, name: str) -> TensorEntry:
         entry = self.record.tensors.get(kind, {}).get(name)
@@ -622,12 +831,18 @@ class LoadedCheckpoint:
             if any(l >= h for l, h in zip(lo, hi)):
                 continue
             f = self._file(frag.file)
-            if frag.key not in f.keys():
-                raise CheckpointError(f"{self.path / frag.file}: fragment {frag.key!r} of {name!r} is missing")
-            stored = f.get_slice(frag.key)
-            if tuple(stored.get_shape()) != fs:
-                raise CheckpointError(f"{self.path}: fragment {frag.key!r} of {name!r} does not match its metadata")
-            block = stored[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, fo))]
+            where = f"{self.path / frag.file}: {kind} tensor {name!r} (fragment {frag.key!r})"
+            try:
+                if frag.key not in f.keys():
+                    raise CheckpointError(f"{where} is missing")
+                stored = f.get_slice(frag.key)
+                if tuple(stored.get_shape()) != fs:
+                    raise CheckpointError(f"{where} has shape {list(stored.get_shape())}, its metadata says {list(fs)}")
+                block = stored[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, fo))]
+            except SafetensorError as e:
+                raise CheckpointError(f"{where} is unreadable ({_one_line(e)})") from None
+            if self.verify:
+                _check_finite(block, where)
             if out is None:
                 out = torch.empty(shape, dtype=block.dtype)
             index = tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offset))
@@ -643,7 +858,26 @@ class LoadedCheckpoint:
         if not (self.path / name).is_file():
             return None
         f = self._file(name)
-        return {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            return {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.path / name}: unreadable ({_one_line(e)})") from None
+
+
+def _check_finite(block: torch.Tensor, where: str) -> None:
+    """CheckpointError at `where` if floating-point `block` holds NaN or Inf. A NaN or Inf makes the
+    sum non-finite; the sum (a fast reduction) is finite for finite values unless it overflows, and
+    only then is every value looked at."""
+    if not block.is_floating_point() or bool(torch.isfinite(block.sum())):
+        return
+    bad = int((~torch.isfinite(block)).sum())
+    if bad:
+        raise CheckpointError(f"{where} holds {bad:,} non-finite value(s) (NaN/Inf) of {block.numel():,}: it was "
+                              f"saved from a diverged run or damaged; load an earlier checkpoint")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def read_local(ck: LoadedCheckpoint, kind: str, name: str, meta: ParamMeta, local_shape) -> torch.Tensor:
@@ -695,9 +929,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def summarize_checkpoint(path: str | os.PathLike) -> dict:
-    """What `megaevo inspect` prints for a checkpoint directory, a run's checkpoints/ folder or a run."""
+    """What `megaevo inspect` prints for a checkpoint directory, a run's checkpoints/ folder or a run.
+    Checks metadata.json against its checksum and every recorded file's presence and size (not its
+    contents: that is :func:`verify_checkpoint`)."""
     path = resolve_checkpoint(path)
     record = LoadedCheckpoint(path).record
+    for name, file in sorted(record.files.items()):
+        FileRecord(file.size).check(path / name)
     tensors = {name: {"shape": list(e.shape), "dtype": e.dtype, "fragments": len(e.fragments)}
                for name, e in sorted(record.tensors.get("model", {}).items())}
     return {
@@ -708,16 +946,75 @@ def summarize_checkpoint(path: str | os.PathLike) -> dict:
         "layout": dataclasses.asdict(record.layout) if record.layout else None,
         "optimizer_state": [k for k in STATE_KINDS if k in record.tensors],
         "parameters": int(sum(math.prod(t["shape"]) for t in tensors.values())),
+        "files": {name: f.size for name, f in sorted(record.files.items())},
+        "checksum": _checksum_of(record),
         "tensors": tensors,
     }
+
+
+def _checksum_of(record: CheckpointMeta) -> str | None:
+    """The checksum algorithm(s) the record's files carry, e.g. "sha256"; None if none."""
+    return ", ".join(sorted({f.algorithm for f in record.files.values() if f.algorithm})) or None
+
+
+def verify_checkpoint(path: str | os.PathLike, *, progress: bool = False) -> dict:
+    """Read and check the whole checkpoint `path` (a checkpoint, a checkpoints folder or a run):
+    metadata.json against its checksum, every file against its recorded size and checksum, every
+    fragment readable and in place (each tensor covered exactly once), every tensor finite, every
+    rank's random states readable. Raises CheckpointError naming the first problem (file, and tensor
+    where there is one); returns what was checked. A checkpoint written before checksums were
+    recorded is checked for all but the checksums (``"checksum": None``)."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    path = resolve_checkpoint(path)
+    ck = LoadedCheckpoint(path)
+    record = ck.record
+    names = set(record.files) | {f.file for named in record.tensors.values() for e in named.values()
+                                 for f in e.fragments}
+    names |= {p.name for p in path.glob("rng_rank*.safetensors")}
+    sizes = {name: (path / name).stat().st_size if (path / name).is_file() else 0 for name in names}
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=f"verifying {path.name}",
+              disable=not progress) as bar:
+        for name in sorted(names):
+            ck.verify_file(name)
+            bar.update(sizes[name])
+    count = 0
+    for kind, named in record.tensors.items():
+        for name in named:
+            ck.tensor(kind, name)
+            count += 1
+    for name in sorted(n for n in names if re.fullmatch(r"rng_rank\d+\.safetensors", n)):
+        ck.rng(int(name[len("rng_rank"):-len(".safetensors")]))
+    return {"path": str(path), "iteration": record.iteration, "checksum": _checksum_of(record),
+            "files": {name: sizes[name] for name in sorted(names)}, "bytes": sum(sizes.values()), "tensors": count,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def last_verified_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint (``iter_*`` with metadata.json) under the checkpoints folder
+    `root` that passes :func:`verify_checkpoint`, or None. Each newer one that fails is logged as a
+    warning with its problem. Reads whole checkpoints: meant for after a failure, not every step."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = sorted((p for p in root.iterdir() if _ITER_DIR.match(p.name) and (p / METADATA).is_file()),
+                  key=lambda p: int(p.name[5:]), reverse=True)
+    for path in done:
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            log.warning(f"checkpoint {path.name} does not verify: {e}")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
 
 

@@ -7,6 +7,11 @@ linearly from 0 at step 0 to `optim.lr` at step `optim.warmup` (the first update
 warmup is therefore made at learning rate 0, as in Megatron-LM). Decays reach `min_lr` at step
 `total_iters` and stay there. Nothing is stateful: a run resumed at step k gets lr_at(k).
 
+A warmup longer than the run (a shortened run) is allowed, as in Megatron-LM: the rate keeps rising
+until the run ends, never reaching `lr`, and the phases after the warmup never start. A phase that
+would begin at or after `total_iters` (a wsd decay or an inf-cos anneal squeezed out by the warmup)
+does not begin.
+
 Schedules (`optim.schedule`):
   constant  warmup, then lr.
   cosine    warmup, then cosine from lr to min_lr at `decay_iters` (default: total_iters).
@@ -62,20 +67,21 @@ def decay(progress: float, start: float, end: float, style: str) -> float:
 def lr_at(step: int, optim: OptimConfig, total_iters: int) -> float:
     """The learning rate of the update made after `step` updates (see the module docstring)."""
     check_schedule(optim)
-    lr, min_lr, warmup = optim.lr, optim.min_lr, optim.warmup
+    lr, min_lr, warmup = optim.lr, optim.min_lr, max(optim.warmup, 0)
+    step = max(step, 0)
     if step < warmup:
-        return lr * max(step, 0) / warmup
+        return lr * step / warmup
     if optim.schedule == "constant":
         return lr
     if optim.schedule in ("cosine", "linear"):
         end = optim.decay_iters if optim.decay_iters is not None else total_iters
-        if step >= end:
+        if step >= end:  # also every step after a warmup that outlasts the decay
             return min_lr
-        return decay((step - warmup) / (end - warmup), lr, min_lr, optim.schedule)
+        return decay((step - warmup) / (end - warmup), lr, min_lr, optim.schedule)  # warmup <= step < end
     if optim.schedule == "wsd":
         length = round(optim.decay_fraction * total_iters)
         start = max(warmup, total_iters - length)
-        if length <= 0 or step <= start:
+        if length <= 0 or step <= start or start >= total_iters:  # no decay, not yet, or squeezed out
             return lr
         return decay((step - start) / (total_iters - start), lr, min_lr, optim.decay_style)
     return _inf_cos(step, optim, total_iters)
@@ -83,12 +89,12 @@ def lr_at(step: int, optim: OptimConfig, total_iters: int) -> float:
 
 def _inf_cos(step: int, optim: OptimConfig, total_iters: int) -> float:
     constant = optim.constant_lr
-    cooled = optim.warmup + optim.cooldown_iters
+    warmup, cooldown = max(optim.warmup, 0), max(optim.cooldown_iters, 0)
+    cooled = warmup + cooldown
     length = optim.anneal_iters if optim.anneal_iters is not None else round(optim.anneal_fraction * total_iters)
     anneal_start = max(cooled, total_iters - length)
-    if length > 0 and step >= anneal_start:
-        return decay((step - anneal_start) / max(total_iters - anneal_start, 1), constant, optim.min_lr,
-                     optim.anneal_style)
-    if step < cooled:
-        return decay((step - optim.warmup) / optim.cooldown_iters, optim.lr, constant, "cosine")
+    if length > 0 and step >= anneal_start and anneal_start < total_iters:
+        return decay((step - anneal_start) / (total_iters - anneal_start), constant, optim.min_lr, optim.anneal_style)
+    if step < cooled:  # so cooldown > 0, as step >= warmup here
+        return decay((step - warmup) / cooldown, optim.lr, constant, "cosine")
     return constant

@@ -19,9 +19,12 @@ continues the same run.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from megaevo import kernels
-from megaevo.config import Config, ConfigError, Layout, config_to_dict, resolve_dtype, save_config, validate
+from megaevo.config import Config, Layout, config_to_dict, resolve_dtype, save_config, validate
+from megaevo.errors import UserError
 from megaevo.log import get_logger, setup_logging
 from megaevo.model.llama import LlamaStage, build_chunks
 from megaevo.parallel import compat
@@ -42,7 +46,8 @@ from megaevo.parallel.pipeline import PipelineEngine, StepStats
 from megaevo.parallel.state import ParallelState, init_parallel_state
 from megaevo.stages import Batch, LossFunction, Stage
 from megaevo.training.checkpoint import (Checkpointer, CheckpointMeta, LoadedCheckpoint, SavedLayout, build_save_plan,
-                                         load_local_weights, read_local_state, set_rng_state)
+                                         last_verified_checkpoint, load_local_weights, read_local_state,
+                                         set_rng_state)
 from megaevo.training.metrics import MetricsWriter, flops_per_token, memory_gb, peak_flops
 from megaevo.training.optimizer import STATE_KINDS, DistributedAdamW
 from megaevo.training.schedules import lr_at
@@ -235,8 +240,30 @@ class Trainer:
                                distributed_optimizer=self.buffers.distributed, dtype=str(self.dtype)),
             config=config_to_dict(self.cfg), extra={"stage": self.stage.name, "data": self.stage.train.state_dict()})
         optimizer_state = self.optimizer.local_state()  # collective over DP with the distributed optimizer
+        bad = [f"{name} ({kind})" for name, p in self.params.items()
+               for kind, t in (("model", p), *optimizer_state[name].items()) if not bool(torch.isfinite(t).all())]
+        if self._any_rank(bool(bad)):
+            where = ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "") if bad else "on another rank"
+            raise TrainingStopped(f"not saving iteration {run.iteration}: the model or optimizer state is not finite "
+                                  f"({where}). {self._last_good()}")
         self.checkpointer.save(build_save_plan(meta, self.params, self.metas, optimizer_state, s, self.rank,
                                                self.world_size))
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank of the job (one all-reduce)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        compat.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _last_good(self) -> str:
+        """Where to continue from: the newest checkpoint of this run that verifies (finite, intact)."""
+        self.checkpointer.wait()
+        good = last_verified_checkpoint(self.checkpointer.root)
+        if good is None:
+            return "This run has no verified checkpoint to resume from."
+        return f"The last good checkpoint is {good}; resume from it with checkpoint.load={good}."
 
     def load_weights(self, path: Path) -> LoadedCheckpoint:
         """Take the weights (and master weights) of checkpoint ``path``, saved in any layout; the
@@ -303,28 +330,47 @@ class Trainer:
             save_config(cfg, self.out_dir / "config.yaml")
         writer = MetricsWriter(self.out_dir, t.iters, enabled=self.rank == 0)
         records, clock = [], _Throughput(self.run.consumed_samples * self.stage.tokens_per_sample)
-        try:
-            while self.run.iteration < t.iters:
-                stats = self.train_step()
-                it, bad = self.run.iteration, self.run.bad_in_a_row >= MAX_BAD_STEPS
-                record = self._record(stats, clock) if it % t.log_interval == 0 or it == t.iters or bad else None
-                if t.eval_interval and (it % t.eval_interval == 0 or it == t.iters):
-                    record = {**(record or self._position()), **self.evaluate()}
-                if record is not None:
-                    records.append(record)
-                    writer.write(record)
-                if bad:
-                    self.checkpointer.wait()
-                    raise RuntimeError(f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient norm (last "
-                                       f"at iteration {it}); stopping. The last good checkpoint is intact; lower "
-                                       f"optim.lr or check the data, then resume with checkpoint.load=auto")
-                if cfg.checkpoint.save and ((cfg.checkpoint.interval and it % cfg.checkpoint.interval == 0)
-                                            or it == t.iters):
-                    self.save()
-            self.checkpointer.wait()
-        finally:
-            writer.close()
+        with _StopSignals(cfg.checkpoint.save_on_signal) as signals:
+            try:
+                while self.run.iteration < t.iters:
+                    stats = self.train_step()
+                    it, bad = self.run.iteration, self.run.bad_in_a_row >= MAX_BAD_STEPS
+                    record = self._record(stats, clock) if it % t.log_interval == 0 or it == t.iters or bad else None
+                    if t.eval_interval and (it % t.eval_interval == 0 or it == t.iters):
+                        record = {**(record or self._position()), **self.evaluate()}
+                    if record is not None:
+                        records.append(record)
+                        writer.write(record)
+                    if bad:
+                        raise TrainingStopped(f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient norm "
+                                              f"(last at iteration {it}); stopping. {self._last_good()} Lower "
+                                              f"optim.lr or check the data.")
+                    stop = self._any_rank(signals.received is not None) if signals.active else False
+                    if self._should_save(it) or (stop and cfg.checkpoint.save):
+                        self.save()
+                    if stop:
+                        self.checkpointer.wait()
+                        saved = f"saved {self.checkpointer.root / f'iter_{it:07d}'}" if cfg.checkpoint.save \
+                            else "checkpoint.save is off, nothing saved"
+                        log.info(f"stopped by {signals.name} at iteration {it}: {saved}; "
+                                 f"continue with checkpoint.load=auto")
+                        break
+                self.checkpointer.wait()
+                if self.run.bad_in_a_row:
+                    raise TrainingStopped(f"the run ended on {self.run.bad_in_a_row} step(s) with a non-finite loss or "
+                                          f"gradient norm, so their state was not saved. {self._last_good()}")
+            finally:
+                writer.close()
         return records
+
+    def _should_save(self, it: int) -> bool:
+        c = self.cfg.checkpoint
+        if not c.save or not ((c.interval and it % c.interval == 0) or it == self.cfg.train.iters):
+            return False
+        if self.run.bad_in_a_row:  # the last step was skipped as non-finite: keep `latest` on good state
+            log.warning(f"not saving iteration {it}: its step had a non-finite loss or gradient norm")
+            return False
+        return True
 
     def _position(self) -> dict:
         return {"step": self.run.iteration, "consumed_samples": self.run.consumed_samples}
@@ -335,6 +381,44 @@ class Trainer:
                 "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"], "tokens_per_s": tps,
                 "mfu": tps * self._flops_per_token / (self._peak * self.world_size) if self._peak else None,
                 "mem_gb": memory_gb(self.device), "skipped_steps": self.run.skipped_steps}
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite steps or state); the message says where to continue from."""
+
+
+class _StopSignals:
+    """Turns SIGTERM, SIGINT and SIGUSR1 into a request to save and stop at the next step boundary
+    (when ``active``); a second SIGINT interrupts at once. Handlers are only installed in the main
+    thread, and the previous ones come back on exit."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self, active: bool):
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "nothing"
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> "_StopSignals":
+        if self.active:
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class _Throughput:
@@ -350,24 +434,78 @@ class _Throughput:
         return rate
 
 
+def _report(message: str, rank: int) -> None:
+    """Log a fatal one-line ``message`` once for the whole job: from rank 0, or from another rank
+    whose message rank 0 did not also report (errors that only some ranks hit)."""
+    store = None
+    if dist.is_initialized():
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError):
+            store = None
+    if rank == 0:
+        log.error(message)
+        if store is not None:  # after logging: the other ranks wait for it, so torchrun, which ends the
+            store.set("megaevo/error", message)  # job when the first rank exits, cannot cut the line off
+        return
+    seen = None
+    if store is not None:
+        try:
+            store.wait(["megaevo/error"], datetime.timedelta(seconds=3))
+            seen = store.get("megaevo/error").decode()
+        except RuntimeError:  # rank 0 reported nothing in time (DistStoreError is a RuntimeError)
+            seen = None
+    if seen != message:
+        log.error(message)
+
+
+_EPILOG = """Settings are the dataclasses of megaevo/config.py, one section each: model (megaevo/model/args.py;
+model.preset fills it), parallel, data, train, optim, checkpoint, kernels, and out_dir. Give them in the
+YAML file and/or as dotted overrides (optim.lr=3e-4 parallel.tp=2); --print-config shows every key with
+its resolved value."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`megaevo train` and `python -m megaevo.train` (also under torchrun). A mistake in the config,
+    the data or a checkpoint is one line on rank 0 and exit code 2 on every rank; a run stopped by
+    non-finite steps exits with 3; a stop by signal after saving exits with 0."""
     import argparse
+
+    import yaml
 
     from megaevo.config import load_config
 
-    p = argparse.ArgumentParser(prog="megaevo train", description="train (single process, or under torchrun)")
+    p = argparse.ArgumentParser(prog="megaevo train", description="train (single process, or under torchrun)",
+                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config file")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, defaults included) as YAML and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optim.lr=3e-4")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    setup_logging(rank)
     try:
-        rank, _, _ = init_distributed()
-        setup_logging(rank)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.print_config:
+            init_distributed()  # first, so that a mistake in the config is reported once for the job
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            if rank == 0:
+                print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False), end="")
+            return 0
         Trainer(cfg).fit()
+        return 0
+    except UserError as e:
+        _report(str(e), rank)
+        return 2
+    except TrainingStopped as e:
+        _report(str(e), rank)
+        return 3
+    except KeyboardInterrupt:
+        _report("interrupted", rank)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":
