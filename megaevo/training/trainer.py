@@ -260,6 +260,8 @@ class Trainer:
     def _last_good(self) -> str:
         """Where to continue from: the newest checkpoint of this run that verifies (finite, intact)."""
         self.checkpointer.wait()
+        if self.rank != 0:  # rank 0 reports the stop; the others need not read every checkpoint too
+            return "See rank 0 for the last good checkpoint."
         good = last_verified_checkpoint(self.checkpointer.root)
         if good is None:
             return "This run has no verified checkpoint to resume from."
@@ -302,7 +304,7 @@ class Trainer:
         ours = config_to_dict(self.cfg)["model"]
         changed = [f"model.{k}: {saved[k]!r} in the checkpoint, {ours[k]!r} here" for k in _NUMERIC_MODEL_FIELDS
                    if k in saved and saved[k] != ours.get(k)]
-        if changed:
+        if changed and self.rank == 0:
             log.warning(f"{ck.path} was saved with other model settings: " + "; ".join(changed))
 
     def restore(self) -> None:
@@ -368,7 +370,8 @@ class Trainer:
         if not c.save or not ((c.interval and it % c.interval == 0) or it == self.cfg.train.iters):
             return False
         if self.run.bad_in_a_row:  # the last step was skipped as non-finite: keep `latest` on good state
-            log.warning(f"not saving iteration {it}: its step had a non-finite loss or gradient norm")
+            if self.rank == 0:
+                log.warning(f"not saving iteration {it}: its step had a non-finite loss or gradient norm")
             return False
         return True
 
@@ -497,8 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         _report(str(e), rank)
         return 2
-    except TrainingStopped as e:
-        _report(str(e), rank)
+    except TrainingStopped as e:  # decided together by all ranks: rank 0 says it
+        if rank == 0:
+            log.error(str(e))
         return 3
     except KeyboardInterrupt:
         _report("interrupted", rank)
