@@ -13,4 +13,8 @@ def __getattr__(name: str):
             value = "0+unknown"
         globals()["__version__"] = value
         return value
+    if name == "load":  # `megaevo.load(path)`: a checkpoint or HF directory, ready to generate (imports torch)
+        from megaevo.inference import load
+
+        return load
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -195,6 +195,32 @@ def _train(args) -> int:
                       + (["--print-config"] if args.print_config else []) + args.overrides)
 
 
+def _generate(args) -> int:
+    import torch.distributed as dist
+
+    from megaevo.inference import SamplingParams, load
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp is not None and args.tp > 1 and world == 1:
+        raise UserError(f"--tp {args.tp} needs {args.tp} processes: run "
+                        f"`torchrun --nproc_per_node {args.tp} -m megaevo.cli generate ...`")
+    model = load(args.load, tp=args.tp)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, n=args.n, seed=args.seed,
+                            stop=tuple(args.stop), add_bos=args.bos)
+    results = model.generate(args.prompt, params)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    for i, (prompt, samples) in enumerate(zip(args.prompt, results)):
+        for j, c in enumerate(samples):
+            if args.json:
+                print(json.dumps({"prompt": i, "sample": j, **c.to_json()}, ensure_ascii=False), flush=True)
+            else:
+                head = f"[{i}]" + (f"[{j}]" if len(samples) > 1 else "")
+                print(f"{head} {prompt}{c.text}\n    ({len(c.token_ids)} tokens, {c.finish_reason})", flush=True)
+    return 0
+
+
 def _demo(args) -> int:
     from megaevo.demo import run_demo
 
@@ -221,6 +247,20 @@ TRAIN_EPILOG = (
     + "Give them in the --config file and/or as dotted overrides after it (optim.lr=3e-4 parallel.tp=2);\n"
       "--print-config shows every key with the value the run would use."
 )
+
+
+def _eval(args) -> int:
+    from megaevo.eval.runner import format_table, run_eval
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = run_eval(tasks, args.out, load=args.load, predictions=args.predictions, data_dir=args.data_dir,
+                       limit=args.limit, batch_size=args.batch_size, samples=args.samples, template=args.template,
+                       tp=args.tp, max_length=args.max_length, seed=args.seed, workers=args.workers,
+                       progress=not args.quiet)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(format_table(results))
+        print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'samples'}/")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,6 +355,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the math problems, the tokenizer's sample and the training run; another seed "
                         "makes another demo (default: %(default)s)")
     d.set_defaults(func=_demo)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint or a Hugging Face model directory "
+                                        "(torchrun --nproc_per_node N for tensor parallelism)")
+    g.add_argument("--load", required=True, help="a run, checkpoints folder, iter_ directory or Hugging Face directory")
+    g.add_argument("--prompt", action="append", required=True, help="a text prompt (repeatable)")
+    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="(default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: %(default)s)")
+    g.add_argument("--n", type=int, default=1, help="samples per prompt (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    g.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS token to each prompt")
+    g.add_argument("--json", action="store_true", help="print one JSON object per sample")
+    g.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor-parallel size (default: the torchrun world size); N > 1 needs torchrun")
+    g.set_defaults(func=_generate)
+
+    ev = sub.add_parser("eval", help="evaluate a model on generative, multiple-choice or loss tasks (or grade "
+                                     "given completions) and write results.json")
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--load", help="a run, checkpoints folder, iter_ directory or Hugging Face directory")
+    src.add_argument("--predictions", metavar="FILE",
+                     help="grade completions made elsewhere: jsonl with id and completion (or completions)")
+    ev.add_argument("--tasks", required=True, metavar="TASK[,TASK...]",
+                    help="EvoLM set names or jsonl files, rg:NAME[:COUNT[:SEED]], multiple-choice jsonl, "
+                         "indexed dataset prefixes")
+    ev.add_argument("--out", required=True, metavar="DIR", help="writes DIR/results.json and DIR/samples/")
+    ev.add_argument("--data-dir", default=None, metavar="DIR", help="where task names are looked up "
+                    "(default: $MEGAEVO_EVAL_DIR)")
+    ev.add_argument("--limit", type=int, default=None, metavar="N", help="the first N problems of each task")
+    ev.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (default: %(default)s)")
+    ev.add_argument("--samples", type=int, default=0, metavar="K",
+                    help="K samples at temperature 1 (maj@K, pass@K, pass@1) instead of greedy")
+    ev.add_argument("--template", choices=("evolm", "chat", "raw"), default="evolm", help="(default: %(default)s)")
+    ev.add_argument("--max-length", type=int, default=2048, metavar="N",
+                    help="prompt + completion tokens, capped by the model's max_seq_len (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    ev.add_argument("--tp", type=int, default=None, metavar="N",
+                    help="tensor-parallel size (default: the torchrun world size); N > 1 needs torchrun")
+    ev.add_argument("--workers", type=int, default=None, metavar="N", help="grading processes (default: min(8, CPUs))")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_eval)
     return p
 
 
@@ -322,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 OPTIONAL_PACKAGES = {
     "tokenizers": "pip install 'megaevo[hf]'",
     "reasoning_gym": "pip install 'megaevo[demo]'",
+    "math_verify": "pip install 'megaevo[eval]'",
     "transformers": "pip install transformers",
     "triton": "pip install triton",
     "apex": "see https://github.com/NVIDIA/apex",

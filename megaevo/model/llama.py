@@ -67,14 +67,16 @@ class Attention(nn.Module):
         self.dense = RowParallelLinear(args.num_heads * args.head_dim, args.hidden_size, state,
                                        init_method=skip_init, device=device, dtype=dtype)
 
-    def forward(self, x, cos, sin, position_ids=None, doc_ids=None):
+    def forward(self, x, cos, sin, position_ids=None, doc_ids=None, kv_cache=None):
         qkv = self.qkv(x)
         b, s = qkv.shape[:2]
         qkv = qkv.view(b, s, self.local_kv_heads, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.local_kv_heads * self.q_per_kv, self.head_dim)
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
         q, k = kernels.apply_rotary(q, k, cos, sin, position_ids)
-        if self.selective_recompute and torch.is_grad_enabled():
+        if kv_cache is not None:  # generation: append k, v to this layer's cache, attend over all of it
+            out = kv_cache.attend(q, k, v, doc_ids)
+        elif self.selective_recompute and torch.is_grad_enabled():
             out = checkpoint(_attention_core, q, k, v, doc_ids, use_reentrant=False)
         else:
             out = _attention_core(q, k, v, doc_ids)
@@ -111,8 +113,8 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps, sp, device, dtype)
         self.mlp = MLP(args, state, device, dtype)
 
-    def forward(self, x, cos, sin, position_ids=None, doc_ids=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids, doc_ids)
+    def forward(self, x, cos, sin, position_ids=None, doc_ids=None, kv_cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids, doc_ids, kv_cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -126,6 +128,10 @@ class LlamaStage(nn.Module):
     minimum); with ``with_entropy`` also the per-token entropy of the predicted distribution, as
     ``(loss, entropy)`` (the log-probability of each label is ``-loss``); on other stages the hidden states ((batch, seq / tp, hidden) under sequence
     parallelism). ``position_ids`` and ``doc_ids`` are (batch, seq) over the whole sequence.
+
+    With ``kv_cache`` (a :class:`megaevo.inference.kv_cache.KVCache`, for generation) ``x`` is the
+    next ``seq`` tokens after the cache's filled length: each layer appends its keys and values to
+    the cache and attends over everything cached so far, and the cache then advances by ``seq``.
 
     Parameters are initialised by :meth:`reset_parameters` from ``seed`` and their logical names,
     so every layout (TP size, pipeline split) starts from the same logical weights.
@@ -216,15 +222,20 @@ class LlamaStage(nn.Module):
         return self._rope_cache[key]
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, ignore_index: int = -100, with_entropy: bool = False):
+                doc_ids: torch.Tensor | None = None, ignore_index: int = -100, with_entropy: bool = False,
+                kv_cache=None):
         h = self.embedding(x) if self.has_embedding else x
         cos, sin = self.rope_tables(h.device)
         full_recompute = self.args.recompute == "full" and torch.is_grad_enabled()
-        for layer in self.layers:
-            if full_recompute:
+        for i, layer in enumerate(self.layers):
+            if kv_cache is not None:
+                h = layer(h, cos, sin, position_ids, doc_ids, kv_cache.layer(i))
+            elif full_recompute:
                 h = checkpoint(layer, h, cos, sin, position_ids, doc_ids, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, position_ids, doc_ids)
+        if kv_cache is not None:
+            kv_cache.advance(x.shape[1])
         if not self.has_head:
             return h
         h = self.norm(h)

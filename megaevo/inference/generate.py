@@ -1,0 +1,114 @@
+"""Batched generation with a KV cache on this rank's (tensor-parallel) model stage.
+
+Prompts of different lengths share one batch left-padded: padding has its own position ids
+(clamped to 0), is its own document in the prefill attention and is masked out of the cache, so a
+row's tokens do not depend on what else is in the batch. Each step gathers the full vocabulary's
+logits of the last position, samples on every TP rank and broadcasts TP rank 0's tokens, so all
+ranks of a TP group continue with the same tokens. Finished rows leave the batch (and the cache).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megaevo.model.llama import LlamaStage
+from megaevo.parallel.layers import gather_vocab_logits
+from megaevo.parallel.state import ParallelState
+
+from .kv_cache import KVCache
+from .sampling import Completion, SamplingParams, sample
+
+
+class _Row:
+    def __init__(self, prompt: list[int], budget: int):
+        self.prompt, self.budget = prompt, budget
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.text: str | None = None
+        self.finish: str | None = None
+
+
+@torch.no_grad()
+def generate_rows(stage: LlamaStage, state: ParallelState, prompts: list[list[int]], params: SamplingParams, *,
+                  tokenizer=None, stop_ids: set[int] = frozenset(), generator: torch.Generator | None = None
+                  ) -> list[Completion]:
+    """One completion per prompt (prompts already repeated ``n`` times), generated as one batch."""
+    args = stage.args
+    cap = min(params.max_length or args.max_seq_len, args.max_seq_len)
+    rows = [_Row(p, max(0, min(params.max_new_tokens, cap - len(p)))) for p in prompts]
+    active = [i for i, r in enumerate(rows) if r.budget > 0]
+    for r in rows:
+        if r.budget == 0:
+            r.finish, r.text = "length", ""
+    if active:
+        _run(stage, state, rows, active, params, tokenizer, stop_ids, generator)
+    return [Completion(r.prompt, r.tokens, r.text if r.text is not None else _decode(tokenizer, r.tokens),
+                       r.logprobs, r.finish) for r in rows]
+
+
+def _run(stage, state, rows, active, params, tokenizer, stop_ids, generator):
+    device = next(stage.parameters()).device
+    lens = torch.tensor([len(rows[i].prompt) for i in active], device=device)
+    width = int(lens.max())
+    b = len(active)
+    pad = width - lens
+    cols = torch.arange(width, device=device)
+    tokens = torch.zeros(b, width, dtype=torch.long, device=device)
+    for j, i in enumerate(active):
+        tokens[j, width - len(rows[i].prompt):] = torch.tensor(rows[i].prompt, device=device)
+    real = cols[None, :] >= pad[:, None]
+    positions = (cols[None, :] - pad[:, None]).clamp(min=0)
+    doc_ids = real.long() if bool((pad > 0).any()) else None
+    max_new = max(rows[i].budget for i in active)
+    key_mask = torch.cat([real, torch.ones(b, max_new, dtype=torch.bool, device=device)], dim=1)
+    cache = KVCache.for_model(stage, b, width + max_new, key_mask)
+
+    vocab = stage.args.vocab_size
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
+        for j, i in enumerate(active):
+            seen[j, torch.tensor(rows[i].prompt, device=device)] = True
+    stops = tuple(params.stop)
+    logits = stage(tokens, position_ids=positions, doc_ids=doc_ids, kv_cache=cache)[:, -1]
+    while True:
+        full = gather_vocab_logits(logits, state, vocab)
+        next_tokens, logprobs = sample(full, params, seen, generator)
+        if state.tp_size > 1:  # every TP rank continues with rank 0's choice
+            both = torch.stack([next_tokens.double(), logprobs.double()])
+            dist.broadcast(both, src=dist.get_global_rank(state.tp_group, 0), group=state.tp_group)
+            next_tokens, logprobs = both[0].long(), both[1].float()
+        ids, lps = next_tokens.tolist(), logprobs.tolist()
+        keep = []
+        for j, i in enumerate(active):
+            r = rows[i]
+            r.tokens.append(ids[j])
+            r.logprobs.append(lps[j])
+            if ids[j] in stop_ids:
+                r.finish, r.text = "stop", _decode(tokenizer, r.tokens[:-1])
+            elif stops:
+                text = _decode(tokenizer, r.tokens)
+                cut = min((k for k in (text.find(s) for s in stops) if k >= 0), default=-1)
+                if cut >= 0:
+                    r.finish, r.text = "stop", text[:cut]
+            if r.finish is None and len(r.tokens) >= r.budget:
+                r.finish = "length"
+            if r.finish is None:
+                keep.append(j)
+        if not keep:
+            return
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            cache.keep(index)
+            next_tokens = next_tokens.index_select(0, index)
+            if seen is not None:
+                seen = seen.index_select(0, index)
+            active = [active[j] for j in keep]
+        if seen is not None:
+            seen.scatter_(1, next_tokens[:, None], True)
+        pos = torch.tensor([len(rows[i].prompt) + len(rows[i].tokens) - 1 for i in active], device=device)
+        logits = stage(next_tokens[:, None], position_ids=pos[:, None], kv_cache=cache)[:, -1]
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids) if tokenizer is not None and ids else ""

@@ -1,0 +1,277 @@
+"""``megaevo.load``: a megaevo checkpoint or a Hugging Face Llama/Mistral/Qwen2 directory, ready to
+score and generate on this rank's tensor-parallel share of the model.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the process group is joined as the trainer joins it; TP is the
+world size unless given, and the remaining data-parallel ranks split the prompts of
+:meth:`Model.generate` (every rank gets every completion back). Pipeline parallelism is not used
+for inference.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megaevo.model.args import ModelArgs
+from megaevo.model.llama import LlamaStage, fuse_qkv
+from megaevo.parallel.layers import gather_vocab_logits
+from megaevo.parallel.state import ParallelState, init_parallel_state
+
+from .generate import generate_rows
+from .sampling import Completion, SamplingParams
+
+logger = logging.getLogger(__name__)
+MAX_BATCH_ROWS = 256  # rows generated together; more prompts x n run in several batches
+
+
+@dataclass
+class Model:
+    """A loaded model on this rank: ``stage`` (the whole decoder, this rank's TP shard), its shape
+    ``args``, ``state``, ``device``, ``dtype``, and ``tokenizer`` (None when none was found)."""
+
+    stage: LlamaStage
+    args: ModelArgs
+    state: ParallelState
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: object = None
+    eos_ids: tuple[int, ...] = ()  # the default stop tokens: the tokenizer's EOS (and generation_config.json's)
+    path: Path | None = None
+    max_batch_rows: int = field(default=MAX_BATCH_ROWS)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-vocabulary logits (batch, seq, vocab_size), float32, the same on every TP rank."""
+        tokens = self._tokens(tokens)
+        local = self.stage(tokens, position_ids=_to(position_ids, self.device), doc_ids=_to(doc_ids, self.device))
+        return gather_vocab_logits(local, self.state, self.args.vocab_size).float()
+
+    __call__ = forward
+
+    def logprobs(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log p(labels[b, t] | tokens[b, :t+1]), float32 (batch, seq); 0 where ``labels == -100``.
+        The vocabulary is never gathered: the head's vocab-parallel loss gives it per token."""
+        tokens = self._tokens(tokens)
+        loss = self.stage(tokens, _to(labels, self.device))
+        return loss.neg() + 0.0  # +0.0: ignored positions are 0, not -0
+
+    def generate(self, prompts, params: SamplingParams | None = None) -> list[list[Completion]]:
+        """``params.n`` completions for each prompt (a string, or a list of token ids), in prompt order,
+        on every rank. Data-parallel ranks each generate a share of the prompts."""
+        params = params or SamplingParams()
+        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+            raise TypeError("Model.generate: prompts must be a list of prompts (strings or lists of token ids)")
+        encoded = [self._encode(p, params) for p in prompts]
+        stop_ids = set(self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("Model.generate: stop strings need a tokenizer, and none was loaded with the model")
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+            generator.manual_seed(seed + 1_000_003 * self.state.dp_rank)
+        dp, rank = self.state.dp_size, self.state.dp_rank
+        mine = list(range(rank, len(encoded), dp))
+        rows = [encoded[i] for i in mine for _ in range(params.n)]
+        done: list[Completion] = []
+        self.stage.eval()
+        for start in range(0, len(rows), self.max_batch_rows):
+            done += generate_rows(self.stage, self.state, rows[start:start + self.max_batch_rows], params,
+                                  tokenizer=self.tokenizer, stop_ids=stop_ids, generator=generator)
+        results: dict[int, list[Completion]] = {i: done[k * params.n:(k + 1) * params.n] for k, i in enumerate(mine)}
+        if dp > 1:
+            shares = [None] * dp
+            dist.all_gather_object(shares, [(i, [c.to_json() for c in cs]) for i, cs in results.items()],
+                                   group=self.state.dp_group)
+            results = {i: [Completion(**c) for c in cs] for share in shares for i, cs in share}
+        return [results[i] for i in range(len(encoded))]
+
+    def _encode(self, prompt, params: SamplingParams) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("Model.generate: text prompts need a tokenizer, and none was loaded with the "
+                                 "model; pass token ids")
+            ids = list(self.tokenizer.encode(prompt))
+            if params.add_bos:
+                if self.tokenizer.bos_id is None:
+                    raise ValueError("SamplingParams.add_bos: the tokenizer has no BOS token")
+                ids = [self.tokenizer.bos_id] + ids
+        else:
+            ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        if not ids:
+            raise ValueError("Model.generate: a prompt is empty (give it text or set add_bos)")
+        bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ValueError(f"Model.generate: token id(s) {bad[:5]} outside the model's vocabulary "
+                             f"[0, {self.args.vocab_size})")
+        return ids
+
+    def _tokens(self, tokens) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens, device=self.device)
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"Model: tokens must be integer (batch, seq), got {tuple(tokens.shape)} {tokens.dtype}")
+        return tokens.long()
+
+
+def _to(t, device):
+    return None if t is None else torch.as_tensor(t, device=device)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load(path: str | os.PathLike, *, tp: int | None = None, device=None, dtype=None, pp: int = 1) -> Model:
+    """The model in ``path``: a megaevo checkpoint (a run directory, its checkpoints folder or one
+    ``iter_`` directory) or a Hugging Face Llama/Mistral/Qwen2 directory (safetensors).
+
+    ``dtype`` defaults to the stored weights' dtype on a GPU and float32 on the CPU. ``tp`` > 1
+    needs that many processes per model (``torchrun --nproc_per_node``)."""
+    from megaevo.convert.hf import is_hf_dir
+
+    if pp != 1:
+        raise ValueError(f"megaevo.load: pipeline parallelism (pp={pp}) is not supported for inference; "
+                         "use tensor parallelism (tp) and data parallelism instead")
+    state, default_device = _parallel_state(tp)
+    device = torch.device(device) if device is not None else default_device
+    path = Path(path)
+    source = _hf_source(path) if is_hf_dir(path) else _checkpoint_source(path)
+    args = source["args"].replace(recompute="none")
+    args.validate(state.tp_size)
+    if dtype is None:
+        dtype = source["dtype"] if device.type == "cuda" else torch.float32
+    dtype = _torch_dtype(dtype)
+    stage = _empty_stage(args, state, device, dtype)
+    with torch.no_grad():
+        source["fill"](stage)
+    stage.requires_grad_(False).eval()
+    tokenizer = _load_tokenizer(source["tokenizers"])
+    eos = list(source.get("eos", []))
+    if tokenizer is not None and tokenizer.eos_id is not None:
+        eos.insert(0, tokenizer.eos_id)
+    return Model(stage, args, state, device, dtype, tokenizer, tuple(dict.fromkeys(eos)), source["path"])
+
+
+def _empty_stage(args: ModelArgs, state: ParallelState, device: torch.device, dtype: torch.dtype) -> LlamaStage:
+    """The model with uninitialised weights (no random init: they are about to be loaded), its
+    parameters keeping their layout tags."""
+    stage = LlamaStage(args, state, device="meta", dtype=dtype)
+    tags = {n: dict(vars(p)) for n, p in stage.named_parameters()}
+    stage.to_empty(device=device)
+    for n, p in stage.named_parameters():
+        for k, v in tags[n].items():
+            setattr(p, k, v)
+    return stage
+
+
+def _parallel_state(tp: int | None) -> tuple[ParallelState, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 or (dist.is_available() and dist.is_initialized()):
+        from megaevo.training.trainer import init_distributed
+
+        _, world, device = init_distributed()
+        tp = world if tp is None else tp
+        if not isinstance(tp, int) or tp < 1 or world % tp:
+            raise ValueError(f"megaevo.load: tp={tp} must divide the world size {world}")
+        return init_parallel_state(tp=tp, dp=world // tp, pp=1), device
+    if tp not in (None, 1):
+        raise ValueError(f"megaevo.load: tp={tp} needs {tp} processes; launch with "
+                         f"torchrun --nproc_per_node {tp} (one process runs tp=1)")
+    return ParallelState.single(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if str(dtype).removeprefix("torch.") not in names:
+        raise ValueError(f"megaevo.load: unknown dtype {dtype!r} (use one of {', '.join(names)})")
+    return names[str(dtype).removeprefix("torch.")]
+
+
+def _checkpoint_source(path: Path) -> dict:
+    from megaevo.config import config_from_dict
+    from megaevo.training.checkpoint import LoadedCheckpoint, load_local_weights, resolve_checkpoint
+
+    ck = LoadedCheckpoint(resolve_checkpoint(path))
+    args = ModelArgs.from_config(config_from_dict(ck.meta["config"]).model)
+    dtypes = {e.torch_dtype for e in ck.record.tensors.get("model", {}).values()}
+    stored = dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    def fill(stage: LlamaStage) -> None:
+        named = stage.named_parameters_with_meta()
+        load_local_weights(ck, {n: p for n, p, _ in named}, {n: m for n, _, m in named})
+
+    data = (ck.record.config or {}).get("data") or {}
+    tokenizers = [ck.path] + ([Path(data["tokenizer"])] if isinstance(data.get("tokenizer"), str) else [])
+    return {"args": args, "dtype": stored, "fill": fill, "tokenizers": tokenizers, "path": ck.path}
+
+
+def _hf_source(path: Path) -> dict:
+    from safetensors import safe_open
+
+    from megaevo.convert.hf import hf_tensors, read_hf_config, tensor_links
+    from megaevo.convert.hf_config import spec_from_hf_config
+    from megaevo.convert.safetensors_io import DTYPES
+
+    raw = read_hf_config(path)
+    args = ModelArgs(**spec_from_hf_config(raw, str(path / "config.json")).model)
+    tensors = hf_tensors(path)
+    links = tensor_links(args)
+    missing = [k for _, names, _ in links for k in names if k not in tensors]
+    if missing:
+        raise ValueError(f"{path}: tensor(s) missing for the model config.json describes: {', '.join(missing[:6])}")
+    stored = DTYPES[tensors[links[0][1][0]].dtype]
+
+    def fill(stage: LlamaStage) -> None:
+        params = {n: (p, m) for n, p, m in stage.named_parameters_with_meta()}
+        with ExitStack() as stack:
+            files = {}
+
+            def get(key: str) -> torch.Tensor:
+                f = tensors[key].file
+                if f not in files:
+                    files[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+                return files[f].get_tensor(key)
+
+            for name, hf_names, how in links:
+                parts = [get(k) for k in hf_names]
+                if how == "qkv":
+                    full = fuse_qkv(*parts, args.num_heads, args.num_kv_heads)
+                else:
+                    full = torch.cat(parts, dim=0) if how == "gate_up" else parts[0]
+                param, meta = params[name]
+                if tuple(full.shape) != tuple(meta.logical_shape):
+                    raise ValueError(f"{tensors[hf_names[0]].file}: {hf_names[0]} has shape {list(full.shape)}, "
+                                     f"config.json implies {list(meta.logical_shape)}")
+                local = meta.layout.shard(full, meta.tp_rank, meta.tp_size)
+                param.zero_()  # padded vocab rows stay 0
+                param[tuple(slice(0, n) for n in local.shape)].copy_(local.to(param.dtype))
+
+    eos = []
+    gen = path / "generation_config.json"
+    for cfg in ([raw] + ([json.loads(gen.read_text(encoding="utf-8"))] if gen.is_file() else [])):
+        ids = cfg.get("eos_token_id")
+        eos += [ids] if isinstance(ids, int) else [i for i in (ids or []) if isinstance(i, int)]
+    return {"args": args, "dtype": stored, "fill": fill, "tokenizers": [path], "path": path, "eos": eos}
+
+
+def _load_tokenizer(candidates: list[Path]):
+    from megaevo.data.tokenizers import load_tokenizer
+
+    for c in candidates:
+        if c.is_dir() and not any((c / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+            continue
+        if not c.exists():
+            continue
+        try:
+            return load_tokenizer(c)
+        except (ImportError, OSError, ValueError) as e:
+            logger.warning("megaevo.load: tokenizer %s could not be read (%s)", c, e)
+    return None
