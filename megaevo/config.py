@@ -76,6 +76,12 @@ class TrainConfig:
 
     dtype "auto" means bf16 on CUDA and fp32 on the CPU (see resolve_dtype). An interval of 0
     turns that action off.
+
+    `eval_tasks` are evaluation task specs (as `megaevo eval --tasks` takes them: an EvoLM set's name
+    or jsonl, `rg:NAME[:COUNT[:SEED]]`, a multiple-choice jsonl, a dataset prefix), each run on its
+    first `eval_tasks_limit` problems at every `eval_interval`, greedy with the `evolm` template and
+    at most `eval_tasks_max_length` tokens; their metrics are logged as `eval/NAME/METRIC`. Generative
+    tasks need `data.tokenizer` and PP = 1.
     """
 
     micro_batch_size: int = 1
@@ -86,6 +92,10 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 10
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_limit: int = 32
+    eval_tasks_max_length: int = 512
+    eval_tasks_data_dir: Optional[str] = None
 
 
 @dataclass
@@ -283,6 +293,12 @@ def _other_errors(cfg: Config) -> list[str]:
             errors.append(f"train.{name} must not be negative")
     if c.interval < 0 or (c.keep_last is not None and c.keep_last < 1):
         errors.append("checkpoint.interval must not be negative and checkpoint.keep_last must be at least 1 (or null)")
+    if t.eval_tasks:
+        if t.eval_tasks_limit < 1 or t.eval_tasks_max_length < 2:
+            errors.append("train.eval_tasks_limit must be at least 1 and train.eval_tasks_max_length at least 2")
+        if cfg.parallel.pp > 1:
+            errors.append(f"train.eval_tasks runs on the training model, which cannot generate with parallel.pp="
+                          f"{cfg.parallel.pp} yet: evaluate the checkpoints with `megaevo eval` instead")
     if cfg.data.train:
         from megaevo.data.blended import parse_blend
 

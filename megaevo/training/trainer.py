@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megaevo import kernels
-from megaevo.config import Config, Layout, config_to_dict, resolve_dtype, save_config, validate
+from megaevo.config import Config, ConfigError, Layout, config_to_dict, resolve_dtype, save_config, validate
 from megaevo.errors import UserError
 from megaevo.log import get_logger, setup_logging
 from megaevo.model.llama import LlamaStage, build_chunks
@@ -162,6 +162,7 @@ class Trainer:
                                          cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.run = RunState()
         self.stage = (build_stage or build_data)(cfg, self.layout, self.state, self.device)
+        self.eval_tasks = _eval_tasks(cfg)
         self._flops_per_token = flops_per_token(cfg.model, cfg.seq_len)
         self._peak = peak_flops(self.device)
 
@@ -222,10 +223,33 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """``val/NAME`` (the stage's loss on each validation set) and ``eval/TASK/METRIC`` (train.eval_tasks)."""
         self.model.eval()
         out = {f"val/{name}": self.forward_backward(batches(), self.stage.loss, forward_only=True)
                for name, batches in self.stage.valid.items()}
+        if self.eval_tasks:
+            out.update(self._run_eval_tasks())
         self.model.train()
+        return out
+
+    def _run_eval_tasks(self) -> dict[str, float]:
+        """The eval tasks on the live model (TP shards as they are; DP splits the problems)."""
+        from megaevo.eval.tasks import GenerativeTask
+        from megaevo.inference.model import Model
+
+        t = self.cfg.train
+        tokenizer = self.eval_tasks[0]
+        model = Model(self.chunks[0], self.cfg.model, self.state, self.device, self.dtype, tokenizer=tokenizer,
+                      eos_ids=(tokenizer.eos_id,) if tokenizer is not None and tokenizer.eos_id is not None else ())
+        out = {}
+        for task in self.eval_tasks[1]:
+            if isinstance(task, GenerativeTask):
+                result = task.run(model, batch_size=t.eval_tasks_limit, progress=False,
+                                  max_length=t.eval_tasks_max_length, seed=t.seed)
+            else:
+                result = task.run(model, batch_size=8, progress=False)
+            out.update({f"eval/{task.name}/{k}": float(v) for k, v in result["metrics"].items()
+                        if isinstance(v, (int, float)) and k != "n"})
         return out
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -384,6 +408,28 @@ class Trainer:
                 "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"], "tokens_per_s": tps,
                 "mfu": tps * self._flops_per_token / (self._peak * self.world_size) if self._peak else None,
                 "mem_gb": memory_gb(self.device), "skipped_steps": self.run.skipped_steps}
+
+
+def _eval_tasks(cfg: Config) -> tuple | None:
+    """(tokenizer, tasks) for train.eval_tasks, resolved at start so that a bad spec fails at once."""
+    t = cfg.train
+    if not t.eval_tasks:
+        return None
+    from megaevo.data.tokenizers import load_tokenizer
+    from megaevo.eval.lm_loss import LossTask
+    from megaevo.eval.tasks import resolve_task
+
+    tasks = [resolve_task(spec, t.eval_tasks_data_dir, limit=t.eval_tasks_limit) for spec in t.eval_tasks]
+    if not cfg.data.tokenizer:
+        texts = [spec for spec, task in zip(t.eval_tasks, tasks) if not isinstance(task, LossTask)]
+        if texts:
+            raise ConfigError(f"train.eval_tasks: {', '.join(texts)} need the tokenizer: set data.tokenizer")
+        return None, tasks
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens, more than "
+                          f"model.vocab_size={cfg.model.vocab_size}")
+    return tokenizer, tasks
 
 
 class TrainingStopped(RuntimeError):
