@@ -158,9 +158,11 @@ def _convert(args) -> int:
             if args.json:
                 print(json.dumps(info))
             else:
+                written = ", ".join(info.get("files_written", []))
                 print(f"wrote {info['path']} from {info['checkpoint']}: {info['architecture']}, "
                       f"{info['parameters']:,} parameters in {info['shards']} shard(s); copied "
-                      f"{', '.join(info['files_copied']) or 'no tokenizer files'}")
+                      f"{', '.join(info['files_copied']) or 'no tokenizer files'}"
+                      + (f"; wrote {written}" if written else ""))
             return 0
         if args.save:
             path = convert.reshard(args.load, args.save, tp=args.tp, pp=args.pp, virtual_pp=args.virtual_pp,
