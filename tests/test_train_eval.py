@@ -19,7 +19,8 @@ def data(tmp_path_factory):
 @pytest.mark.slow
 def test_eval_tasks_are_logged_at_every_eval_interval(data, spm_model, tmp_path):
     tasks = [str(EVALS / "GSM8KPlatinum.jsonl"), "rg:basic_arithmetic:3:1"]
-    cfg = config(data, tmp_path, **{"model.vocab_size": 600, "data.tokenizer": spm_model, "train.iters": 4,
+    # The model's vocabulary (640) is larger than the tokenizer's (600): ids it cannot decode are never sampled.
+    cfg = config(data, tmp_path, **{"model.vocab_size": 640, "data.tokenizer": spm_model, "train.iters": 4,
                                     "train.eval_interval": 2, "train.eval_tasks": json.dumps(tasks),
                                     "train.eval_tasks_limit": 3, "train.eval_tasks_max_length": 48,
                                     "checkpoint.save": False})

@@ -28,7 +28,7 @@ class _Row:
         self.finish: str | None = None
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_rows(stage: LlamaStage, state: ParallelState, prompts: list[list[int]], params: SamplingParams, *,
                   tokenizer=None, stop_ids: set[int] = frozenset(), generator: torch.Generator | None = None
                   ) -> list[Completion]:
@@ -64,15 +64,23 @@ def _run(stage, state, rows, active, params, tokenizer, stop_ids, generator):
     cache = KVCache.for_model(stage, b, width + max_new, key_mask)
 
     vocab = stage.args.vocab_size
+    # Ids past the tokenizer's vocabulary (a model sized larger than its tokenizer) cannot be decoded:
+    # they are never sampled.
+    decodable = getattr(tokenizer, "vocab_size", None)
+    decodable = decodable if decodable is not None and decodable < vocab else None
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
         for j, i in enumerate(active):
             seen[j, torch.tensor(rows[i].prompt, device=device)] = True
     stops = tuple(params.stop)
-    logits = stage(tokens, position_ids=positions, doc_ids=doc_ids, kv_cache=cache)[:, -1]
+    logits = stage(tokens, position_ids=positions, doc_ids=doc_ids, kv_cache=cache, last_only=True)[:, -1]
+    pos = lens[:, None]  # the next position of each row
     while True:
         full = gather_vocab_logits(logits, state, vocab)
+        if decodable is not None:
+            full = full.clone()
+            full[:, decodable:] = float("-inf")
         next_tokens, logprobs = sample(full, params, seen, generator)
         if state.tp_size > 1:  # every TP rank continues with rank 0's choice
             both = torch.stack([next_tokens.double(), logprobs.double()])
@@ -101,13 +109,14 @@ def _run(stage, state, rows, active, params, tokenizer, stop_ids, generator):
             index = torch.tensor(keep, device=device)
             cache.keep(index)
             next_tokens = next_tokens.index_select(0, index)
+            pos = pos.index_select(0, index)
             if seen is not None:
                 seen = seen.index_select(0, index)
             active = [active[j] for j in keep]
         if seen is not None:
             seen.scatter_(1, next_tokens[:, None], True)
-        pos = torch.tensor([len(rows[i].prompt) + len(rows[i].tokens) - 1 for i in active], device=device)
-        logits = stage(next_tokens[:, None], position_ids=pos[:, None], kv_cache=cache)[:, -1]
+        logits = stage(next_tokens[:, None], position_ids=pos, kv_cache=cache)[:, -1]
+        pos = pos + 1
 
 
 def _decode(tokenizer, ids: list[int]) -> str:

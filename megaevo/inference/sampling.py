@@ -119,13 +119,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen=None,
     """The next token of each row and its log-probability under the raw ``logits`` (batch, vocab).
 
     ``seen``: what :func:`apply_repetition_penalty` takes (the prompt and output tokens so far)."""
-    logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    raw = logits
     if params.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
     else:
-        logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+        logits = filter_top_k_top_p(logits.float() / params.temperature, params.top_k, params.top_p)
         tokens = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, chosen_logprobs(raw, tokens)
+
+
+def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log-softmax of ``logits`` (batch, vocab) at ``tokens`` (batch,), float32 (one fused
+    log-softmax pass is faster on the CPU than a separate log-sum-exp)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)

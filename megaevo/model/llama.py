@@ -71,16 +71,24 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         b, s = qkv.shape[:2]
         qkv = qkv.view(b, s, self.local_kv_heads, self.q_per_kv + 2, self.head_dim)
+        if kv_cache is not None:  # generation: append k, v to this layer's cache, attend over all of it
+            return self.dense(self._cached(qkv, kv_cache, doc_ids).reshape(b, s, -1))
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.local_kv_heads * self.q_per_kv, self.head_dim)
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
         q, k = kernels.apply_rotary(q, k, cos, sin, position_ids)
-        if kv_cache is not None:  # generation: append k, v to this layer's cache, attend over all of it
-            out = kv_cache.attend(q, k, v, doc_ids)
-        elif self.selective_recompute and torch.is_grad_enabled():
+        if self.selective_recompute and torch.is_grad_enabled():
             out = checkpoint(_attention_core, q, k, v, doc_ids, use_reentrant=False)
         else:
             out = _attention_core(q, k, v, doc_ids)
         return self.dense(out.reshape(b, s, -1))
+
+    def _cached(self, qkv, kv_cache, doc_ids):
+        """Generation: rotate the query and key heads of the fused projection in one pass (the
+        cache holds this forward's rotary factors), then attend through the cache."""
+        b, s, g = qkv.shape[0], qkv.shape[1], self.q_per_kv
+        qk = kv_cache.rotate(qkv[:, :, :, : g + 1])
+        q = qk[:, :, :, :g].reshape(b, s, self.local_kv_heads * g, self.head_dim)
+        return kv_cache.attend(q, qk[:, :, :, g], qkv[:, :, :, g + 1], doc_ids)
 
 
 def _attention_core(q, k, v, doc_ids):
@@ -131,7 +139,8 @@ class LlamaStage(nn.Module):
 
     With ``kv_cache`` (a :class:`megaevo.inference.kv_cache.KVCache`, for generation) ``x`` is the
     next ``seq`` tokens after the cache's filled length: each layer appends its keys and values to
-    the cache and attends over everything cached so far, and the cache then advances by ``seq``.
+    the cache and attends over everything cached so far, and the cache then advances by ``seq``;
+    ``last_only`` then gives the logits of the last position only, (batch, 1, vocab).
 
     Parameters are initialised by :meth:`reset_parameters` from ``seed`` and their logical names,
     so every layout (TP size, pipeline split) starts from the same logical weights.
@@ -223,9 +232,11 @@ class LlamaStage(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, ignore_index: int = -100, with_entropy: bool = False,
-                kv_cache=None):
+                kv_cache=None, last_only: bool = False):
         h = self.embedding(x) if self.has_embedding else x
         cos, sin = self.rope_tables(h.device)
+        if kv_cache is not None:
+            kv_cache.begin(cos, sin, position_ids, x.shape[1])
         full_recompute = self.args.recompute == "full" and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if kv_cache is not None:
@@ -238,6 +249,8 @@ class LlamaStage(nn.Module):
             kv_cache.advance(x.shape[1])
         if not self.has_head:
             return h
+        if kv_cache is not None and last_only:
+            h = h[:, -1:]
         h = self.norm(h)
         logits = self.output(h, self.embedding.weight if self.tied_here else None)
         logits = mask_vocab_padding(logits, self.args.vocab_size, self.state)
