@@ -119,7 +119,7 @@ BAD_LINES = [
 def test_malformed_line_fails_naming_file_and_line_and_writes_nothing(small_chunks, tmp_path, spm_model, corpus_texts, workers):
     good = write_jsonl(tmp_path / "good.jsonl", corpus_texts)
     bad = write_jsonl(tmp_path / "bad.jsonl", corpus_texts[:30], extra_lines=BAD_LINES[2:])
-    with pytest.raises(PreprocessError, match=rf"bad\.jsonl:15: key 'text' missing \(keys: 'body'\)") as e:
+    with pytest.raises(PreprocessError, match=r"bad\.jsonl:15: key 'text' missing \(keys: 'body'\)") as e:
         preprocess([good, bad], tmp_path / "new" / "dir" / "out", spm_model, workers=workers, progress=False)
     assert "use --on-error skip to skip malformed lines" in str(e.value)  # the command's flag, not the keyword
     assert files(tmp_path) == ["bad.jsonl", "good.jsonl"]  # no dataset, no temp files, no new directories

@@ -13,7 +13,6 @@ numbers and lm-eval's agree.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -139,26 +138,19 @@ def load_task(path: str | os.PathLike, limit: int | None = None) -> MultipleChoi
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: multiple-choice file not found")
+    from megaevo.eval.tasks import read_jsonl
+
     questions = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if limit is not None and len(questions) >= limit:
-                break
-            if not line.strip():
-                continue
-            questions.append(_parse(line, f"{path}:{line_no}"))
+    for line_no, doc in read_jsonl(path):
+        if limit is not None and len(questions) >= limit:
+            break
+        questions.append(_parse(doc, f"{path}:{line_no}"))
     if not questions:
         raise UserError(f"{path}: no questions (expected jsonl lines with context, choices and gold)")
     return MultipleChoiceTask(name=path.stem, questions=questions)
 
 
-def _parse(line: str, where: str) -> Question:
-    try:
-        doc = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{where}: expected a JSON object with context, choices and gold")
+def _parse(doc: dict, where: str) -> Question:
     missing = [k for k in ("context", "choices", "gold") if k not in doc]
     if missing:
         raise UserError(f"{where}: missing {', '.join(missing)} (a question needs context, choices and gold)")

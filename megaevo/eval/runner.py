@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from megaevo.eval.generative import MAX_LENGTH, grade_completions, rank
-from megaevo.eval.tasks import EvalError, GenerativeTask, Problem, _rows, resolve_task
+from megaevo.eval.tasks import EvalError, GenerativeTask, Problem, read_jsonl, resolve_task
 from megaevo.eval.templates import render
 
 
@@ -29,7 +29,7 @@ def read_predictions(path: str | Path, task: GenerativeTask) -> tuple[list[Probl
     in the file's order, with their completions."""
     by_id = {str(p.id): p for p in task.problems}
     problems, completions = [], []
-    for line_no, row in _rows(Path(path)):
+    for line_no, row in read_jsonl(Path(path)):
         where = f"{path}:{line_no}"
         if "id" not in row:
             raise EvalError(f"{where}: missing field id")

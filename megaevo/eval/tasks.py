@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,7 +134,9 @@ def resolve_task(spec: str, data_dir_: str | os.PathLike | None = None, limit: i
 
 # ---- loaders --------------------------------------------------------------------------------------------
 
-def _rows(path: Path):
+def read_jsonl(path: Path):
+    """(line number, object) for each non-blank line of a jsonl file; an :class:`EvalError` naming
+    ``file:line`` for a line that is not a JSON object."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -149,7 +151,7 @@ def _rows(path: Path):
 
 
 def _first_row(path: Path) -> dict:
-    for _, row in _rows(path):
+    for _, row in read_jsonl(path):
         return row
     raise EvalError(f"{path}: no tasks in the file (it is empty)")
 
@@ -162,7 +164,7 @@ def load_generative(path: str | os.PathLike, limit: int | None = None) -> Genera
     domain, grader = EVOLM_SETS.get(name, (None, None))
     problems: list[Problem] = []
     bare_gold = True
-    for line_no, row in _rows(path):
+    for line_no, row in read_jsonl(path):
         if limit is not None and len(problems) >= limit:
             break
         missing = [k for k in GENERATIVE_FIELDS if k not in row]
