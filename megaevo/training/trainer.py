@@ -163,18 +163,28 @@ class Trainer:
         self.run = RunState()
         self.stage = (build_stage or build_data)(cfg, self.layout, self.state, self.device)
         self.eval_tasks = _eval_tasks(cfg)
+        self._signals: _StopSignals | None = None  # set while fit() runs
+        self.stop_requested = False  # a rank received a stop signal (agreed on by every rank)
         self._flops_per_token = flops_per_token(cfg.model, cfg.seq_len)
         self._peak = peak_flops(self.device)
 
     # -- one step ----------------------------------------------------------------------------------
     def _global_count(self, batches: list[Batch], loss: LossFunction) -> float:
-        """The loss count of a whole step: every micro-batch of every DP rank (one all-reduce)."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        """The loss count of a whole step: every micro-batch of every DP rank (one all-reduce).
+
+        The same all-reduce carries this rank's stop request (a signal received), summed over the
+        whole job, so that every rank sets ``stop_requested`` at the same step. It spans the world:
+        the TP and PP ranks of a DP rank hold the same batches, so the sum counts each DP rank's
+        count TP × PP times."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for b in batches:
-            total += torch.as_tensor(loss.count(b), dtype=torch.float64, device=self.device)
-        if self.state.dp_group is not None:
-            compat.all_reduce(total, group=self.state.dp_group)
-        return total.item()
+            total[0] += torch.as_tensor(loss.count(b), dtype=torch.float64, device=self.device)
+        total[1] = float(self._signals is not None and self._signals.received is not None)
+        if self.world_size > 1:
+            compat.all_reduce(total)
+        count, stop = total.tolist()
+        self.stop_requested = self.stop_requested or stop > 0
+        return count / (self.state.tp_size * self.state.pp_size)
 
     def _step_loss(self, stats: StepStats, count: float) -> float:
         """The step's loss: the sum over every micro-batch and DP rank divided by ``count``. Also checks
@@ -356,7 +366,8 @@ class Trainer:
             save_config(cfg, self.out_dir / "config.yaml")
         writer = MetricsWriter(self.out_dir, t.iters, enabled=self.rank == 0)
         records, clock = [], _Throughput(self.run.consumed_samples * self.stage.tokens_per_sample)
-        with _StopSignals(cfg.checkpoint.save_on_signal) as signals:
+        with _StopSignals(cfg.checkpoint.save_on_signal) as self._signals:
+            signals = self._signals
             try:
                 while self.run.iteration < t.iters:
                     stats = self.train_step()
@@ -371,15 +382,14 @@ class Trainer:
                         raise TrainingStopped(f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient norm "
                                               f"(last at iteration {it}); stopping. {self._last_good()} Lower "
                                               f"optim.lr or check the data.")
-                    stop = self._any_rank(signals.received is not None) if signals.active else False
-                    if self._should_save(it) or (stop and cfg.checkpoint.save):
+                    if self._should_save(it) or (self.stop_requested and cfg.checkpoint.save):
                         self.save()
-                    if stop:
+                    if self.stop_requested:
                         self.checkpointer.wait()
                         saved = f"saved {self.checkpointer.root / f'iter_{it:07d}'}" if cfg.checkpoint.save \
                             else "checkpoint.save is off, nothing saved"
-                        log.info(f"stopped by {signals.name} at iteration {it}: {saved}; "
-                                 f"continue with checkpoint.load=auto")
+                        by = signals.name if signals.received is not None else "a signal to another rank"
+                        log.info(f"stopped by {by} at iteration {it}: {saved}; continue with checkpoint.load=auto")
                         break
                 self.checkpointer.wait()
                 if self.run.bad_in_a_row:
@@ -387,6 +397,7 @@ class Trainer:
                                           f"gradient norm, so their state was not saved. {self._last_good()}")
             finally:
                 writer.close()
+                self._signals = None
         return records
 
     def _should_save(self, it: int) -> bool:
