@@ -73,11 +73,10 @@ def slow_equal(a: str, b: str) -> bool:  # top level: the spawned grading worker
 
 
 def test_timeout_counts_as_wrong():
-    start = time.perf_counter()
+    """slow_equal would say "equal" after 30 s: wrong and one timeout means the 0.5 s limit cut it off."""
     with GradingPool(workers=1, timeout=0.5, equal_fn=slow_equal) as pool:
         graded = pool.grade(Grader("math"), [Job("1", [r"\boxed{1}"])])
     assert graded[0].correct == [False] and graded[0].timeouts == 1
-    assert time.perf_counter() - start < 25
 
 
 @pytest.fixture(scope="module")

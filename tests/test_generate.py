@@ -1,6 +1,5 @@
 """Generation: KV cache, greedy equal to transformers, sampling functions, stops, TP, the CLI."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,23 +14,13 @@ from megaevo.model.args import ModelArgs  # noqa: E402
 from megaevo.model.llama import LlamaStage  # noqa: E402
 
 from dist_utils import run_distributed  # noqa: E402
+from test_convert_hf import write_tokenizer  # noqa: E402
 
 VOCAB = 300
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.3,
              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 PROMPTS = [[5, 17, 33, 9, 120], [7, 250], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
-
-
-def write_tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                           "bos_token": "<s>", "eos_token": "</s>"}))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +30,7 @@ def hf_model(tmp_path_factory):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)).float().eval()
     model.save_pretrained(out)
-    write_tokenizer(out)
+    write_tokenizer(out, VOCAB)
     return out, model
 
 
