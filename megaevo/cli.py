@@ -29,18 +29,38 @@ def _tokenizer_train(args) -> int:
 
 
 def _preprocess(args) -> int:
-    from megaevo.data.preprocess import preprocess
+    if args.sft:
+        if args.json_key is not None:
+            raise UserError("--json-key does not apply with --sft: conversations are read from 'messages', "
+                            "'prompt'/'response' or 'problem'/'gt_solution'")
+        if args.append_eod:
+            raise UserError("--append-eod does not apply with --sft: the --template decides where EOS goes")
+        from megaevo.data.sft import preprocess_sft
 
-    summary = preprocess(
-        inputs=args.input,
-        output_prefix=args.output_prefix,
-        tokenizer=args.tokenizer,
-        json_key=args.json_key,
-        workers=args.workers,
-        append_eod=args.append_eod,
-        on_error=args.on_error,
-        progress=not args.quiet,
-    )
+        summary = preprocess_sft(
+            inputs=args.input,
+            output_prefix=args.output_prefix,
+            tokenizer=args.tokenizer,
+            template=args.template or "evolm",
+            workers=args.workers,
+            on_error=args.on_error,
+            progress=not args.quiet,
+        )
+    else:
+        if args.template is not None:
+            raise UserError("--template applies only with --sft (conversations with a chat template)")
+        from megaevo.data.preprocess import preprocess
+
+        summary = preprocess(
+            inputs=args.input,
+            output_prefix=args.output_prefix,
+            tokenizer=args.tokenizer,
+            json_key=args.json_key if args.json_key is not None else "text",
+            workers=args.workers,
+            append_eod=args.append_eod,
+            on_error=args.on_error,
+            progress=not args.quiet,
+        )
     print(json.dumps(summary.as_dict()) if args.json else summary.describe())
     return 0
 
@@ -232,6 +252,7 @@ def _demo(args) -> int:
 
 # The sections of a run's config, one dataclass each in megaevo/config.py (the tests keep this in step).
 CONFIG_SECTIONS = {
+    "stage": "pretrain (also CPT) or sft (a top-level key, default pretrain)",
     "model": "the model's shape (megaevo/model/args.py); model.preset fills it",
     "parallel": "tp, pp, virtual_pp, sequence parallelism, the distributed optimizer",
     "data": "training blend, validation sets, seq_len, split, tokenizer",
@@ -239,6 +260,7 @@ CONFIG_SECTIONS = {
     "optim": "AdamW and the learning-rate schedule",
     "checkpoint": "saving and loading: interval, keep_last, load, finetune",
     "kernels": "the fused-kernel backend (auto, triton, torch, apex) and autotuning",
+    "sft": "supervised fine-tuning: packing, cutoff, truncate, loss_normalization",
     "out_dir": "where the run writes (a top-level key, default runs/megaevo)",
 }
 
@@ -286,12 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=1234, help="seed of the line sample (default: %(default)s)")
     t.set_defaults(func=_tokenizer_train)
 
-    pp = sub.add_parser("preprocess", help="tokenize jsonl text into an indexed dataset (.bin/.idx)")
+    pp = sub.add_parser("preprocess", help="tokenize jsonl text into an indexed dataset (.bin/.idx); with --sft, "
+                                           "conversations with a chat template and a loss mask")
     pp.add_argument("--input", nargs="+", required=True, help="jsonl or jsonl.gz files")
-    pp.add_argument("--json-key", default="text", help="field of each jsonl line that holds the document text "
-                                                       "(default: %(default)s)")
+    pp.add_argument("--json-key", default=None, help="field of each jsonl line that holds the document text "
+                                                     "(default: text; not with --sft)")
     pp.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")
-    pp.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx (Megatron-LM's format)")
+    pp.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx (Megatron-LM's format); "
+                                                           "with --sft also PREFIX.loss_mask.bin and PREFIX.sft.json")
+    pp.add_argument("--sft", action="store_true",
+                    help="SFT conversations: each line holds 'messages' (system/user/assistant), 'prompt' and "
+                         "'response', or 'problem' and 'gt_solution'; one sequence per conversation plus its loss "
+                         "mask (assistant answers)")
+    pp.add_argument("--template", choices=("evolm", "chat", "hf", "raw"), default=None,
+                    help="chat template with --sft: evolm (EvoLM's 'Human: ...\\nAssistant:'), chat (megaevo's "
+                         "<|user|> tokens), hf (the tokenizer's chat_template), raw (default: evolm)")
     pp.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: %(default)s)")
     pp.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
     pp.add_argument("--on-error", choices=["fail", "skip"], default="fail",

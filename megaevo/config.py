@@ -3,9 +3,10 @@
     cfg = load_config("run.yaml", ["parallel.tp=2", "optim.lr=3e-4"])
     layout = validate(cfg, world_size=8)      # Layout(tp=2, pp=1, dp=4, ...)
 
-A YAML file holds the sections `model`, `parallel`, `data`, `train`, `optim`, `checkpoint`,
-`kernels` and the top-level `out_dir`. Overrides `key.sub=value` apply after the file, in order;
-their values are read as YAML (`parallel.tp=2`, `optim.betas=[0.9,0.95]`, `checkpoint.load=null`).
+A YAML file holds the top-level `stage` (pretrain | sft | rl), the sections `model`, `parallel`,
+`data`, `train`, `optim`, `checkpoint`, `kernels`, `sft` and the top-level `out_dir`. Overrides
+`key.sub=value` apply after the file, in order; their values are read as YAML (`parallel.tp=2`,
+`optim.betas=[0.9,0.95]`, `checkpoint.load=null`).
 `model.preset: evolm-1b` fills the model's shape fields, and fields given beside it (or by a later
 override) win. Unknown keys and wrongly typed values raise ConfigError naming the dotted key; a
 layout the world size cannot run raises ConfigError from validate() saying what to change.
@@ -16,6 +17,8 @@ dataclasses is :mod:`megaevo.configio`.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +32,9 @@ from megaevo.model.presets import PRESETS, preset_values
 ModelConfig = ModelArgs  # the `model` section: one class for the model's shape
 
 __all__ = ["PRESETS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "KernelsConfig", "Layout",
-           "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "config_from_dict", "config_to_dict",
-           "load_config", "preset_values", "resolve_dtype", "save_config", "validate"]
+           "ModelConfig", "OptimConfig", "ParallelConfig", "SFTConfig", "TrainConfig", "config_from_dict",
+           "config_to_dict", "load_config", "preset_values", "resolve_dtype", "save_config", "validate",
+           "with_iters"]
 
 
 @dataclass
@@ -59,7 +63,8 @@ class DataConfig:
     `train` takes any blend `megaevo.data.blended.parse_blend` reads: `[0.95, data/math, 0.05,
     data/web]`, a list of prefixes, or `{name: {prefix: ..., weight: ...}}`. `valid` names further
     whole datasets to report a validation loss on: `{name: prefix}`. `seq_len` None means the
-    model's max_seq_len.
+    model's max_seq_len. With `stage: sft` the prefixes are SFT datasets (conversations with loss
+    masks) and `split` divides each dataset's conversations; see megaevo.stages.sft.
     """
 
     train: Union[list, dict] = field(default_factory=list)
@@ -74,6 +79,9 @@ class DataConfig:
 class TrainConfig:
     """Batch sizes (in samples), length of the run (in iterations), seeds and intervals.
 
+    `epochs` (null: off), when set, replaces `iters`: the run lasts ceil(epochs × samples per epoch /
+    global_batch_size) iterations, counted by the stage from its data (stage sft; fractions allowed).
+
     dtype "auto" means bf16 on CUDA and fp32 on the CPU (see resolve_dtype). An interval of 0
     turns that action off.
 
@@ -87,6 +95,7 @@ class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     iters: int = 1000
+    epochs: Optional[float] = None
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 100
@@ -161,7 +170,26 @@ class KernelsConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (`stage: sft`, megaevo.stages.sft).
+
+    `packing`: several conversations per sequence of seq_len tokens, attention kept within each
+    conversation; false: one conversation per sequence, padded to seq_len. `cutoff`: the most tokens
+    of a conversation (null: seq_len; at most seq_len); longer ones are cut to it with `truncate`,
+    else dropped. `loss_normalization`: `global_tokens` divides the loss summed over the step's loss
+    tokens by their number (every micro-batch and DP rank); `micro_batch_mean` averages each
+    micro-batch's mean over its own loss tokens (a micro-batch without loss tokens is left out).
+    """
+
+    packing: bool = True
+    cutoff: Optional[int] = None
+    truncate: bool = True
+    loss_normalization: Literal["global_tokens", "micro_batch_mean"] = "global_tokens"
+
+
+@dataclass
 class Config:
+    stage: Literal["pretrain", "sft", "rl"] = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,6 +197,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     out_dir: str = "runs/megaevo"
 
     @property
@@ -235,7 +264,8 @@ def validate(cfg: Config, world_size: int) -> Layout:
     if cfg.seq_len > cfg.model.max_seq_len or cfg.seq_len < 1:
         errors.append(f"data.seq_len={cfg.seq_len} must be between 1 and model.max_seq_len={cfg.model.max_seq_len}: "
                       f"lower data.seq_len or raise model.max_seq_len")
-    errors += _optim_errors(cfg) + _other_errors(cfg)
+    iters = cfg.train.iters if cfg.train.epochs is None else None  # with epochs: known once the data is read
+    errors += _optim_errors(cfg, iters) + _other_errors(cfg) + _stage_errors(cfg)
     world_errors, layout = _world_errors(cfg, world_size)
     errors += world_errors
     if errors:
@@ -243,15 +273,26 @@ def validate(cfg: Config, world_size: int) -> Layout:
     return layout
 
 
-def _optim_errors(cfg: Config) -> list[str]:
-    o, iters, errors = cfg.optim, cfg.train.iters, []
+def with_iters(cfg: Config, iters: int) -> Config:
+    """A copy of `cfg` running `iters` iterations (the count `train.epochs` comes to), its learning-rate
+    schedule checked against that length."""
+    out = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, iters=int(iters)))
+    errors = _optim_errors(out, out.train.iters)
+    if errors:
+        raise ConfigError(errors_message(errors))
+    return out
+
+
+def _optim_errors(cfg: Config, iters: int | None) -> list[str]:
+    """The optimizer's settings; those about the run's length only when `iters` is known."""
+    o, errors = cfg.optim, []
     if o.lr < 0 or o.min_lr < 0:
         errors.append(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} must not be negative")
     if o.lr < o.min_lr:
         errors.append(f"optim.lr={o.lr} is below optim.min_lr={o.min_lr}: lower min_lr or raise lr")
     if o.warmup < 0:
         errors.append(f"optim.warmup={o.warmup} must not be negative")
-    elif o.warmup > iters and os.environ.get("RANK", "0") in ("", "0"):  # once per run, not once per rank
+    elif iters is not None and o.warmup > iters and os.environ.get("RANK", "0") in ("", "0"):  # said once per run
         # A shortened run: as in Megatron-LM, the warm-up simply does not end before the run does.
         from megaevo.log import get_logger
 
@@ -273,8 +314,8 @@ def _optim_errors(cfg: Config) -> list[str]:
                           f"and optim.lr={o.lr}")
         if o.anneal_style == "exp" and o.min_lr <= 0:
             errors.append("optim.anneal_style=exp needs optim.min_lr > 0 (or choose linear, cosine or sqrt)")
-        anneal = o.anneal_iters if o.anneal_iters is not None else round(o.anneal_fraction * iters)
-        if o.cooldown_iters < 0 or anneal < 0 or o.warmup + o.cooldown_iters + anneal > iters:
+        anneal = o.anneal_iters if o.anneal_iters is not None or iters is None else round(o.anneal_fraction * iters)
+        if iters is not None and (o.cooldown_iters < 0 or anneal < 0 or o.warmup + o.cooldown_iters + anneal > iters):
             errors.append(f"optim.warmup + optim.cooldown_iters + anneal iterations = "
                           f"{o.warmup} + {o.cooldown_iters} + {anneal} exceed train.iters={iters}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
@@ -306,6 +347,23 @@ def _other_errors(cfg: Config) -> list[str]:
             parse_blend(cfg.data.train)
         except ValueError as e:
             errors.append(f"data.train: {e}")
+    return errors
+
+
+def _stage_errors(cfg: Config) -> list[str]:
+    """The stage and its settings: `stage`, `train.epochs`, the `sft` section."""
+    errors, epochs = [], cfg.train.epochs
+    if cfg.stage == "rl":
+        errors.append("stage=rl: the RL stage is not available yet: use stage=pretrain or stage=sft")
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        errors.append(f"train.epochs={epochs} must be a positive number (or null to count train.iters)")
+    elif epochs is not None and cfg.stage == "pretrain":
+        errors.append("train.epochs counts epochs of SFT conversations (stage=sft): pre-training runs "
+                      "train.iters iterations; set train.epochs=null")
+    cutoff = cfg.sft.cutoff
+    if cfg.stage == "sft" and cutoff is not None and not 2 <= cutoff <= cfg.seq_len:
+        errors.append(f"sft.cutoff={cutoff} must be between 2 and data.seq_len={cfg.seq_len}: a conversation has to "
+                      f"fit one sequence; lower sft.cutoff (null means data.seq_len) or raise data.seq_len")
     return errors
 
 

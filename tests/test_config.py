@@ -22,6 +22,7 @@ from megaevo.config import (
     resolve_dtype,
     save_config,
     validate,
+    with_iters,
 )
 from megaevo.model.args import ModelArgs, layout_errors, shape_errors
 
@@ -348,6 +349,57 @@ def test_layout_errors_one_message_per_problem_named_by_key_or_flag():
                                          "integers (got 0, 1, 1)"]
     with pytest.raises(ValueError, match=r"invalid|parallel\.tp=4"):
         tiny.validate(4)
+
+
+# ---------------------------------------------------------------- the stage and its settings
+
+
+def test_stage_and_sft_settings(tmp_path):
+    assert config().stage == "pretrain" and config().train.epochs is None
+    s = config().sft
+    assert (s.packing, s.cutoff, s.truncate, s.loss_normalization) == (True, None, True, "global_tokens")
+    path = write(tmp_path, """
+        stage: sft
+        data: {train: [data/chat], seq_len: 128}
+        train: {epochs: 2.5}
+        sft: {packing: false, cutoff: 100, truncate: false, loss_normalization: micro_batch_mean}
+    """)
+    cfg = load_config(path, [])
+    assert cfg.stage == "sft" and cfg.train.epochs == 2.5 and isinstance(cfg.train.epochs, float)
+    assert (cfg.sft.packing, cfg.sft.cutoff, cfg.sft.truncate) == (False, 100, False)
+    assert cfg.sft.loss_normalization == "micro_batch_mean"
+    assert load_config(save_config(cfg, tmp_path / "saved.yaml"), []) == cfg
+    assert validate(cfg, 1).dp == 1
+    assert validate(config("stage=sft", "sft.cutoff=256"), 1).dp == 1  # cutoff = seq_len is allowed
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["stage=finetune"], r"^stage: expected one of 'pretrain', 'sft', 'rl', got 'finetune'"),
+    (["stage=rl"], r"^stage=rl: the RL stage is not available yet: use stage=pretrain or stage=sft$"),
+    (["sft.loss_normalization=token_mean"], r"^sft\.loss_normalization: expected one of 'global_tokens', "
+                                            r"'micro_batch_mean', got 'token_mean'"),
+    (["stage=sft", "data.seq_len=128", "sft.cutoff=129"], r"^sft\.cutoff=129 must be between 2 and data\.seq_len=128"),
+    (["stage=sft", "sft.cutoff=1"], r"^sft\.cutoff=1 must be between 2"),
+    (["stage=sft", "train.epochs=-1"], r"^train\.epochs=-1\.0 must be a positive number"),
+    (["train.epochs=1"], r"^train\.epochs counts epochs of SFT conversations \(stage=sft\)"),
+    (["sft.truncate=often"], r"^sft\.truncate: expected true or false"),
+])
+def test_stage_errors(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        validate(config(*overrides), 1)
+
+
+def test_epochs_check_the_schedule_once_the_iterations_are_known(caplog, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = config("stage=sft", "train.epochs=2", "optim.schedule=inf-cos", "optim.constant_lr=1e-4",
+                 "optim.warmup=100", "optim.cooldown_iters=100")
+    with caplog.at_level(logging.WARNING, logger="megaevo.config"):
+        validate(cfg, 1)  # train.iters is not the run's length: nothing said about it yet
+    assert not [r for r in caplog.records if r.name == "megaevo.config"]
+    resolved = with_iters(cfg, 500)
+    assert resolved.train.iters == 500 and cfg.train.iters == 1000 and resolved.optim == cfg.optim
+    with pytest.raises(ConfigError, match=r"exceed train\.iters=150"):
+        with_iters(cfg, 150)
 
 
 # ---------------------------------------------------------------- the YAML machinery on its own

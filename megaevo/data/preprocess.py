@@ -171,8 +171,10 @@ def _init_worker(tokenizer) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer)
 
 
-def _encode_in_worker(task) -> _Encoded:
-    return encode_lines(_worker_tokenizer, *task)
+def _encode_in_worker(task):
+    """(encode function, lines, *arguments): the function's result on this worker's tokenizer."""
+    encode, *args = task
+    return encode(_worker_tokenizer, *args)
 
 
 # -- reading and ordering ------------------------------------------------------------------------
@@ -196,15 +198,16 @@ def _read_chunks(paths: list[Path]) -> Iterator[tuple[int, int, list[bytes]]]:
             yield index, first, lines
 
 
-def _encoded_chunks(chunks, encode_args, tokenizer: Tokenizer, pool, window: int):
-    """(input index, first line, _Encoded) in input order, at most `window` chunks in flight."""
+def _encoded_chunks(chunks, encode_args, tokenizer: Tokenizer, pool, window: int, encode=encode_lines):
+    """(input index, first line, encode(tokenizer, lines, *encode_args)) in input order, at most `window`
+    chunks in flight; `encode` is a module-level function (workers receive it by reference)."""
     if pool is None:
         for index, first, lines in chunks:
-            yield index, first, encode_lines(tokenizer, lines, *encode_args)
+            yield index, first, encode(tokenizer, lines, *encode_args)
         return
     pending: collections.deque = collections.deque()
     for index, first, lines in chunks:
-        pending.append((index, first, pool.apply_async(_encode_in_worker, ((lines, *encode_args),))))
+        pending.append((index, first, pool.apply_async(_encode_in_worker, ((encode, lines, *encode_args),))))
         if len(pending) >= window:
             index, first, result = pending.popleft()
             yield index, first, result.get()

@@ -11,7 +11,8 @@ A stage is data and a loss:
   all-reduce, before any backward) and divide by that global count. Gradient accumulation and data
   parallelism then never change the loss, however unevenly the loss tokens fall.
 
-Pre-training and continued pre-training are :mod:`megaevo.stages.pretrain`.
+Pre-training and continued pre-training are :mod:`megaevo.stages.pretrain`; supervised fine-tuning
+(packed conversations with loss masks) is :mod:`megaevo.stages.sft`.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ class Stage:
 
     ``valid`` maps a validation set's name to a function giving this DP rank's micro-batches of one
     evaluation (the loss is reported as ``val/NAME``). ``tokens_per_sample`` is what throughput and
-    the ``tokens`` counter count per sample of the global batch.
+    the ``tokens`` counter count per sample of the global batch. ``iters``: the run's length when
+    the stage counts it from its data (``train.epochs``); None leaves it to ``train.iters``.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Stage:
     loss: LossFunction
     tokens_per_sample: int
     valid: dict[str, Callable[[], list[Batch]]] = field(default_factory=dict)
+    iters: int | None = None
 
 
 class TokenLoss:
@@ -74,3 +77,21 @@ class TokenLoss:
         if "loss_mask" in batch:
             per_token = per_token * batch["loss_mask"].to(per_token.dtype)
         return per_token.float().sum(), self.count(batch)
+
+
+class MicroBatchMeanLoss:
+    """Each micro-batch's mean over its own loss tokens (as :class:`TokenLoss` weighs them), averaged
+    over the step's micro-batches and DP ranks: the per-micro-batch mean many fine-tuning recipes use.
+
+    A micro-batch counts 1 and returns its mean; one without loss tokens counts 0 and returns zero, so
+    it neither adds to the average nor dilutes it (and never gives NaN)."""
+
+    def __init__(self):
+        self.tokens = TokenLoss()
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return (self.tokens.count(batch) > 0).to(torch.float64)
+
+    def __call__(self, chunk, x, batch):
+        loss_sum, tokens = self.tokens(chunk, x, batch)
+        return loss_sum / tokens.clamp_min(1).to(loss_sum.dtype), (tokens > 0).to(torch.float64)

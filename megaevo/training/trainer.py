@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from megaevo import kernels
-from megaevo.config import Config, ConfigError, Layout, config_to_dict, resolve_dtype, save_config, validate
+from megaevo.config import (Config, ConfigError, Layout, config_to_dict, resolve_dtype, save_config, validate,
+                            with_iters)
 from megaevo.errors import UserError
 from megaevo.log import get_logger, setup_logging
 from megaevo.model.llama import LlamaStage, build_chunks
@@ -115,7 +116,14 @@ def build_optimizer(cfg: Config, model: Model, state: ParallelState,
 
 
 def build_data(cfg: Config, layout: Layout, state: ParallelState, device: torch.device) -> Stage:
-    """The stage the config describes (pre-training / CPT)."""
+    """The stage the config describes (`stage`): pre-training / CPT, or supervised fine-tuning."""
+    if cfg.stage == "sft":
+        from megaevo.stages.sft import sft_stage
+
+        return sft_stage(cfg, layout, state, device)
+    if cfg.stage != "pretrain":
+        raise ConfigError(f"stage={cfg.stage}: the {cfg.stage.upper()} stage is not available yet: "
+                          f"use stage=pretrain or stage=sft")
     from megaevo.stages.pretrain import pretrain_stage
 
     return pretrain_stage(cfg, layout, state, device)
@@ -162,11 +170,23 @@ class Trainer:
                                          cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.run = RunState()
         self.stage = (build_stage or build_data)(cfg, self.layout, self.state, self.device)
+        if cfg.train.epochs is not None:
+            self.cfg = cfg = self._epochs_to_iters(cfg)
         self.eval_tasks = _eval_tasks(cfg)
         self._signals: _StopSignals | None = None  # set while fit() runs
         self.stop_requested = False  # a rank received a stop signal (agreed on by every rank)
         self._flops_per_token = flops_per_token(cfg.model, cfg.seq_len)
         self._peak = peak_flops(self.device)
+
+    def _epochs_to_iters(self, cfg: Config) -> Config:
+        """`cfg` running the iterations that `train.epochs` comes to, as the stage counted them."""
+        if self.stage.iters is None:
+            raise ConfigError(f"train.epochs={cfg.train.epochs:g}: stage {self.stage.name!r} does not count epochs; "
+                              f"give the run's length as train.iters (and train.epochs=null)")
+        if self.rank == 0:
+            log.info(f"train.epochs={cfg.train.epochs:g}: {self.stage.iters:,} iterations of "
+                     f"{cfg.train.global_batch_size} samples")
+        return with_iters(cfg, self.stage.iters)
 
     # -- one step ----------------------------------------------------------------------------------
     def _global_count(self, batches: list[Batch], loss: LossFunction) -> float:
@@ -519,10 +539,10 @@ def _report(message: str, rank: int) -> None:
         log.error(message)
 
 
-_EPILOG = """Settings are the dataclasses of megaevo/config.py, one section each: model (megaevo/model/args.py;
-model.preset fills it), parallel, data, train, optim, checkpoint, kernels, and out_dir. Give them in the
-YAML file and/or as dotted overrides (optim.lr=3e-4 parallel.tp=2); --print-config shows every key with
-its resolved value."""
+_EPILOG = """Settings are the dataclasses of megaevo/config.py: stage (pretrain or sft), then one section each:
+model (megaevo/model/args.py; model.preset fills it), parallel, data, train, optim, checkpoint, kernels,
+sft, and out_dir. Give them in the YAML file and/or as dotted overrides (optim.lr=3e-4 parallel.tp=2);
+--print-config shows every key with its resolved value."""
 
 
 def main(argv: list[str] | None = None) -> int:

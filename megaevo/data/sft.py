@@ -1,0 +1,390 @@
+"""SFT conversations: jsonl(.gz) in, a token dataset with a loss mask out (``megaevo preprocess --sft``).
+
+Input: one conversation per line, in any of these forms (other keys are ignored):
+
+- ``{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}``: an optional
+  system message first, then user and assistant turns alternating from a user turn, ending with an
+  assistant turn (several turns allowed);
+- ``{"prompt": "...", "response": "...", "system": "..."}`` (``system`` optional): one turn;
+- ``{"problem": "...", "gt_solution": "..."}``: EvoLM's evaluation format; the response is the
+  solution.
+
+Each conversation is laid out by a chat template (:mod:`megaevo.data.templates`) into token ids and a
+loss mask (1 on the assistant answers and what closes each of their turns). A line that is not a
+conversation (invalid JSON, missing keys, a non-string content, an unknown role, no assistant turn,
+turns out of order) fails the job naming ``file:line`` and the reason, or is skipped and counted with
+``on_error="skip"`` (``--on-error skip``). Nothing is truncated here: the training stage cuts
+conversations to its sequence length.
+
+Output, for ``PREFIX``:
+
+- ``PREFIX.bin`` / ``PREFIX.idx``: a Megatron-LM indexed dataset (:mod:`megaevo.data.indexed`), one
+  document of one sequence per conversation, in input order;
+- ``PREFIX.loss_mask.bin``: the loss mask, raw ``uint8`` (0 or 1), one byte per token in the order
+  and number of the tokens of ``PREFIX.bin``; no header, so ``np.memmap(path, np.uint8)`` reads it and
+  the mask of conversation i starts at the sum of the lengths of the conversations before it;
+- ``PREFIX.sft.json``: a small description: ``{"format": "megaevo-sft", "version": 1, "template",
+  "tokenizer", "conversations", "tokens", "loss_tokens", "dtype", "loss_mask", "inputs", "skipped"}``.
+
+All four files are written under temporary names and renamed into place only when every input has
+been read without error (the mask and description first, the index last), so a failed or
+interrupted job leaves nothing under the final names. The output is the same for any number of
+workers. :class:`SFTDataset` reads it back through memory maps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from megaevo.data import DataError
+from megaevo.data.indexed import DatasetFormatError, IndexedDataset, IndexedDatasetWriter, paths, token_dtype
+from megaevo.data.preprocess import (MAX_LOCATIONS, MAX_WARNINGS, PreprocessError, _encoded_chunks, _init_worker,
+                                     _missing_dirs, _progress_bar, _read_chunks, check_inputs)
+from megaevo.data.templates import ChatTemplate, ConversationError, get_template
+from megaevo.data.tokenizers import Tokenizer, load_tokenizer
+from megaevo.log import get_logger
+
+logger = get_logger(__name__)
+
+FORMAT = "megaevo-sft"
+VERSION = 1
+MASK_SUFFIX = ".loss_mask.bin"
+SIDECAR_SUFFIX = ".sft.json"
+
+
+def sft_paths(prefix: str | os.PathLike) -> dict[str, Path]:
+    """The files of an SFT dataset: ``idx``, ``bin``, ``mask`` and ``meta`` (the ``.sft.json`` description)."""
+    idx, bin_ = paths(prefix)
+    base = str(idx)[: -len(".idx")]
+    return {"idx": idx, "bin": bin_, "mask": Path(base + MASK_SUFFIX), "meta": Path(base + SIDECAR_SUFFIX)}
+
+
+# -- reading conversations -----------------------------------------------------------------------
+
+def _string(obj: dict, key: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ConversationError(f"{key!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def conversation_of(obj) -> list[dict]:
+    """The messages of one input object (see the module docstring for the accepted forms)."""
+    if not isinstance(obj, dict):
+        raise ConversationError(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list):
+            raise ConversationError(f"'messages' is {type(messages).__name__}, not a list of {{role, content}} objects")
+        return messages
+    for ask, answer in (("prompt", "response"), ("problem", "gt_solution")):
+        if ask in obj or answer in obj:
+            for key in (ask, answer):
+                if key not in obj:
+                    raise ConversationError(f"key {key!r} missing (a line with {ask!r} and {answer!r} needs both)")
+            messages = [{"role": "user", "content": _string(obj, ask)},
+                        {"role": "assistant", "content": _string(obj, answer)}]
+            if ask == "prompt" and obj.get("system") is not None:
+                messages.insert(0, {"role": "system", "content": _string(obj, "system")})
+            return messages
+    keys = ", ".join(repr(k) for k in list(obj)[:6])
+    raise ConversationError(f"no conversation: expected 'messages', or 'prompt' and 'response', or 'problem' and "
+                            f"'gt_solution' (keys: {keys or 'none'})")
+
+
+def _object_of(raw: bytes):
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise ConversationError("not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ConversationError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+@dataclasses.dataclass
+class _EncodedConversations:
+    tokens: np.ndarray  # all conversations of a chunk back to back
+    mask: np.ndarray  # uint8, one per token
+    lengths: list[int]  # tokens per conversation
+    errors: list[tuple[int, str]]  # (line offset in the chunk, reason)
+
+
+def encode_conversations(tokenizer: Tokenizer, lines: list[bytes], template: ChatTemplate,
+                         dtype) -> _EncodedConversations:
+    """Encode the conversations of a chunk of jsonl lines; blank lines are ignored."""
+    tokens: list[int] = []
+    mask: list[int] = []
+    lengths: list[int] = []
+    errors: list[tuple[int, str]] = []
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            ids, loss = template.encode(tokenizer, conversation_of(_object_of(raw)))
+            if not ids:
+                raise ConversationError(f"the conversation encodes to no tokens under template {template.name!r}")
+        except ConversationError as e:
+            errors.append((i, str(e)))
+            continue
+        tokens.extend(ids)
+        mask.extend(loss)
+        lengths.append(len(ids))
+    array = np.array(tokens, dtype=np.int64)
+    if array.size and (array.min() < 0 or array.max() >= tokenizer.vocab_size):
+        raise PreprocessError(f"{tokenizer.name} produced token id {int(array.max())} outside its vocabulary "
+                              f"({tokenizer.vocab_size})")
+    return _EncodedConversations(array.astype(dtype), np.array(mask, dtype=np.uint8), lengths, errors)
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SFTSummary:
+    inputs: list[str]
+    output_prefix: str
+    tokenizer: str
+    template: str
+    conversations: int
+    tokens: int
+    loss_tokens: int
+    max_tokens: int  # the longest conversation
+    skipped: int
+    skipped_locations: list[str]
+    seconds: float
+    conversations_per_s: float
+    tokens_per_s: float
+    dtype: str
+    workers: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        share = self.loss_tokens / self.tokens if self.tokens else 0.0
+        mean = self.tokens / self.conversations if self.conversations else 0.0
+        lines = [
+            f"wrote {self.output_prefix}.bin/.idx ({self.dtype}), {self.output_prefix}{MASK_SUFFIX} and "
+            f"{self.output_prefix}{SIDECAR_SUFFIX} from {len(self.inputs)} input(s), template {self.template}",
+            f"  conversations  {self.conversations:,}",
+            f"  tokens         {self.tokens:,} (mean {mean:,.1f}, longest {self.max_tokens:,} per conversation)",
+            f"  loss tokens    {self.loss_tokens:,} ({share:.1%} of the tokens)",
+            f"  time           {self.seconds:.2f} s with {self.workers} worker(s): "
+            f"{self.conversations_per_s:,.0f} conversations/s, {self.tokens_per_s:,.0f} tokens/s",
+        ]
+        if self.skipped:
+            lines.append(f"  skipped        {self.skipped:,} lines, first: {self.skipped_locations[0]}")
+        return "\n".join(lines)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def preprocess_sft(
+    inputs,
+    output_prefix: str | os.PathLike,
+    tokenizer: str | os.PathLike | Tokenizer,
+    template: str | ChatTemplate = "evolm",
+    workers: int = 1,
+    on_error: str = "fail",
+    progress: bool = True,
+) -> SFTSummary:
+    """Encode the conversations of the jsonl(.gz) inputs, in order, with ``template`` into an SFT dataset
+    at ``output_prefix`` (see the module docstring for the files). A malformed line raises
+    PreprocessError naming file and line (``on_error="fail"``, nothing is written) or is skipped and
+    counted (``on_error="skip"``)."""
+    if on_error not in ("fail", "skip"):
+        raise PreprocessError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if workers < 1:
+        raise PreprocessError(f"workers (--workers) must be at least 1, got {workers}")
+    input_paths = check_inputs(inputs)
+    tok = load_tokenizer(tokenizer)
+    chat = get_template(template, tok)  # an unknown template or missing special tokens fail before any work
+    dtype = token_dtype(tok.vocab_size)
+    new_dirs = _missing_dirs(Path(output_prefix).parent)
+
+    start = time.perf_counter()
+    conversations = skipped = loss_tokens = longest = 0
+    locations: list[str] = []
+    writer = IndexedDatasetWriter(output_prefix, dtype)
+    final = sft_paths(output_prefix)
+    tmp_mask, tmp_meta = _temporary(final["mask"]), _temporary(final["meta"])
+    mask_file = open(tmp_mask, "wb")
+    pool = bar = None
+    renamed: list[Path] = []
+    try:
+        if workers > 1:  # before the progress bar starts its thread, so that workers fork a single thread
+            spec = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok
+            pool = multiprocessing.get_context().Pool(workers, _init_worker, (spec,))
+        bar = _progress_bar(progress)
+        chunks = _encoded_chunks(_read_chunks(input_paths), (chat, dtype), tok, pool, 4 * workers,
+                                 encode=encode_conversations)
+        for index, first, enc in chunks:
+            for offset, reason in enc.errors:
+                where = f"{input_paths[index]}:{first + offset}: {reason}"
+                if on_error == "fail":
+                    raise PreprocessError(f"{where} (use --on-error skip to skip malformed lines and count them; "
+                                          f"on_error='skip' in Python)")
+                skipped += 1
+                if len(locations) < MAX_LOCATIONS:
+                    locations.append(where)
+                if skipped <= MAX_WARNINGS:
+                    with bar.external_write_mode(file=sys.stderr):
+                        logger.warning("skipping %s", where)
+            pos = 0
+            for n in enc.lengths:
+                writer.add_document(enc.tokens[pos : pos + n])
+                pos += n
+                longest = max(longest, n)
+            mask_file.write(enc.mask.tobytes())
+            loss_tokens += int(enc.mask.sum(dtype=np.int64))
+            conversations += len(enc.lengths)
+            bar.update(len(enc.lengths))
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if not conversations:
+            what = "every line was blank or skipped" if skipped else "every line is blank"
+            raise PreprocessError(f"no conversations in {', '.join(map(str, input_paths))} ({what}); nothing written")
+        mask_file.close()
+        meta = {"format": FORMAT, "version": VERSION, "template": chat.name, "tokenizer": tok.name,
+                "conversations": conversations, "tokens": writer.num_tokens, "loss_tokens": loss_tokens,
+                "dtype": str(dtype), "loss_mask": final["mask"].name, "inputs": [str(p) for p in input_paths],
+                "skipped": skipped}
+        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for src in (tmp_mask, tmp_meta):  # the index, renamed last by the writer, completes the dataset
+            dst = final["mask"] if src is tmp_mask else final["meta"]
+            os.replace(src, dst)
+            renamed.append(dst)
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        mask_file.close()
+        for p in (tmp_mask, tmp_meta, *renamed):
+            p.unlink(missing_ok=True)
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for d in new_dirs:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if skipped > MAX_WARNINGS:
+        logger.warning("skipped %d malformed lines in all (first %d in the summary)", skipped, len(locations))
+
+    seconds = time.perf_counter() - start
+    rate = 1.0 / max(seconds, 1e-9)
+    return SFTSummary(
+        inputs=[str(p) for p in input_paths],
+        output_prefix=str(writer.idx_path)[: -len(".idx")],
+        tokenizer=tok.name,
+        template=chat.name,
+        conversations=conversations,
+        tokens=writer.num_tokens,
+        loss_tokens=loss_tokens,
+        max_tokens=longest,
+        skipped=skipped,
+        skipped_locations=locations,
+        seconds=round(seconds, 4),
+        conversations_per_s=round(conversations * rate, 1),
+        tokens_per_s=round(writer.num_tokens * rate, 1),
+        dtype=str(dtype),
+        workers=workers,
+    )
+
+
+# -- reading it back -----------------------------------------------------------------------------
+
+class SFTDataset:
+    """An SFT dataset written by :func:`preprocess_sft`, over memory maps.
+
+    ``ds[i]`` is conversation i as (token ids as int64, loss mask as uint8), of equal length;
+    ``lengths`` holds the tokens of every conversation (int64); ``template`` is the template named in
+    ``PREFIX.sft.json`` (None without that file).
+    """
+
+    def __init__(self, prefix: str | os.PathLike):
+        files = sft_paths(prefix)
+        self.prefix = str(files["idx"])[: -len(".idx")]
+        self.name = Path(self.prefix).name
+        self.mask_path = files["mask"]
+        self._tokens = IndexedDataset(prefix)
+        ds = self._tokens
+        if ds.num_documents != len(ds):
+            raise DatasetFormatError(f"{ds.idx_path}: {ds.num_documents} documents in {len(ds)} sequences, but an SFT "
+                                     f"dataset has one sequence per conversation (write it with `megaevo preprocess "
+                                     f"--sft`)")
+        if not self.mask_path.is_file():
+            raise DatasetFormatError(f"{self.mask_path}: loss-mask file not found; {self.prefix}.bin/.idx is not "
+                                     f"an SFT dataset (write one with `megaevo preprocess --sft`)")
+        tokens = ds.num_tokens
+        size = self.mask_path.stat().st_size
+        if size != tokens:
+            raise DatasetFormatError(f"{self.mask_path}: {size:,} bytes, but {ds.bin_path} holds {tokens:,} tokens "
+                                     f"(one mask byte per token): the files are not from the same run; rerun "
+                                     f"`megaevo preprocess --sft`")
+        self._mask = np.memmap(self.mask_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self.lengths = ds.sequence_lengths.astype(np.int64)
+        self._offsets = np.zeros(len(self.lengths), dtype=np.int64)  # where each conversation's mask starts
+        np.cumsum(self.lengths[:-1], out=self._offsets[1:])
+        self.meta = self._read_meta(files["meta"], len(ds), tokens)
+        self.template: str | None = self.meta.get("template") if self.meta else None
+
+    @staticmethod
+    def _read_meta(path: Path, conversations: int, tokens: int) -> dict | None:
+        if not path.is_file():
+            return None
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DatasetFormatError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise DatasetFormatError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+        for key, have in (("conversations", conversations), ("tokens", tokens)):
+            if key in meta and meta[key] != have:
+                raise DatasetFormatError(f"{path}: says {meta[key]} {key} but the dataset has {have}: the files are "
+                                         f"not from the same run; rerun `megaevo preprocess --sft`")
+        return meta
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.prefix}: conversation {i} out of range ({len(self)} conversations)")
+        tokens = self._tokens.get(i).astype(np.int64)
+        start = int(self._offsets[i])
+        mask = np.array(self._mask[start : start + len(tokens)], dtype=np.uint8)
+        return tokens, mask
+
+    def validate(self) -> None:
+        """Check every mask byte is 0 or 1 (O(tokens)); the constructor checks only the sizes."""
+        self._tokens.validate()
+        bad = np.flatnonzero(self._mask > 1)
+        if len(bad):
+            raise DataError(f"{self.mask_path}: mask byte {int(bad[0])} is {int(self._mask[bad[0]])}, not 0 or 1")
+
+    def __repr__(self) -> str:
+        return f"SFTDataset({self.prefix!r}, conversations={len(self)}, template={self.template!r})"
