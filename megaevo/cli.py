@@ -252,7 +252,7 @@ def _demo(args) -> int:
 
 # The sections of a run's config, one dataclass each in megaevo/config.py (the tests keep this in step).
 CONFIG_SECTIONS = {
-    "stage": "pretrain (also CPT) or sft (a top-level key, default pretrain)",
+    "stage": "pretrain (also CPT), sft or rl (a top-level key, default pretrain)",
     "model": "the model's shape (megaevo/model/args.py); model.preset fills it",
     "parallel": "tp, pp, virtual_pp, sequence parallelism, the distributed optimizer",
     "data": "training blend, validation sets, seq_len, split, tokenizer",
@@ -261,6 +261,7 @@ CONFIG_SECTIONS = {
     "checkpoint": "saving and loading: interval, keep_last, load, finetune",
     "kernels": "the fused-kernel backend (auto, triton, torch, apex) and autotuning",
     "sft": "supervised fine-tuning: packing, cutoff, truncate, loss_normalization",
+    "rl": "reinforcement learning (PPO, GRPO): prompts, sampling, losses, KL, reward, critic",
     "out_dir": "where the run writes (a top-level key, default runs/megaevo)",
 }
 

@@ -4,7 +4,7 @@
     layout = validate(cfg, world_size=8)      # Layout(tp=2, pp=1, dp=4, ...)
 
 A YAML file holds the top-level `stage` (pretrain | sft | rl), the sections `model`, `parallel`,
-`data`, `train`, `optim`, `checkpoint`, `kernels`, `sft` and the top-level `out_dir`. Overrides
+`data`, `train`, `optim`, `checkpoint`, `kernels`, `sft`, `rl` and the top-level `out_dir`. Overrides
 `key.sub=value` apply after the file, in order; their values are read as YAML (`parallel.tp=2`,
 `optim.betas=[0.9,0.95]`, `checkpoint.load=null`).
 `model.preset: evolm-1b` fills the model's shape fields, and fields given beside it (or by a later
@@ -32,9 +32,9 @@ from megaevo.model.presets import PRESETS, preset_values
 ModelConfig = ModelArgs  # the `model` section: one class for the model's shape
 
 __all__ = ["PRESETS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "KernelsConfig", "Layout",
-           "ModelConfig", "OptimConfig", "ParallelConfig", "SFTConfig", "TrainConfig", "config_from_dict",
-           "config_to_dict", "load_config", "preset_values", "resolve_dtype", "save_config", "validate",
-           "with_iters"]
+           "ModelConfig", "OptimConfig", "ParallelConfig", "RLConfig", "RLCriticConfig", "SFTConfig", "TrainConfig",
+           "config_from_dict", "config_to_dict", "load_config", "preset_values", "resolve_dtype", "save_config",
+           "validate", "with_iters", "with_rl_batch"]
 
 
 @dataclass
@@ -112,7 +112,8 @@ class OptimConfig:
     """AdamW and the learning-rate schedule (see megaevo.training.schedules).
 
     `warmup` and every `*_iters` count iterations; a `warmup` longer than the run is allowed (the
-    learning rate then never reaches `lr`). cosine / linear decay to `min_lr` at
+    learning rate then never reaches `lr`). `warmup_fraction`, when set, replaces `warmup` by that
+    share of the run's iterations (rounded; also when `train.epochs` gives the length). cosine / linear decay to `min_lr` at
     `decay_iters` (None: the end of training). wsd holds `lr` and decays over the final
     `decay_fraction` of training with shape `decay_style`. inf-cos cools down from `lr` to
     `constant_lr` over `cooldown_iters` (cosine), holds it, and anneals to `min_lr` over the
@@ -122,6 +123,7 @@ class OptimConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup: int = 100
+    warmup_fraction: Optional[float] = None
     schedule: Literal["cosine", "linear", "wsd", "inf-cos", "constant"] = "cosine"
     decay_iters: Optional[int] = None
     decay_fraction: float = 0.2
@@ -188,6 +190,88 @@ class SFTConfig:
 
 
 @dataclass
+class RLCriticConfig:
+    """PPO's critic (`rl.critic`): the actor's architecture with a fresh scalar value head.
+
+    `load`: the checkpoint its body starts from (null: the checkpoint the actor started from, i.e.
+    `checkpoint.load`; without one, the actor's initial weights). Its AdamW takes `lr` and `min_lr`
+    with the actor's `optim.schedule`, betas and eps; `warmup` / `warmup_fraction` / `weight_decay` /
+    `clip_grad` left null take the actor's (`optim.*`). `value_clip`: the value loss's clip range
+    around the rollout's values (null: no clip)."""
+
+    load: Optional[str] = None
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup: Optional[int] = None
+    warmup_fraction: Optional[float] = None
+    weight_decay: Optional[float] = None
+    clip_grad: Optional[float] = None
+    value_clip: Optional[float] = 0.5
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning with verifiable rewards (`stage: rl`, megaevo.stages.rl).
+
+    One iteration is one rollout batch: `prompts_per_step` prompts (from `prompts`: EvoLM-format jsonl
+    sets or `rg:NAME[:COUNT[:SEED]]`, shuffled by train.seed each pass over the set; prompts longer than
+    `max_prompt_len` tokens are left out) rendered with `template`, `n` samples each of at most
+    `max_new_tokens` tokens at `temperature` / `top_p` (stopping at EOS or a `stop` string), scored by
+    `reward` (`verifiable`: the evaluation graders, `grader_timeout` seconds per comparison; or a dotted
+    path to `fn(prompt: dict, completion: str) -> float`; a truncated response gets `truncated_reward`
+    when set), then `epochs` passes over `mini_batches` mini-batches, one optimizer update each.
+    `train.global_batch_size` is derived: prompts_per_step x n samples; `train.micro_batch_size` is the
+    samples per micro-batch of the training forward.
+
+    `algorithm`: `grpo` (group-relative advantages; `normalize_std` false is Dr. GRPO) or `ppo` (GAE with
+    `gamma`, `lam` over a critic, `rl.critic`; `whiten_advantages` over the global batch). The policy loss
+    is PPO's clipped surrogate (`clip_low`, `clip_high`, `dual_clip` > 1 or null) aggregated by `loss_agg`
+    (token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm), minus `entropy_coef`
+    x entropy. `kl_coef` > 0 adds a KL to the frozen `reference` policy (null: the checkpoint the actor
+    started from) estimated by `kl_estimator` (k1, k2, k3): in the loss, or with `kl_in_reward` (PPO)
+    as a per-token penalty on the reward. `tis_cap`: truncated importance sampling of the rollout
+    engine's log-probabilities (the weight min(p_train / p_rollout, cap); null: off). `generation_batch`:
+    prompts generated together (null: all of a data-parallel rank's prompts of the step); the samples
+    are fixed by train.seed, the iteration and each generation batch's first prompt, so a value that
+    divides every layout's prompts per rank gives the same rollouts on any layout."""
+
+    algorithm: Literal["grpo", "ppo"] = "grpo"
+    prompts: list[str] = field(default_factory=list)
+    prompts_data_dir: Optional[str] = None
+    template: str = "evolm"
+    prompts_per_step: int = 64
+    n: int = 8
+    max_prompt_len: int = 1024
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    generation_batch: Optional[int] = None
+    epochs: int = 1
+    mini_batches: int = 1
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                      "seq-mean-token-sum-norm"] = "token-mean"
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in_reward: bool = False
+    reference: Optional[str] = None
+    normalize_std: bool = True
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten_advantages: bool = True
+    reward: str = "verifiable"
+    truncated_reward: Optional[float] = None
+    grader_timeout: Optional[float] = 4.0
+    grader_workers: Optional[int] = None
+    tis_cap: Optional[float] = None
+    critic: RLCriticConfig = field(default_factory=RLCriticConfig)
+
+
+@dataclass
 class Config:
     stage: Literal["pretrain", "sft", "rl"] = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -198,6 +282,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     out_dir: str = "runs/megaevo"
 
     @property
@@ -259,12 +344,16 @@ def validate(cfg: Config, world_size: int) -> Layout:
     model's shape and its split over TP and PP are checked by megaevo.model.args (shape_errors,
     layout_errors), as the model builder and the converters check them.
     """
+    cfg = with_rl_batch(cfg)
     p = cfg.parallel
     errors = shape_errors(cfg.model) + layout_errors(cfg.model, p.tp, p.pp, p.virtual_pp, p.pp_layers)
     if cfg.seq_len > cfg.model.max_seq_len or cfg.seq_len < 1:
         errors.append(f"data.seq_len={cfg.seq_len} must be between 1 and model.max_seq_len={cfg.model.max_seq_len}: "
                       f"lower data.seq_len or raise model.max_seq_len")
     iters = cfg.train.iters if cfg.train.epochs is None else None  # with epochs: known once the data is read
+    if iters is not None and cfg.optim.warmup_fraction is not None and 0 <= cfg.optim.warmup_fraction < 1:
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(
+            cfg.optim, warmup=int(round(cfg.optim.warmup_fraction * iters))))
     errors += _optim_errors(cfg, iters) + _other_errors(cfg) + _stage_errors(cfg)
     world_errors, layout = _world_errors(cfg, world_size)
     errors += world_errors
@@ -274,13 +363,26 @@ def validate(cfg: Config, world_size: int) -> Layout:
 
 
 def with_iters(cfg: Config, iters: int) -> Config:
-    """A copy of `cfg` running `iters` iterations (the count `train.epochs` comes to), its learning-rate
-    schedule checked against that length."""
+    """A copy of `cfg` running `iters` iterations (the count `train.epochs` comes to), with
+    `optim.warmup` resolved from `optim.warmup_fraction` when that is set, its learning-rate schedule
+    checked against that length."""
     out = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, iters=int(iters)))
+    if cfg.optim.warmup_fraction is not None:
+        out = dataclasses.replace(out, optim=dataclasses.replace(
+            cfg.optim, warmup=int(round(cfg.optim.warmup_fraction * out.train.iters))))
     errors = _optim_errors(out, out.train.iters)
     if errors:
         raise ConfigError(errors_message(errors))
     return out
+
+
+def with_rl_batch(cfg: Config) -> Config:
+    """With `stage: rl`, a copy of `cfg` whose `train.global_batch_size` is the rollout batch of an
+    iteration, `rl.prompts_per_step` x `rl.n` samples; other stages unchanged."""
+    if cfg.stage != "rl" or not (cfg.rl.prompts_per_step >= 1 and cfg.rl.n >= 1):
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, global_batch_size=cfg.rl.prompts_per_step * cfg.rl.n))
 
 
 def _optim_errors(cfg: Config, iters: int | None) -> list[str]:
@@ -290,6 +392,8 @@ def _optim_errors(cfg: Config, iters: int | None) -> list[str]:
         errors.append(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} must not be negative")
     if o.lr < o.min_lr:
         errors.append(f"optim.lr={o.lr} is below optim.min_lr={o.min_lr}: lower min_lr or raise lr")
+    if o.warmup_fraction is not None and not 0 <= o.warmup_fraction < 1:
+        errors.append(f"optim.warmup_fraction={o.warmup_fraction} must be at least 0 and below 1 (e.g. 0.1 for 10%)")
     if o.warmup < 0:
         errors.append(f"optim.warmup={o.warmup} must not be negative")
     elif iters is not None and o.warmup > iters and os.environ.get("RANK", "0") in ("", "0"):  # said once per run
@@ -354,7 +458,7 @@ def _stage_errors(cfg: Config) -> list[str]:
     """The stage and its settings: `stage`, `train.epochs`, the `sft` section."""
     errors, epochs = [], cfg.train.epochs
     if cfg.stage == "rl":
-        errors.append("stage=rl: the RL stage is not available yet: use stage=pretrain or stage=sft")
+        errors += _rl_errors(cfg)
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
         errors.append(f"train.epochs={epochs} must be a positive number (or null to count train.iters)")
     elif epochs is not None and cfg.stage == "pretrain":
@@ -364,6 +468,63 @@ def _stage_errors(cfg: Config) -> list[str]:
     if cfg.stage == "sft" and cutoff is not None and not 2 <= cutoff <= cfg.seq_len:
         errors.append(f"sft.cutoff={cutoff} must be between 2 and data.seq_len={cfg.seq_len}: a conversation has to "
                       f"fit one sequence; lower sft.cutoff (null means data.seq_len) or raise data.seq_len")
+    return errors
+
+
+def _rl_errors(cfg: Config) -> list[str]:
+    """The `rl` section, and what `stage: rl` asks of the others."""
+    r, c, errors = cfg.rl, cfg.rl.critic, []
+    if not r.prompts:
+        errors.append("rl.prompts is empty: give the prompt sets, e.g. rl.prompts=[data/math_train.jsonl] or "
+                      "rl.prompts=[rg:basic_arithmetic:1000]")
+    if not cfg.data.tokenizer:
+        errors.append("stage=rl needs data.tokenizer (prompts are rendered and responses graded as text)")
+    if cfg.parallel.pp > 1 or cfg.parallel.virtual_pp > 1:
+        errors.append(f"stage=rl generates with the training model, which pipeline parallelism cannot do yet: "
+                      f"set parallel.pp=1 (got {cfg.parallel.pp}) and parallel.virtual_pp=1; use parallel.tp instead")
+    if cfg.train.epochs is not None:
+        errors.append("train.epochs: stage=rl counts train.iters rollout steps; set train.epochs=null")
+    for name in ("prompts_per_step", "n", "max_prompt_len", "max_new_tokens", "epochs", "mini_batches"):
+        if getattr(r, name) < 1:
+            errors.append(f"rl.{name}={getattr(r, name)} must be at least 1")
+    if r.algorithm == "grpo" and r.n < 2:
+        errors.append(f"rl.n={r.n}: GRPO compares the samples of a prompt with each other and needs rl.n >= 2")
+    if r.max_prompt_len + r.max_new_tokens > cfg.model.max_seq_len:
+        errors.append(f"rl.max_prompt_len + rl.max_new_tokens = {r.max_prompt_len} + {r.max_new_tokens} exceed "
+                      f"model.max_seq_len={cfg.model.max_seq_len}")
+    if not r.temperature > 0 or not 0 < r.top_p <= 1:
+        errors.append(f"rl.temperature={r.temperature} must be positive (rollouts are sampled) and rl.top_p="
+                      f"{r.top_p} in (0, 1]")
+    if r.generation_batch is not None and r.generation_batch < 1:
+        errors.append(f"rl.generation_batch={r.generation_batch} must be at least 1 (or null)")
+    if r.clip_low < 0 or r.clip_high < 0:
+        errors.append(f"rl.clip_low={r.clip_low} and rl.clip_high={r.clip_high} must not be negative")
+    if r.dual_clip is not None and not r.dual_clip > 1:
+        errors.append(f"rl.dual_clip={r.dual_clip} must be greater than 1 (or null: off)")
+    if r.kl_coef < 0 or r.entropy_coef < 0:
+        errors.append(f"rl.kl_coef={r.kl_coef} and rl.entropy_coef={r.entropy_coef} must not be negative")
+    if r.kl_in_reward and r.algorithm != "ppo":
+        errors.append("rl.kl_in_reward puts the KL into PPO's per-token rewards; with rl.algorithm=grpo keep the KL "
+                      "in the loss (rl.kl_in_reward=false)")
+    if not (0 <= r.gamma <= 1 and 0 <= r.lam <= 1):
+        errors.append(f"rl.gamma={r.gamma} and rl.lam={r.lam} must lie in [0, 1]")
+    if r.tis_cap is not None and not r.tis_cap > 0:
+        errors.append(f"rl.tis_cap={r.tis_cap} must be positive (or null: off)")
+    elif r.tis_cap is not None and r.temperature != 1.0:
+        errors.append(f"rl.tis_cap needs rl.temperature=1 (got {r.temperature}): the sampler's log-probabilities are "
+                      f"those of the untempered model")
+    if r.grader_timeout is not None and not r.grader_timeout > 0:
+        errors.append(f"rl.grader_timeout={r.grader_timeout} must be positive seconds (or null: none)")
+    if c.lr < 0 or c.min_lr < 0 or c.lr < c.min_lr:
+        errors.append(f"rl.critic.lr={c.lr} and rl.critic.min_lr={c.min_lr} must not be negative, lr >= min_lr")
+    if c.warmup is not None and c.warmup < 0:
+        errors.append(f"rl.critic.warmup={c.warmup} must not be negative")
+    if c.warmup_fraction is not None and not 0 <= c.warmup_fraction < 1:
+        errors.append(f"rl.critic.warmup_fraction={c.warmup_fraction} must be at least 0 and below 1")
+    if (c.weight_decay is not None and c.weight_decay < 0) or (c.clip_grad is not None and c.clip_grad < 0):
+        errors.append("rl.critic.weight_decay and rl.critic.clip_grad must not be negative")
+    if c.value_clip is not None and not c.value_clip > 0:
+        errors.append(f"rl.critic.value_clip={c.value_clip} must be positive (or null: no clip)")
     return errors
 
 
@@ -381,6 +542,17 @@ def _world_errors(cfg: Config, world_size: int) -> tuple[list[str], Layout | Non
     if world_size < 1 or world_size % (p.tp * p.pp) or t.micro_batch_size < 1 or t.global_batch_size < 1:
         return errors, None
     dp = world_size // (p.tp * p.pp)
+    if cfg.stage == "rl" and cfg.rl.mini_batches >= 1 and cfg.rl.n >= 1:  # the rollout batch is derived
+        r = cfg.rl
+        if r.prompts_per_step % (dp * r.mini_batches):
+            errors.append(f"rl.prompts_per_step={r.prompts_per_step} must be a multiple of the data-parallel size x "
+                          f"rl.mini_batches = {dp} x {r.mini_batches}: each rank samples whole prompts, the same "
+                          f"number for each mini-batch")
+        elif (rows := r.prompts_per_step // (dp * r.mini_batches) * r.n) % t.micro_batch_size:
+            errors.append(f"a mini-batch gives each data-parallel rank {rows} samples (rl.prompts_per_step / DP / "
+                          f"rl.mini_batches x rl.n), not a multiple of train.micro_batch_size={t.micro_batch_size}")
+        if errors:
+            return errors, None
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         lower = max(per_step, t.global_batch_size // per_step * per_step)

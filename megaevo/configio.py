@@ -96,7 +96,10 @@ def _nearest_key(root, key: str) -> str | None:
     match = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
     if match:
         return prefix + match[0]
-    elsewhere = {k.rpartition(".")[2]: k for k in known if "." in k}
+    elsewhere: dict[str, str] = {}
+    for k in known:  # a name in several sections suggests its first (e.g. optim.lr before rl.critic.lr)
+        if "." in k:
+            elsewhere.setdefault(k.rpartition(".")[2], k)
     match = difflib.get_close_matches(leaf, list(elsewhere), n=1, cutoff=0.8)
     return elsewhere[match[0]] if match else None
 

@@ -46,6 +46,9 @@ MATH_DOCS = 4000
 VOCAB_SIZE = 4096
 TOKENIZER_MAX_SENTENCES = 400_000
 TRAIN_ITERS = 300  # 600k tokens: about 2-3 minutes of training on two CPU cores
+# The SFT chapter: GCD problems with worked Euclid steps and a boxed answer, in prompt/response form.
+SFT_TASKS = {"gcd": 1}
+SFT_CONVERSATIONS = 3000
 
 # -- general domain: the Python standard library ---------------------------------------------------
 
@@ -398,6 +401,17 @@ def math_corpus(n: int = MATH_DOCS, seed: int = 1234) -> Iterator[str]:
     return (p.text for p in math_problems(n, seed))
 
 
+def sft_corpus(n: int = SFT_CONVERSATIONS, seed: int = 1234, tasks: dict[str, int] = SFT_TASKS) -> Iterator[dict]:
+    """Conversations for supervised fine-tuning (`megaevo preprocess --sft`): a reasoning-gym question
+    as the prompt, its worked solution ending in ``The answer is \\boxed{...}.`` as the response.
+
+    The problems are drawn with another seed than the math corpus's (``seed + 1``), and only those
+    with a worked solution are kept, so fewer than ``n`` may come out."""
+    for p in math_problems(n, seed + 1, tasks):
+        if p.solution:
+            yield {"prompt": p.question.strip(), "response": f"{p.solution}\nThe answer is \\boxed{{{p.answer}}}."}
+
+
 # -- the demo pipeline ----------------------------------------------------------------------------
 
 
@@ -493,10 +507,11 @@ def _write_jsonl(path: Path, docs: Iterable[str], total: int | None, verbose: bo
     by_bytes = unit == "B"
     with open(tmp, "w", encoding="utf-8") as f, tqdm(total=total, desc=path.stem, unit=unit, unit_scale=by_bytes,
                                                       disable=not verbose, leave=False) as bar:
-        for doc in docs:
-            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+        for doc in docs:  # a text, or a whole record
+            line = json.dumps(doc if isinstance(doc, dict) else {"text": doc}, ensure_ascii=False)
+            f.write(line + "\n")
             n += 1
-            bar.update(len(doc.encode("utf-8")) if by_bytes else 1)
+            bar.update(len((doc if isinstance(doc, str) else line).encode("utf-8")) if by_bytes else 1)
         bar.total = bar.n
         bar.refresh()
     if n == 0:
@@ -537,6 +552,7 @@ def run_demo(
     steps = 4 if train else 3
     log(f"[1/{steps}] corpora in {root / 'corpus'}")
     corpora = _make_corpora(root / "corpus", seed, scale, log, verbose)
+    _make_sft_corpus(root / "corpus" / "sft.jsonl", seed, scale, log, verbose)
     log(f"[2/{steps}] SentencePiece tokenizer (vocabulary {vocab_size:,})")
     model, model_sha = _make_tokenizer(root / "tokenizer" / "demo", corpora, vocab_size, seed, log)
     log(f"[3/{steps}] tokenized datasets in {root / 'data'}")
@@ -593,6 +609,18 @@ def _make_corpora(folder: Path, seed: int, scale: float, log, verbose: bool) -> 
         log(f"  {name}: {record['documents']:,} documents, {record['bytes'] / 1e6:.1f} MB")
         corpora[name] = {"path": str(path), **record}
     return corpora
+
+
+def _make_sft_corpus(path: Path, seed: int, scale: float, log, verbose: bool) -> dict:
+    """Write DIR/corpus/sft.jsonl, the conversations of the README's SFT chapter (not trained on by the demo)."""
+    n = max(1, round(SFT_CONVERSATIONS * scale))
+    inputs = {"source": "reasoning-gym", "version": _reasoning_gym_version(), "tasks": SFT_TASKS, "conversations": n,
+              "seed": seed}
+    record = _cached(path.with_name(path.name + ".done"), inputs,
+                     lambda: _write_jsonl(path, sft_corpus(n, seed), n, verbose),
+                     lambda rec: _file_matches(path, rec), log)
+    log(f"  sft: {record['documents']:,} conversations for fine-tuning (prompt/response)")
+    return record
 
 
 def _make_tokenizer(prefix: Path, corpora: dict[str, dict], vocab_size: int, seed: int, log) -> tuple[Path, str]:
@@ -721,6 +749,29 @@ def train_settings(
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup": iters // 10, "schedule": "cosine", "weight_decay": 0.1},
         "checkpoint": {"interval": max(1, iters // 4), "keep_last": 2, "load": "auto"},
         "out_dir": path("run"),
+    }
+
+
+def sft_settings(directory: str | os.PathLike = "megaevo-demo", vocab_size: int = VOCAB_SIZE, seed: int = 1234) -> dict:
+    """The config that fine-tunes the demo's model on DIR/data/sft (written by `megaevo preprocess --sft`
+    from DIR/corpus/sft.jsonl): two epochs of packed conversations, from the demo run's last checkpoint.
+
+    examples/demo-sft.yaml is `sft_settings("megaevo-demo")`."""
+
+    def path(*parts: str) -> str:
+        return Path(directory, *parts).as_posix()
+
+    return {
+        "stage": "sft",
+        "model": {"preset": "tiny", "vocab_size": vocab_size},
+        "data": {"train": [path("data", "sft")], "tokenizer": path("tokenizer", "demo.model"), "seq_len": 256,
+                 "split": "98,2,0"},
+        "sft": {"packing": True, "loss_normalization": "global_tokens"},
+        "train": {"micro_batch_size": 8, "global_batch_size": 16, "epochs": 2, "seed": seed, "log_interval": 10,
+                  "eval_interval": 50, "eval_iters": 2, "dtype": "fp32"},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_fraction": 0.1, "schedule": "cosine", "weight_decay": 0.0},
+        "checkpoint": {"load": path("run"), "finetune": True, "interval": 50, "keep_last": 1},
+        "out_dir": path("sft-run"),
     }
 
 

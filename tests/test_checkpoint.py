@@ -234,3 +234,16 @@ def test_two_tp_ranks_save_and_one_rank_loads(tmp_path):
         assert torch.equal(ck.tensor(kind, name), t), (kind, name)
     assert len(ck.record.tensors["model"]["norm.weight"].fragments) == 1  # replicated: TP rank 0 only
     assert ck.rng(1) is not None and ck.rng(2) is None
+
+
+def test_load_accepts_a_checkpoint_its_folder_or_the_run(tmp_path):
+    from megaevo.training.checkpoint import Checkpointer
+
+    ck = tmp_path / "run" / "checkpoints" / "iter_0000005"
+    ck.mkdir(parents=True)
+    (ck / "metadata.json").write_text("{}")
+    (ck.parent / "latest").write_text("iter_0000005\n")
+    here = Checkpointer(tmp_path / "other" / "checkpoints", rank=0, world_size=1)
+    for given in (ck, ck.parent, tmp_path / "run"):
+        assert here.resolve(str(given)) == ck
+    assert here.resolve("auto") is None

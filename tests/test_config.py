@@ -375,7 +375,7 @@ def test_stage_and_sft_settings(tmp_path):
 
 @pytest.mark.parametrize("overrides, pattern", [
     (["stage=finetune"], r"^stage: expected one of 'pretrain', 'sft', 'rl', got 'finetune'"),
-    (["stage=rl"], r"^stage=rl: the RL stage is not available yet: use stage=pretrain or stage=sft$"),
+    (["stage=rl"], r"rl\.prompts is empty"),
     (["sft.loss_normalization=token_mean"], r"^sft\.loss_normalization: expected one of 'global_tokens', "
                                             r"'micro_batch_mean', got 'token_mean'"),
     (["stage=sft", "data.seq_len=128", "sft.cutoff=129"], r"^sft\.cutoff=129 must be between 2 and data\.seq_len=128"),
@@ -401,6 +401,18 @@ def test_epochs_check_the_schedule_once_the_iterations_are_known(caplog, monkeyp
     with pytest.raises(ConfigError, match=r"exceed train\.iters=150"):
         with_iters(cfg, 150)
 
+
+
+def test_warmup_fraction_is_a_share_of_the_run(caplog, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = config("optim.warmup_fraction=0.1", "optim.warmup=5000", "train.iters=300")
+    with caplog.at_level(logging.WARNING, logger="megaevo.config"):
+        validate(cfg, 1)  # 5000 is replaced by 30: no warning about a warmup longer than the run
+    assert not [r for r in caplog.records if r.name == "megaevo.config"]
+    assert with_iters(cfg, 300).optim.warmup == 30
+    assert with_iters(config("stage=sft", "train.epochs=1", "optim.warmup_fraction=0.25"), 10).optim.warmup == 2
+    with pytest.raises(ConfigError, match=r"optim\.warmup_fraction=1\.5 must be at least 0 and below 1"):
+        validate(config("optim.warmup_fraction=1.5"), 1)
 
 # ---------------------------------------------------------------- the YAML machinery on its own
 

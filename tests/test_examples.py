@@ -76,3 +76,16 @@ def test_cpt_example_replays_pretraining_data():
 
 def test_tiny_cpu_example_is_what_the_demo_trains():
     assert load_config(EXAMPLES / "tiny-cpu.yaml") == config_from_dict(demo.train_settings("megaevo-demo"))
+
+
+def test_sft_example_has_evolm_recipe():
+    cfg = load_config(EXAMPLES / "evolm-1b-sft.yaml")
+    assert cfg.stage == "sft" and cfg.model.preset == "evolm-1b"
+    assert cfg.train.epochs == 1 and cfg.train.global_batch_size == 128
+    assert cfg.optim.lr == 1e-5 and cfg.optim.schedule == "cosine" and cfg.optim.warmup_fraction == 0.1
+    assert not cfg.sft.packing and cfg.sft.cutoff == 2048 and cfg.sft.loss_normalization == "micro_batch_mean"
+    assert cfg.checkpoint.finetune and cfg.checkpoint.load not in (None, "auto")
+
+
+def test_demo_sft_example_is_what_the_demo_settings_say():
+    assert load_config(EXAMPLES / "demo-sft.yaml") == config_from_dict(demo.sft_settings("megaevo-demo"))

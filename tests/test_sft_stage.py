@@ -323,7 +323,7 @@ def test_validation_covers_each_set_once_padding_the_last_batch():
 # ---------------------------------------------------------------- config
 @pytest.mark.parametrize("overrides, pattern", [
     ({"stage": "sftt"}, r"^stage: expected one of 'pretrain', 'sft', 'rl', got 'sftt' \(did you mean 'sft'\?\)$"),
-    ({"stage": "rl"}, r"^stage=rl: the RL stage is not available yet"),
+    ({"stage": "rl"}, r"rl\.prompts is empty"),
     ({"sft.loss_normalization": "mean"}, r"^sft\.loss_normalization: expected one of 'global_tokens', "
                                          r"'micro_batch_mean', got 'mean'"),
     ({"sft.cutoff": SEQ + 1}, rf"^sft\.cutoff={SEQ + 1} must be between 2 and data\.seq_len={SEQ}"),

@@ -688,12 +688,15 @@ class Checkpointer:
 
     # -- loading -----------------------------------------------------------------------------------
     def resolve(self, load: str | os.PathLike) -> Path | None:
-        """`auto` -> this run's latest checkpoint (None if there is none); else the given directory."""
+        """`auto` -> this run's latest checkpoint (None if there is none); else the given checkpoint, the
+        latest of a checkpoints directory, or the latest of a run directory's checkpoints."""
         if str(load) == "auto":
             return latest_checkpoint(self.root)
         path = Path(load)
-        if (path / LATEST).is_file() and not (path / METADATA).is_file():
-            return latest_checkpoint(path)
+        if not (path / METADATA).is_file():
+            for root in (path, path / "checkpoints"):
+                if (root / LATEST).is_file():
+                    return latest_checkpoint(root)
         return path
 
 

@@ -16,6 +16,19 @@ during its last backward; tied embeddings first sum their gradients across the f
 Then the optimizer clips on the global norm and updates. The stage's data position is saved with
 each checkpoint, so stopping and resuming (also on another layout with the same global batch)
 continues the same run.
+
+A stage may take over more of an iteration through optional methods of its Stage object (the RL
+stage, megaevo.stages.rl.stage, uses all three; pre-training and SFT have none):
+
+* ``run_iteration(trainer, lr) -> stats``: runs the whole iteration in place of one forward/backward
+  and update (RL: a rollout batch, then several updates through :meth:`Trainer.update`); ``stats`` holds
+  ``loss``, ``grad_norm`` and ``skipped`` as a default step's do, and ``metrics``, a dict merged into the
+  logged record (it may replace ``tokens`` and ``tokens_per_s``);
+* ``checkpoint_tensors() -> {kind: {name: (local tensor, fragments, logical shape)}}``: further tensors
+  saved with each checkpoint under kinds of their own (e.g. a critic and its optimizer state; never
+  ``model``, so exports see only the model), collective over the job like the optimizer's state;
+* ``load_checkpoint(ck, resume)``: called once a checkpoint's weights are loaded, ``resume`` false when
+  only the weights are taken (``checkpoint.finetune``).
 """
 from __future__ import annotations
 
@@ -35,7 +48,7 @@ import torch.distributed as dist
 
 from megaevo import kernels
 from megaevo.config import (Config, ConfigError, Layout, config_to_dict, resolve_dtype, save_config, validate,
-                            with_iters)
+                            with_iters, with_rl_batch)
 from megaevo.errors import UserError
 from megaevo.log import get_logger, setup_logging
 from megaevo.model.llama import LlamaStage, build_chunks
@@ -50,7 +63,7 @@ from megaevo.training.checkpoint import (Checkpointer, CheckpointMeta, LoadedChe
                                          last_verified_checkpoint, load_local_weights, read_local_state,
                                          set_rng_state)
 from megaevo.training.metrics import MetricsWriter, flops_per_token, memory_gb, peak_flops
-from megaevo.training.optimizer import STATE_KINDS, DistributedAdamW
+from megaevo.training.optimizer import STATE_KINDS, DistributedAdamW, StepResult
 from megaevo.training.schedules import lr_at
 
 log = get_logger(__name__)
@@ -116,14 +129,17 @@ def build_optimizer(cfg: Config, model: Model, state: ParallelState,
 
 
 def build_data(cfg: Config, layout: Layout, state: ParallelState, device: torch.device) -> Stage:
-    """The stage the config describes (`stage`): pre-training / CPT, or supervised fine-tuning."""
+    """The stage the config describes (`stage`): pre-training / CPT, supervised fine-tuning or RL."""
     if cfg.stage == "sft":
         from megaevo.stages.sft import sft_stage
 
         return sft_stage(cfg, layout, state, device)
+    if cfg.stage == "rl":
+        from megaevo.stages.rl.stage import rl_stage
+
+        return rl_stage(cfg, layout, state, device)
     if cfg.stage != "pretrain":
-        raise ConfigError(f"stage={cfg.stage}: the {cfg.stage.upper()} stage is not available yet: "
-                          f"use stage=pretrain or stage=sft")
+        raise ConfigError(f"stage={cfg.stage}: unknown stage: use stage=pretrain, stage=sft or stage=rl")
     from megaevo.stages.pretrain import pretrain_stage
 
     return pretrain_stage(cfg, layout, state, device)
@@ -147,7 +163,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, build_stage: Callable[[Config, Layout, ParallelState, torch.device], Stage]
                  | None = None):
-        self.cfg = cfg
+        self.cfg = cfg = with_rl_batch(cfg)  # stage rl: the global batch is the rollout batch
         self.rank, self.world_size, self.device = init_distributed()
         self.layout = validate(cfg, self.world_size)
         kernels.set_backend(cfg.kernels.backend)
@@ -172,6 +188,8 @@ class Trainer:
         self.stage = (build_stage or build_data)(cfg, self.layout, self.state, self.device)
         if cfg.train.epochs is not None:
             self.cfg = cfg = self._epochs_to_iters(cfg)
+        elif cfg.optim.warmup_fraction is not None:
+            self.cfg = cfg = with_iters(cfg, cfg.train.iters)
         self.eval_tasks = _eval_tasks(cfg)
         self._signals: _StopSignals | None = None  # set while fit() runs
         self.stop_requested = False  # a rank received a stop signal (agreed on by every rank)
@@ -221,35 +239,51 @@ class Trainer:
                                f"count() promised {count:g} for this step")
         return loss_sum / count if count else float("nan")
 
-    def forward_backward(self, batches: list[Batch], loss: LossFunction, forward_only: bool = False) -> float:
+    def forward_backward(self, batches: list[Batch], loss: LossFunction, forward_only: bool = False, *,
+                         pipeline: PipelineEngine | None = None, buffers: GradBuffers | None = None) -> float:
         """Run ``batches`` through the pipeline (with backward unless ``forward_only``); the global mean loss.
 
         The gradient buffers average over DP, so each rank's loss sum is scaled by DP / global count:
-        the averaged gradient is that of (sum over all ranks) / (global count)."""
+        the averaged gradient is that of (sum over all ranks) / (global count). ``pipeline`` and
+        ``buffers`` default to the model's; a stage passes its own to train a second model (a critic)."""
+        own = pipeline is None
+        pipeline, buffers = pipeline or self.pipeline, buffers or self.buffers
         count = self._global_count(batches, loss)
         scale = self.state.dp_size / count if count else 0.0
-        stats = self.pipeline.run(batches, loss_fn=loss, loss_scale=scale, forward_only=forward_only,
-                                  no_sync=None if forward_only else self.buffers.no_sync)
-        if not forward_only:
+        stats = pipeline.run(batches, loss_fn=loss, loss_scale=scale, forward_only=forward_only,
+                             no_sync=None if forward_only else buffers.no_sync)
+        if not forward_only and own:
             self.last_step_stats = stats
         return self._step_loss(stats, count)
 
-    def train_step(self) -> dict:
-        lr = lr_at(self.run.iteration, self.cfg.optim, self.cfg.train.iters)
+    def update(self, batches: list[Batch], loss: LossFunction, lr: float) -> tuple[float, StepResult | None]:
+        """One optimizer update of the model on ``batches`` (this DP rank's micro-batches): forward and
+        backward, gradient reduction, clipping and AdamW at ``lr``. Returns the global mean loss and the
+        optimizer's result (None when the loss was not finite and no update was made)."""
         self.buffers.zero_grad()
         self.model.train()
-        loss = self.forward_backward(self.stage.train.next_step(), self.stage.loss)
+        value = self.forward_backward(batches, loss)
         for p in self.net.tied:
             compat.all_reduce(p.main_grad, group=self.state.embedding_group)
         self.buffers.finish_grad_sync()
         allreduce_sequence_parallel_grads(self.params.values(), self.state, grad_attr="main_grad")
-        result = self.optimizer.step(lr) if math.isfinite(loss) else None
-        skipped = result is None or result.skipped
+        return value, (self.optimizer.step(lr) if math.isfinite(value) else None)
+
+    def train_step(self) -> dict:
+        lr = lr_at(self.run.iteration, self.cfg.optim, self.cfg.train.iters)
+        run_iteration = getattr(self.stage, "run_iteration", None)
+        if run_iteration is not None:  # the stage runs the iteration itself (see the module's doc)
+            stats = {"lr": lr, **run_iteration(self, lr)}
+        else:
+            loss, result = self.update(self.stage.train.next_step(), self.stage.loss, lr)
+            stats = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm if result else float("nan"),
+                     "skipped": result is None or result.skipped}
+        skipped = bool(stats["skipped"])
         self.run.consumed_samples += self.cfg.train.global_batch_size
         self.run.iteration += 1
         self.run.skipped_steps += skipped
         self.run.bad_in_a_row = self.run.bad_in_a_row + 1 if skipped else 0
-        return {"loss": loss, "lr": lr, "grad_norm": result.grad_norm if result else float("nan"), "skipped": skipped}
+        return stats
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -300,8 +334,15 @@ class Trainer:
             where = ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "") if bad else "on another rank"
             raise TrainingStopped(f"not saving iteration {run.iteration}: the model or optimizer state is not finite "
                                   f"({where}). {self._last_good()}")
-        self.checkpointer.save(build_save_plan(meta, self.params, self.metas, optimizer_state, s, self.rank,
-                                               self.world_size))
+        plan = build_save_plan(meta, self.params, self.metas, optimizer_state, s, self.rank, self.world_size)
+        extra_tensors = getattr(self.stage, "checkpoint_tensors", None)
+        if extra_tensors is not None:  # the stage's own tensors, under kinds of their own (see the module's doc)
+            for kind, named in extra_tensors().items():
+                if kind in plan.tensors:
+                    raise ValueError(f"stage {self.stage.name!r}: checkpoint kind {kind!r} is the engine's")
+                plan.tensors[kind] = {n: (t, frags) for n, (t, frags, _) in named.items()}
+                plan.logical_shapes.update({n: tuple(shape) for n, (_, _, shape) in named.items()})
+        self.checkpointer.save(plan)
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any rank of the job (one all-reduce)."""
@@ -349,6 +390,9 @@ class Trainer:
             step = ck.record.optimizer_step if ck.record.optimizer_step is not None else ck.iteration
             self.optimizer.load_local_state(read_local_state(ck, self.params, self.metas, kinds),
                                             step if with_optimizer else 0)
+        load_stage_tensors = getattr(self.stage, "load_checkpoint", None)
+        if load_stage_tensors is not None:
+            load_stage_tensors(ck, with_optimizer)
         return ck
 
     def _warn_on_model_changes(self, ck: LoadedCheckpoint) -> None:
@@ -435,10 +479,12 @@ class Trainer:
 
     def _record(self, stats: dict, clock: "_Throughput") -> dict:
         tps = clock.tokens_per_s(self.run.consumed_samples * self.stage.tokens_per_sample)
+        metrics = stats.get("metrics") or {}  # a stage's own (run_iteration)
+        tps = metrics.get("tokens_per_s", tps)
         return {**self._position(), "tokens": self.run.consumed_samples * self.stage.tokens_per_sample,
                 "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"], "tokens_per_s": tps,
                 "mfu": tps * self._flops_per_token / (self._peak * self.world_size) if self._peak else None,
-                "mem_gb": memory_gb(self.device), "skipped_steps": self.run.skipped_steps}
+                "mem_gb": memory_gb(self.device), "skipped_steps": self.run.skipped_steps, **metrics}
 
 
 def _eval_tasks(cfg: Config) -> tuple | None:
@@ -539,9 +585,9 @@ def _report(message: str, rank: int) -> None:
         log.error(message)
 
 
-_EPILOG = """Settings are the dataclasses of megaevo/config.py: stage (pretrain or sft), then one section each:
-model (megaevo/model/args.py; model.preset fills it), parallel, data, train, optim, checkpoint, kernels,
-sft, and out_dir. Give them in the YAML file and/or as dotted overrides (optim.lr=3e-4 parallel.tp=2);
+_EPILOG = """Settings are the dataclasses of megaevo/config.py: stage (pretrain, sft or rl), then one section
+each: model (megaevo/model/args.py; model.preset fills it), parallel, data, train, optim, checkpoint, kernels,
+sft, rl, and out_dir. Give them in the YAML file and/or as dotted overrides (optim.lr=3e-4 parallel.tp=2);
 --print-config shows every key with its resolved value."""
 
 

@@ -2,7 +2,11 @@
 
 :mod:`~megaevo.stages.rl.algorithms` holds the arithmetic as pure tensor functions (advantages, KL
 estimators, policy and value losses, loss aggregation as the engine's ``(loss_sum, count)``);
-:mod:`~megaevo.stages.rl.rewards` the prompt records and the reward functions that score completions.
+:mod:`~megaevo.stages.rl.rewards` the prompt records and the reward functions that score completions;
+:mod:`~megaevo.stages.rl.rollout` the prompt stream and sampling with the live policy;
+:mod:`~megaevo.stages.rl.critic` PPO's value model; :mod:`~megaevo.stages.rl.stage` the stage the engine runs
+(``stage: rl``). The stage's modules are imported on use (``megaevo.stages.rl.stage``), so the arithmetic
+and the rewards load without the model.
 """
 from megaevo.stages.rl.algorithms import (
     AGGREGATION_MODES,
