@@ -216,7 +216,8 @@ class RLConfig:
     One iteration is one rollout batch: `prompts_per_step` prompts (from `prompts`: EvoLM-format jsonl
     sets or `rg:NAME[:COUNT[:SEED]]`, shuffled by train.seed each pass over the set; prompts longer than
     `max_prompt_len` tokens are left out) rendered with `template`, `n` samples each of at most
-    `max_new_tokens` tokens at `temperature` / `top_p` (stopping at EOS or a `stop` string), scored by
+    `max_new_tokens` tokens at `temperature` / `top_p` (stopping at EOS or a `stop` string; null: the
+    template's own, e.g. `Human:` for evolm, as in evaluation), scored by
     `reward` (`verifiable`: the evaluation graders, `grader_timeout` seconds per comparison; or a dotted
     path to `fn(prompt: dict, completion: str) -> float`; a truncated response gets `truncated_reward`
     when set), then `epochs` passes over `mini_batches` mini-batches, one optimizer update each.
@@ -245,7 +246,7 @@ class RLConfig:
     max_new_tokens: int = 1024
     temperature: float = 1.0
     top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
+    stop: Optional[list[str]] = None
     generation_batch: Optional[int] = None
     epochs: int = 1
     mini_batches: int = 1

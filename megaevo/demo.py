@@ -775,6 +775,30 @@ def sft_settings(directory: str | os.PathLike = "megaevo-demo", vocab_size: int 
     }
 
 
+def grpo_settings(directory: str | os.PathLike = "megaevo-demo", vocab_size: int = VOCAB_SIZE, seed: int = 1234) -> dict:
+    """The config that continues the demo's SFT model (DIR/sft-run) with GRPO on reasoning-gym GCD
+    problems (another seed than the SFT conversations'), rewarded by reasoning-gym's own scorer.
+
+    examples/demo-grpo.yaml is `grpo_settings("megaevo-demo")`."""
+
+    def path(*parts: str) -> str:
+        return Path(directory, *parts).as_posix()
+
+    return {
+        "stage": "rl",
+        "model": {"preset": "tiny", "vocab_size": vocab_size},
+        "data": {"tokenizer": path("tokenizer", "demo.model"), "seq_len": 256},
+        "rl": {"algorithm": "grpo", "prompts": ["rg:gcd:2000:7"], "template": "evolm", "prompts_per_step": 16,
+               "n": 4, "max_prompt_len": 96, "max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0,
+               "epochs": 1, "mini_batches": 1, "loss_agg": "token-mean"},
+        "train": {"micro_batch_size": 16, "iters": 30, "seed": seed, "log_interval": 1, "eval_interval": 0,
+                  "dtype": "fp32"},
+        "optim": {"lr": 1e-4, "min_lr": 1e-4, "warmup": 0, "schedule": "constant", "weight_decay": 0.0},
+        "checkpoint": {"load": path("sft-run"), "finetune": True, "interval": 10, "keep_last": 1},
+        "out_dir": path("grpo-run"),
+    }
+
+
 @dataclass
 class TrainingResult:
     config: str  # DIR/config.yaml

@@ -52,7 +52,7 @@ def test_example_validates_for_its_launch_lines(path):
     assert launches, f"{path.name}: no launch line (`torchrun ... --config examples/{path.name}`) in its comments"
     for world, overrides in launches:
         validate(load_config(path, overrides), world)
-    assert cfg.data.train
+    assert cfg.rl.prompts if cfg.stage == "rl" else cfg.data.train
 
 
 @pytest.mark.parametrize("name", ["evolm-0.5b", "evolm-1b", "evolm-4b"])
@@ -89,3 +89,20 @@ def test_sft_example_has_evolm_recipe():
 
 def test_demo_sft_example_is_what_the_demo_settings_say():
     assert load_config(EXAMPLES / "demo-sft.yaml") == config_from_dict(demo.sft_settings("megaevo-demo"))
+
+
+def test_ppo_example_has_evolm_recipe():
+    cfg = load_config(EXAMPLES / "evolm-1b-ppo.yaml")
+    r = cfg.rl
+    assert cfg.stage == "rl" and r.algorithm == "ppo" and r.n == 1 and r.prompts_per_step == 1024
+    assert r.mini_batches == 1 and r.epochs == 1 and r.temperature == 1.0 and r.top_p == 1.0
+    assert r.max_prompt_len == r.max_new_tokens == 1024 and r.gamma == r.lam == 1.0 and r.whiten_advantages
+    assert r.clip_low == r.clip_high == 0.2 and r.critic.value_clip == 0.5 and r.entropy_coef == 0.001
+    assert r.loss_agg == "token-mean" and r.kl_coef == 0.0
+    assert cfg.optim.lr == 2e-6 and r.critic.lr == 2e-5 and cfg.optim.schedule == "constant"
+    assert cfg.optim.warmup_fraction == 0.1 and cfg.optim.weight_decay == 0.01 and cfg.optim.clip_grad == 1.0
+    assert cfg.checkpoint.finetune
+
+
+def test_demo_grpo_example_is_what_the_demo_settings_say():
+    assert load_config(EXAMPLES / "demo-grpo.yaml") == config_from_dict(demo.grpo_settings("megaevo-demo"))

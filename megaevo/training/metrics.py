@@ -61,7 +61,14 @@ def describe(r: dict, iters: int) -> str:
             parts.append(f"mem {r['mem_gb']:.2f} GB")
         if r.get("skipped_steps"):
             parts.append(f"skipped {r['skipped_steps']}")
-    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith("val/")]
+    if "reward_mean" in r:  # a rollout step (stage rl)
+        parts += [f"reward {r['reward_mean']:.3f}", f"acc {r.get('accuracy', float('nan')):.3f}",
+                  f"len {r.get('response_length_mean', float('nan')):.0f}"]
+        if r.get("explained_variance") is not None:
+            parts.append(f"ev {r['explained_variance']:.3f}")
+        if "generation_share" in r:
+            parts.append(f"gen {100 * r['generation_share']:.0f}%")
+    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith(("val/", "eval/"))]
     return "  ".join(parts)
 
 

@@ -198,6 +198,7 @@ class RLRun:
     """Everything an RL run holds beside the engine's model: prompts, reward, reference, critic, losses."""
 
     def __init__(self, cfg: Config, layout: Layout, state: ParallelState, device: torch.device):
+        from megaevo.data.templates import get_template
         from megaevo.data.tokenizers import load_tokenizer
         from megaevo.inference.sampling import SamplingParams
 
@@ -217,7 +218,8 @@ class RLRun:
                      + f"; {r.prompts_per_step} prompts x {r.n} samples per step ({r.algorithm})")
         self.source = RLSource(PromptStream(len(self.prompts), t.seed, r.prompts_per_step, state))
         self.sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                       n=r.n, stop=tuple(r.stop))
+                                       n=r.n, stop=tuple(r.stop if r.stop is not None
+                                                         else get_template(r.template, self.tokenizer).stop_strings))
         eos = self.tokenizer.eos_id
         self.stop_ids = {eos} if eos is not None else set()
         self.reward = None
