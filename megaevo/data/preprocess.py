@@ -231,6 +231,62 @@ def _missing_dirs(path: Path) -> list[Path]:
     return missing
 
 
+def remove_new_dirs(new_dirs: list[Path]) -> None:
+    """Remove the directories a failed job created (deepest first), stopping at one that is not empty."""
+    for d in new_dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+@dataclasses.dataclass
+class JobReport:
+    skipped: int
+    locations: list[str]
+
+
+def encode_inputs(paths: list[Path], tokenizer, tok: Tokenizer, encode_args: tuple, *, workers: int, on_error: str,
+                  progress: bool, consume, encode=encode_lines) -> JobReport:
+    """Encode the jsonl inputs chunk by chunk (in a pool of ``workers`` processes when more than one) and
+    hand each chunk's result, in input order, to ``consume(enc, bar)``, which writes it and updates the
+    progress bar. A malformed line raises PreprocessError naming file and line (``on_error="fail"``) or
+    is counted and its place kept (``"skip"``). The pool is torn down however the job ends."""
+    skipped, locations = 0, []
+    pool = bar = None
+    try:
+        if workers > 1:  # before the progress bar starts its thread, so that workers fork a single thread
+            spec = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok
+            pool = multiprocessing.get_context().Pool(workers, _init_worker, (spec,))
+        bar = _progress_bar(progress)
+        for index, first, enc in _encoded_chunks(_read_chunks(paths), encode_args, tok, pool, 4 * workers, encode):
+            for offset, reason in enc.errors:
+                where = f"{paths[index]}:{first + offset}: {reason}"
+                if on_error == "fail":
+                    raise PreprocessError(f"{where} (use --on-error skip to skip malformed lines and count them; "
+                                          f"on_error='skip' in Python)")
+                skipped += 1
+                if len(locations) < MAX_LOCATIONS:
+                    locations.append(where)
+                if skipped <= MAX_WARNINGS:
+                    with bar.external_write_mode(file=sys.stderr):  # the line goes above the progress bar
+                        logger.warning("skipping %s", where)
+            consume(enc, bar)
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    if skipped > MAX_WARNINGS:
+        logger.warning("skipped %d malformed lines in all (first %d in the summary)", skipped, len(locations))
+    return JobReport(skipped, locations)
+
+
 # -- the job -------------------------------------------------------------------------------------
 
 def preprocess(
@@ -267,60 +323,34 @@ def preprocess(
     new_dirs = _missing_dirs(Path(output_prefix).parent)
 
     start = time.perf_counter()
-    documents = skipped = empty = 0
-    locations: list[str] = []
+    documents = empty = 0
     writer = IndexedDatasetWriter(output_prefix, dtype)
-    pool = bar = None
+
+    def consume(enc: _Encoded, bar) -> None:
+        nonlocal documents, empty
+        pos = 0
+        for n in enc.lengths:
+            if n:
+                writer.add_document(enc.tokens[pos : pos + n])
+            else:
+                writer.end_document()
+            pos += n
+        documents += len(enc.lengths)
+        empty += enc.empty
+        bar.update(len(enc.lengths))
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        speed = f"{writer.num_tokens / elapsed:,.0f} tokens/s"
+        bar.set_postfix_str(speed + (f", {empty:,} empty" if empty else ""), refresh=False)
+
     try:
-        if workers > 1:  # before the progress bar starts its thread, so that workers fork a single thread
-            spec = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok
-            pool = multiprocessing.get_context().Pool(workers, _init_worker, (spec,))
-        bar = _progress_bar(progress)
-        for index, first, enc in _encoded_chunks(_read_chunks(paths), encode_args, tok, pool, 4 * workers):
-            for offset, reason in enc.errors:
-                where = f"{paths[index]}:{first + offset}: {reason}"
-                if on_error == "fail":
-                    raise PreprocessError(f"{where} (use --on-error skip to skip malformed lines and count them; "
-                                          f"on_error='skip' in Python)")
-                skipped += 1
-                if len(locations) < MAX_LOCATIONS:
-                    locations.append(where)
-                if skipped <= MAX_WARNINGS:
-                    with bar.external_write_mode(file=sys.stderr):  # the line goes above the progress bar
-                        logger.warning("skipping %s", where)
-            pos = 0
-            for n in enc.lengths:
-                if n:
-                    writer.add_document(enc.tokens[pos : pos + n])
-                else:
-                    writer.end_document()
-                pos += n
-            documents += len(enc.lengths)
-            empty += enc.empty
-            bar.update(len(enc.lengths))
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            speed = f"{writer.num_tokens / elapsed:,.0f} tokens/s"
-            bar.set_postfix_str(speed + (f", {empty:,} empty" if empty else ""), refresh=False)
-        if pool is not None:
-            pool.close()
-            pool.join()
+        report = encode_inputs(paths, tokenizer, tok, encode_args, workers=workers, on_error=on_error,
+                               progress=progress, consume=consume)
         writer.finalize()
     except BaseException:
         writer.abort()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        for d in new_dirs:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_new_dirs(new_dirs)
         raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if skipped > MAX_WARNINGS:
-        logger.warning("skipped %d malformed lines in all (first %d in the summary)", skipped, len(locations))
+    skipped, locations = report.skipped, report.locations
 
     seconds = time.perf_counter() - start
     rate = 1.0 / max(seconds, 1e-9)

@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -46,8 +44,7 @@ import numpy as np
 
 from megaevo.data import DataError
 from megaevo.data.indexed import DatasetFormatError, IndexedDataset, IndexedDatasetWriter, paths, token_dtype
-from megaevo.data.preprocess import (MAX_LOCATIONS, MAX_WARNINGS, PreprocessError, _encoded_chunks, _init_worker,
-                                     _missing_dirs, _progress_bar, _read_chunks, check_inputs)
+from megaevo.data.preprocess import PreprocessError, _missing_dirs, check_inputs, encode_inputs, remove_new_dirs
 from megaevo.data.templates import ChatTemplate, ConversationError, get_template
 from megaevo.data.tokenizers import Tokenizer, load_tokenizer
 from megaevo.log import get_logger
@@ -212,47 +209,31 @@ def preprocess_sft(
     new_dirs = _missing_dirs(Path(output_prefix).parent)
 
     start = time.perf_counter()
-    conversations = skipped = loss_tokens = longest = 0
-    locations: list[str] = []
+    conversations = loss_tokens = longest = 0
     writer = IndexedDatasetWriter(output_prefix, dtype)
     final = sft_paths(output_prefix)
     tmp_mask, tmp_meta = _temporary(final["mask"]), _temporary(final["meta"])
     mask_file = open(tmp_mask, "wb")
-    pool = bar = None
     renamed: list[Path] = []
+
+    def consume(enc, bar) -> None:
+        nonlocal conversations, loss_tokens, longest
+        pos = 0
+        for n in enc.lengths:
+            writer.add_document(enc.tokens[pos : pos + n])
+            pos += n
+            longest = max(longest, n)
+        mask_file.write(enc.mask.tobytes())
+        loss_tokens += int(enc.mask.sum(dtype=np.int64))
+        conversations += len(enc.lengths)
+        bar.update(len(enc.lengths))
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
+
     try:
-        if workers > 1:  # before the progress bar starts its thread, so that workers fork a single thread
-            spec = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok
-            pool = multiprocessing.get_context().Pool(workers, _init_worker, (spec,))
-        bar = _progress_bar(progress)
-        chunks = _encoded_chunks(_read_chunks(input_paths), (chat, dtype), tok, pool, 4 * workers,
-                                 encode=encode_conversations)
-        for index, first, enc in chunks:
-            for offset, reason in enc.errors:
-                where = f"{input_paths[index]}:{first + offset}: {reason}"
-                if on_error == "fail":
-                    raise PreprocessError(f"{where} (use --on-error skip to skip malformed lines and count them; "
-                                          f"on_error='skip' in Python)")
-                skipped += 1
-                if len(locations) < MAX_LOCATIONS:
-                    locations.append(where)
-                if skipped <= MAX_WARNINGS:
-                    with bar.external_write_mode(file=sys.stderr):
-                        logger.warning("skipping %s", where)
-            pos = 0
-            for n in enc.lengths:
-                writer.add_document(enc.tokens[pos : pos + n])
-                pos += n
-                longest = max(longest, n)
-            mask_file.write(enc.mask.tobytes())
-            loss_tokens += int(enc.mask.sum(dtype=np.int64))
-            conversations += len(enc.lengths)
-            bar.update(len(enc.lengths))
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix_str(f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
-        if pool is not None:
-            pool.close()
-            pool.join()
+        report = encode_inputs(input_paths, tokenizer, tok, (chat, dtype), workers=workers, on_error=on_error,
+                               progress=progress, consume=consume, encode=encode_conversations)
+        skipped, locations = report.skipped, report.locations
         if not conversations:
             what = "every line was blank or skipped" if skipped else "every line is blank"
             raise PreprocessError(f"no conversations in {', '.join(map(str, input_paths))} ({what}); nothing written")
@@ -272,20 +253,8 @@ def preprocess_sft(
         mask_file.close()
         for p in (tmp_mask, tmp_meta, *renamed):
             p.unlink(missing_ok=True)
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        for d in new_dirs:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_new_dirs(new_dirs)
         raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if skipped > MAX_WARNINGS:
-        logger.warning("skipped %d malformed lines in all (first %d in the summary)", skipped, len(locations))
 
     seconds = time.perf_counter() - start
     rate = 1.0 / max(seconds, 1e-9)

@@ -62,6 +62,54 @@ class Stage:
     iters: int | None = None
 
 
+
+class SampleBatches:
+    """This DP rank's micro-batches of an indexable stream of samples (numpy rows of named arrays),
+    positioned by the count of consumed samples: global sample ``k`` of the run is ``samples[k]``, and
+    a resumed run (also on another layout with the same global batch) reads what an uninterrupted one
+    reads. ``collate`` stacks a micro-batch's rows into tensors; ``what`` names the data in errors."""
+
+    def __init__(self, samples, *, micro_batch_size: int, micro_batches: int, state, device: torch.device,
+                 vocab_size: int, collate: Callable[[list], Batch], what: str = "data", consumed_samples: int = 0):
+        self.samples, self.micro_batch_size, self.micro_batches = samples, micro_batch_size, micro_batches
+        self.state, self.device, self.vocab_size = state, device, vocab_size
+        self.collate, self.what = collate, what
+        self.consumed_samples = consumed_samples
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.micro_batch_size * self.state.dp_size * self.micro_batches
+
+    def batches(self, consumed: int, count: int) -> list[Batch]:
+        """``count`` micro-batches of this DP rank starting at global sample ``consumed``."""
+        from megaevo.config import ConfigError
+        from megaevo.data.sampler import MicroBatchSampler
+
+        stride = self.micro_batch_size * self.state.dp_size
+        sampler = MicroBatchSampler(consumed + count * stride, consumed, self.micro_batch_size,
+                                    self.state.dp_rank, self.state.dp_size)
+        out = []
+        for indices in sampler:
+            batch = self.collate([self.samples[i] for i in indices])
+            top = int(batch["tokens"].max())
+            if top >= self.vocab_size:
+                raise ConfigError(f"the {self.what} holds token id {top} but model.vocab_size is {self.vocab_size}: "
+                                  f"use the tokenizer the model was sized for, or raise model.vocab_size")
+            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        return out
+
+    def next_step(self) -> list[Batch]:
+        out = self.batches(self.consumed_samples, self.micro_batches)
+        self.consumed_samples += self.samples_per_step
+        return out
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+
+
 class TokenLoss:
     """The mean next-token loss over the labels that count: ``labels != -100``, weighted by the
     batch's ``loss_mask`` when it has one (0/1 masks or per-token weights)."""

@@ -11,49 +11,17 @@ import torch
 
 from megaevo.config import Config, ConfigError, Layout
 from megaevo.data.blended import build_datasets
-from megaevo.data.sampler import MicroBatchSampler, collate
+from megaevo.data.sampler import collate
 from megaevo.parallel.state import ParallelState
-from megaevo.stages import Batch, Stage, TokenLoss
+from megaevo.stages import SampleBatches, Stage, TokenLoss
 
 
-class GPTBatches:
+class GPTBatches(SampleBatches):
     """This DP rank's micro-batches of GPT samples, positioned by the count of consumed samples."""
 
-    def __init__(self, dataset, *, micro_batch_size: int, micro_batches: int, state: ParallelState,
-                 device: torch.device, vocab_size: int, consumed_samples: int = 0):
-        self.dataset, self.micro_batch_size, self.micro_batches = dataset, micro_batch_size, micro_batches
-        self.state, self.device, self.vocab_size = state, device, vocab_size
-        self.consumed_samples = consumed_samples
-
-    @property
-    def samples_per_step(self) -> int:
-        return self.micro_batch_size * self.state.dp_size * self.micro_batches
-
-    def batches(self, consumed: int, count: int) -> list[Batch]:
-        """``count`` micro-batches of this DP rank starting at global sample ``consumed``."""
-        stride = self.micro_batch_size * self.state.dp_size
-        sampler = MicroBatchSampler(consumed + count * stride, consumed, self.micro_batch_size,
-                                    self.state.dp_rank, self.state.dp_size)
-        out = []
-        for indices in sampler:
-            batch = collate([self.dataset[i] for i in indices])
-            top = int(batch["tokens"].max())
-            if top >= self.vocab_size:
-                raise ConfigError(f"the data holds token id {top} but model.vocab_size is {self.vocab_size}: "
-                                  f"use the tokenizer the model was sized for, or raise model.vocab_size")
-            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        return out
-
-    def next_step(self) -> list[Batch]:
-        out = self.batches(self.consumed_samples, self.micro_batches)
-        self.consumed_samples += self.samples_per_step
-        return out
-
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed_samples = int(state["consumed_samples"])
+    def __init__(self, dataset, **kwargs):
+        super().__init__(dataset, collate=collate, **kwargs)
+        self.dataset = dataset
 
 
 def pretrain_stage(cfg: Config, layout: Layout, state: ParallelState, device: torch.device) -> Stage:

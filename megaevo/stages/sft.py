@@ -49,10 +49,9 @@ from megaevo.config import Config, ConfigError, Layout
 from megaevo.data import DataError
 from megaevo.data.blended import parse_blend
 from megaevo.data.gpt_dataset import split_ranges
-from megaevo.data.sampler import MicroBatchSampler
 from megaevo.log import get_logger
 from megaevo.parallel.state import ParallelState
-from megaevo.stages import IGNORE_INDEX, Batch, MicroBatchMeanLoss, Stage, TokenLoss
+from megaevo.stages import IGNORE_INDEX, Batch, MicroBatchMeanLoss, SampleBatches, Stage, TokenLoss
 
 log = get_logger(__name__)
 
@@ -315,44 +314,9 @@ def collate_rows(rows: Sequence[dict[str, np.ndarray]]) -> Batch:
     return {key: torch.from_numpy(np.stack([r[key] for r in rows])) for key in rows[0]}
 
 
-class SFTBatches:
+def sft_batches(samples: SFTSamples, **kwargs) -> SampleBatches:
     """This DP rank's micro-batches of an :class:`SFTSamples` stream, positioned by consumed samples."""
-
-    def __init__(self, samples: SFTSamples, *, micro_batch_size: int, micro_batches: int, state: ParallelState,
-                 device: torch.device, vocab_size: int, consumed_samples: int = 0):
-        self.samples, self.micro_batch_size, self.micro_batches = samples, micro_batch_size, micro_batches
-        self.state, self.device, self.vocab_size = state, device, vocab_size
-        self.consumed_samples = consumed_samples
-
-    @property
-    def samples_per_step(self) -> int:
-        return self.micro_batch_size * self.state.dp_size * self.micro_batches
-
-    def batches(self, consumed: int, count: int) -> list[Batch]:
-        """``count`` micro-batches of this DP rank starting at global sample ``consumed``."""
-        stride = self.micro_batch_size * self.state.dp_size
-        sampler = MicroBatchSampler(consumed + count * stride, consumed, self.micro_batch_size,
-                                    self.state.dp_rank, self.state.dp_size)
-        out = []
-        for indices in sampler:
-            batch = collate_rows([self.samples[i] for i in indices])
-            top = int(batch["tokens"].max())
-            if top >= self.vocab_size:
-                raise ConfigError(f"the SFT data holds token id {top} but model.vocab_size is {self.vocab_size}: "
-                                  f"use the tokenizer the model was sized for, or raise model.vocab_size")
-            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        return out
-
-    def next_step(self) -> list[Batch]:
-        out = self.batches(self.consumed_samples, self.micro_batches)
-        self.consumed_samples += self.samples_per_step
-        return out
-
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed_samples = int(state["consumed_samples"])
+    return SampleBatches(samples, collate=collate_rows, what="SFT data", **kwargs)
 
 
 # -- the stage ---------------------------------------------------------------------------------------
@@ -440,11 +404,11 @@ def sft_stage(cfg: Config, layout: Layout, state: ParallelState, device: torch.d
     for name, samples in data.valid.items():
         steps = min(t.eval_iters, math.ceil(samples.sequences(0) / t.global_batch_size))
         if steps:
-            source = SFTBatches(samples, **common)
+            source = sft_batches(samples, **common)
             valid[name] = lambda source=source, steps=steps: source.batches(0, steps * source.micro_batches)
     loss = MicroBatchMeanLoss() if cfg.sft.loss_normalization == "micro_batch_mean" else TokenLoss()
     iters = None
     if t.epochs is not None:
         iters = max(1, math.ceil(data.train.samples(t.epochs) / t.global_batch_size))
-    return Stage("sft", SFTBatches(data.train, **common), loss, tokens_per_sample=cfg.seq_len, valid=valid,
+    return Stage("sft", sft_batches(data.train, **common), loss, tokens_per_sample=cfg.seq_len, valid=valid,
                  iters=iters)
