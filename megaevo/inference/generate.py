@@ -4,7 +4,10 @@ Prompts of different lengths share one batch left-padded: padding has its own po
 (clamped to 0), is its own document in the prefill attention and is masked out of the cache, so a
 row's tokens do not depend on what else is in the batch. Each step gathers the full vocabulary's
 logits of the last position, samples on every TP rank and broadcasts TP rank 0's tokens, so all
-ranks of a TP group continue with the same tokens. Finished rows leave the batch (and the cache).
+ranks of a TP group continue with the same tokens. Finished rows stay in the batch (their tokens
+are computed and never read, so the batch keeps its size and the cache is not copied) until half
+of them have finished; then they leave the batch and the cache. On one rank the decode steps run
+through :mod:`megaevo.inference.decode` (inference-only packed weights on the CPU).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from megaevo.model.llama import LlamaStage
 from megaevo.parallel.layers import gather_vocab_logits
 from megaevo.parallel.state import ParallelState
 
+from .decode import decode_step
 from .kv_cache import KVCache
 from .sampling import Completion, SamplingParams, sample
 
@@ -75,13 +79,18 @@ def _run(stage, state, rows, active, params, tokenizer, stop_ids, generator):
             seen[j, torch.tensor(rows[i].prompt, device=device)] = True
     stops = tuple(params.stop)
     logits = stage(tokens, position_ids=positions, doc_ids=doc_ids, kv_cache=cache, last_only=True)[:, -1]
-    pos = lens[:, None]  # the next position of each row
+    pos = lens[:, None]  # the next position of each row of the batch
+    last_pos = stage.args.max_seq_len - 1
+    step = decode_step(stage, b, max_new - 1) if state.tp_size == 1 else None
+    live = None  # batch rows still generating, when some finished rows are still in the batch
     while True:
         full = gather_vocab_logits(logits, state, vocab)
+        if live is not None:
+            full = full.index_select(0, live)
         if decodable is not None:
             full = full.clone()
             full[:, decodable:] = float("-inf")
-        next_tokens, logprobs = sample(full, params, seen, generator)
+        next_tokens, logprobs = sample(full, params, None if seen is None else seen_of(seen, live), generator)
         if state.tp_size > 1:  # every TP rank continues with rank 0's choice
             both = torch.stack([next_tokens.double(), logprobs.double()])
             dist.broadcast(both, src=dist.get_global_rank(state.tp_group, 0), group=state.tp_group)
@@ -105,18 +114,37 @@ def _run(stage, state, rows, active, params, tokenizer, stop_ids, generator):
                 keep.append(j)
         if not keep:
             return
+        slots = torch.arange(b, device=device) if live is None else live  # batch row of each active row
         if len(keep) < len(active):
-            index = torch.tensor(keep, device=device)
-            cache.keep(index)
-            next_tokens = next_tokens.index_select(0, index)
-            pos = pos.index_select(0, index)
-            if seen is not None:
-                seen = seen.index_select(0, index)
+            kept = torch.tensor(keep, device=device)
+            slots, next_tokens = slots.index_select(0, kept), next_tokens.index_select(0, kept)
             active = [active[j] for j in keep]
+        if len(active) * 2 <= b:  # compact: finished rows leave the batch (and the cache)
+            cache.keep(slots)
+            pos = pos.index_select(0, slots)
+            if seen is not None:
+                seen = seen.index_select(0, slots)
+            b, live = len(active), None
+            slots = torch.arange(b, device=device)
+            step = decode_step(stage, b, max(rows[i].budget - len(rows[i].tokens) for i in active)) \
+                if state.tp_size == 1 else None
+            batch_tokens = next_tokens
+        elif len(active) < b:  # finished rows stay in the batch (their tokens are never read) until half are
+            live = slots
+            batch_tokens = torch.zeros(b, dtype=next_tokens.dtype, device=device).index_copy_(0, slots, next_tokens)
+        else:
+            batch_tokens = next_tokens
         if seen is not None:
-            seen.scatter_(1, next_tokens[:, None], True)
-        logits = stage(next_tokens[:, None], position_ids=pos, kv_cache=cache)[:, -1]
-        pos = pos + 1
+            seen.index_put_((slots, next_tokens), torch.ones((), dtype=torch.bool, device=device))
+        if step is not None:
+            logits = step(batch_tokens, pos, cache)
+        else:
+            logits = stage(batch_tokens[:, None], position_ids=pos, kv_cache=cache)[:, -1]
+        pos = (pos + 1).clamp_(max=last_pos)  # a finished row kept in the batch may run past its length
+
+
+def seen_of(seen: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
+    return seen if live is None else seen.index_select(0, live)
 
 
 def _decode(tokenizer, ids: list[int]) -> str:

@@ -82,8 +82,11 @@ def apply_repetition_penalty(logits: torch.Tensor, seen_ids, penalty: float) -> 
     if penalty == 1.0:
         return logits
     mask = seen_mask(seen_ids, logits.shape, logits.device)
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(mask, penalised, logits)
+    rows, cols = mask.nonzero(as_tuple=True)  # only the seen logits change: a few per row of the vocabulary
+    seen = logits[rows, cols]
+    out = logits.clone()
+    out[rows, cols] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return out
 
 
 def seen_mask(seen_ids, shape, device) -> torch.Tensor:
