@@ -35,7 +35,9 @@ SHAPES = {
     "100m": dict(num_layers=12, hidden_size=768, ffn_hidden_size=2048, num_heads=12, num_kv_heads=4,
                  vocab_size=32000),
 }
-DEFAULT_EVAL_SET = "/work/shared/evolm-evals/GSM8KPlatinum.jsonl"
+# The EvoLM sets: $MEGAEVO_EVAL_DIR, else ../shared/evolm-evals beside the repository.
+DEFAULT_EVAL_SET = str(Path(os.environ.get("MEGAEVO_EVAL_DIR") or Path(__file__).resolve().parents[2] / "shared"
+                            / "evolm-evals") / "GSM8KPlatinum.jsonl")
 
 
 def hf_llama(shape: dict, max_len: int, dtype: torch.dtype):

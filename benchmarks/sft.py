@@ -1,6 +1,6 @@
 """SFT batching: packing efficiency against padding, and the SFT step's tokens/s against pre-training's.
 
-    python benchmarks/sft.py [--preset tiny] [--seq-len 512] [--micro-batch 4] [--steps 10] [--json]
+    python benchmarks/sft.py [--preset tiny|100m|evolm-1b] [--seq-len 512] [--micro-batch 4] [--steps 10] [--json]
 
 1. Packing efficiency: the share of non-padding tokens when an epoch of conversations with a
    realistic length distribution (log-normal, median --median-len tokens, capped at the sequence
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import SHAPES  # noqa: E402
 from train_step import synthetic_corpus, timed_steps  # noqa: E402
 
 from megaevo.config import config_from_dict  # noqa: E402
@@ -75,7 +76,8 @@ def throughput_rows(args) -> list[dict]:
         def config(stage: str, data: str) -> dict:
             return config_from_dict({
                 "stage": stage,
-                "model": {"preset": args.preset, "max_seq_len": max(args.seq_len, 256)},
+                "model": {**({"preset": args.preset} if args.preset not in SHAPES or args.preset == "tiny"
+                             else SHAPES[args.preset]), "max_seq_len": max(args.seq_len, 256)},
                 "data": {"train": [data], "seq_len": args.seq_len, "split": "100,0,0"},
                 "train": {"micro_batch_size": args.micro_batch, "global_batch_size": gbs, "iters": iters,
                           "log_interval": 10**9, "eval_interval": 0, "dtype": args.dtype},
@@ -109,7 +111,7 @@ def throughput_rows(args) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help="a model preset, or 100m (12 layers, hidden 768)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
