@@ -13,7 +13,7 @@ from megaevo.cli import main  # noqa: E402
 from megaevo.eval.runner import run_eval  # noqa: E402
 from megaevo.eval.tasks import EvalError, resolve_task  # noqa: E402
 
-EVALS = Path("/work/shared/evolm-evals")
+EVALS = Path(__file__).resolve().parents[2] / "shared" / "evolm-evals"  # ../shared beside the repository
 
 
 @dataclass

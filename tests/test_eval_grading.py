@@ -15,7 +15,7 @@ from megaevo.eval.grading import Grader, GradingPool, Job, choice_label, grade_j
 from megaevo.eval.metrics import pass_at_k, summarize  # noqa: E402
 from megaevo.eval.tasks import EVOLM_SETS, load_generative  # noqa: E402
 
-EVALS = Path("/work/shared/evolm-evals")
+EVALS = Path(__file__).resolve().parents[2] / "shared" / "evolm-evals"  # ../shared beside the repository
 SUBSET = 50
 
 

@@ -20,7 +20,7 @@ from megaevo.stages.rl.rewards import (
     load_prompts,
 )
 
-EVALS = Path("/work/shared/evolm-evals")
+EVALS = Path(__file__).resolve().parents[2] / "shared" / "evolm-evals"  # ../shared beside the repository
 MATH1 = EVALS / "MATHLevel1.jsonl"
 needs_evals = pytest.mark.skipif(not MATH1.is_file(), reason="EvoLM eval copies not present")
 
