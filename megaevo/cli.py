@@ -424,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (default: %(default)s)")
     ev.add_argument("--samples", type=int, default=0, metavar="K",
                     help="K samples at temperature 1 (maj@K, pass@K, pass@1) instead of greedy")
-    ev.add_argument("--template", choices=("evolm", "chat", "raw"), default="evolm", help="(default: %(default)s)")
+    ev.add_argument("--template", choices=("evolm", "chat", "hf", "raw"), default="evolm",
+                    help="the prompt's chat template: evolm (EvoLM's 'Human: ...\\nAssistant:'), chat (megaevo's "
+                         "role tokens), hf (the tokenizer's chat_template), raw (default: %(default)s)")
     ev.add_argument("--max-length", type=int, default=2048, metavar="N",
                     help="prompt + completion tokens, capped by the model's max_seq_len (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")

@@ -429,3 +429,38 @@ def test_cli_preprocess_sft(tmp_path, spm_model, capsys):
                   "--output-prefix", str(tmp_path / "x")])
     assert "invalid choice: 'vicuna'" in capsys.readouterr().err
     assert not any(p.name.startswith("x.") for p in tmp_path.iterdir())
+
+
+def test_evaluation_renders_hf_prompts_with_the_tokenizers_chat_template(hf_tok, tmp_path):
+    """`megaevo eval --template hf`: the prompt is the tokenizer's chat template around the problem,
+    exactly as SFT laid out the user turn, and the template's stop strings end completions."""
+    pytest.importorskip("math_verify")
+    from megaevo.eval.generative import run_generative
+    from megaevo.eval.tasks import EvalError, load_generative
+
+    class Completion:
+        def __init__(self, text):
+            self.text, self.token_ids, self.finish_reason = text, [1], "stop"
+
+    class Model:
+        tokenizer = hf_tok
+        calls = []
+
+        def generate(self, prompts, params):
+            self.calls.append((list(prompts), params))
+            return [[Completion("\\boxed{4}")] for _ in prompts]
+
+    path = tmp_path / "Toy.jsonl"
+    path.write_text(json.dumps({"id": "p0", "problem": "What is 2 + 2?", "gt_solution": None, "gt_answer": "4"}) + "\n")
+    task = load_generative(path)
+    model = Model()
+    run_generative(task, model, progress=False, template="hf", workers=0)
+    (prompts, params), = model.calls
+    chat = get_template("hf", hf_tok)
+    user = [{"role": "user", "content": "What is 2 + 2?"}]
+    assert prompts == [chat.render_prompt(user)]
+    assert hf_tok.encode(prompts[0]) == chat.prompt_ids(hf_tok, user)
+    assert params.stop == chat.stop_strings
+    with pytest.raises(EvalError, match="--template hf .* needs the model's tokenizer"):
+        run_generative(task, type("Bare", (), {"generate": Model.generate, "calls": []})(), progress=False,
+                       template="hf", workers=0)

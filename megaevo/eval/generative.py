@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from megaevo.eval.grading import GradingPool, Job
 from megaevo.eval.metrics import summarize
 from megaevo.eval.tasks import EvalError, GenerativeTask
-from megaevo.eval.templates import STOP_STRINGS, render
+from megaevo.eval.templates import STOP_STRINGS
 
 MAX_LENGTH = 2048
 REPETITION_PENALTY = 1.1
@@ -25,9 +25,25 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
-def sampling_params(samples: int = 0, template: str = "evolm", max_length: int = MAX_LENGTH, seed: int | None = 0):
+def prompt_template(template: str, tokenizer=None):
+    """The chat template ``template`` renders evaluation prompts with (``hf`` needs the model's tokenizer)."""
+    from megaevo.data.templates import get_template
+
+    if template == "hf" and tokenizer is None:
+        raise EvalError("--template hf renders prompts with the tokenizer's own chat_template, so it needs the "
+                        "model's tokenizer: use evolm, chat or raw here")
+    return get_template(template, tokenizer if template == "hf" else None)
+
+
+def render_problem(problem: str, chat) -> str:
+    """``problem`` as the one user turn of ``chat``'s prompt."""
+    return chat.render_prompt([{"role": "user", "content": problem}])
+
+
+def sampling_params(samples: int = 0, template: str = "evolm", max_length: int = MAX_LENGTH, seed: int | None = 0,
+                    stop: tuple[str, ...] | None = None):
     """The protocol's sampling settings: greedy when ``samples`` is 0, else ``samples`` completions at
-    temperature 1."""
+    temperature 1; ``stop`` (default: ``template``'s stop strings) ends a completion."""
     try:
         from megaevo.inference.sampling import SamplingParams
     except ModuleNotFoundError as e:
@@ -35,7 +51,7 @@ def sampling_params(samples: int = 0, template: str = "evolm", max_length: int =
             raise
         raise EvalError("generation needs megaevo.inference, which is not part of this installation") from None
     common = dict(max_new_tokens=max_length, max_length=max_length, repetition_penalty=REPETITION_PENALTY,
-                  stop=STOP_STRINGS[template], add_bos=False)
+                  stop=STOP_STRINGS[template] if stop is None else stop, add_bos=False)
     if samples:
         return SamplingParams(temperature=1.0, top_p=1.0, n=samples, seed=seed, **common)
     return SamplingParams(temperature=0.0, n=1, seed=seed, **common)
@@ -58,8 +74,9 @@ def run_generative(task: GenerativeTask, model, batch_size: int = 8, progress: b
     max_seq_len = getattr(getattr(model, "args", None), "max_seq_len", None)
     if max_seq_len:
         cap = min(cap, int(max_seq_len))
-    params = sampling_params(samples, template, cap, seed)
-    prompts = [render(p.problem, template) for p in task.problems]
+    chat = prompt_template(template, getattr(model, "tokenizer", None))
+    params = sampling_params(samples, template, cap, seed, stop=chat.stop_strings)
+    prompts = [render_problem(p.problem, chat) for p in task.problems]
     texts: list[list[str]] = []
     finish: list[list[str | None]] = []
     tokens, start = 0, time.perf_counter()

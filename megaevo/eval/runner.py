@@ -11,9 +11,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from megaevo.eval.generative import MAX_LENGTH, grade_completions, rank
+from megaevo.eval.generative import MAX_LENGTH, grade_completions, prompt_template, rank, render_problem
 from megaevo.eval.tasks import EvalError, GenerativeTask, Problem, read_jsonl, resolve_task
-from megaevo.eval.templates import render
 
 
 def _load_model(path: str, tp: int | None, device: str | None, dtype: str | None):
@@ -120,7 +119,8 @@ def run_eval(tasks: Sequence[str], out: str | Path, load: str | None = None, pre
         problems, completions = read_predictions(predictions, task)
         results["predictions"] = str(predictions)
         sampled = len(completions[0]) > 1
-        out_ = grade_completions(task, completions, sampled, prompts=[render(p.problem, template) for p in problems],
+        chat = prompt_template(template)
+        out_ = grade_completions(task, completions, sampled, prompts=[render_problem(p.problem, chat) for p in problems],
                                  problems=problems, workers=workers, progress=progress)
         name = task.name
         results["tasks"][name], all_samples[name], domains[name] = out_["metrics"], out_["samples"], task.domain
