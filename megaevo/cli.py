@@ -408,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-parallel size (default: the torchrun world size); N > 1 needs torchrun")
     g.set_defaults(func=_generate)
 
+    # Listed here for `megaevo --help`; main() hands their arguments to their own parsers.
+    sub.add_parser("suite", add_help=False, help="run an EvoLM-style grid of stage chains (pretrain, cpt, sft, rl) "
+                   "with evaluation after each stage, locally or on slurm; results table (see megaevo suite --help)")
+    sub.add_parser("report", add_help=False, help="plot a run's or a suite's training dynamics and results "
+                   "(see megaevo report --help)")
+
     ev = sub.add_parser("eval", help="evaluate a model on generative, multiple-choice or loss tasks (or grade "
                                      "given completions) and write results.json")
     src = ev.add_mutually_exclusive_group(required=True)
@@ -478,6 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     A mistake in the user's input (a :class:`megaevo.errors.UserError`, a missing or unwritable path,
     a missing optional package) is one line on stderr and exit code 2; anything else is a bug and
     keeps its traceback (as does every error with MEGAEVO_DEBUG=1)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("suite", "report"):  # commands with parsers of their own
+        if argv[0] == "suite":
+            from megaevo.suite import main as suite_main
+
+            return suite_main(argv[1:])
+        from megaevo.suite.report import main as report_main
+
+        return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(rank=int(os.environ.get("RANK", "0") or 0))
     try:

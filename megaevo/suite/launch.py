@@ -1,0 +1,367 @@
+"""`megaevo suite SPEC.yaml`: train and evaluate every run of a suite's tree, then collect the results.
+
+Launchers:
+
+* ``local`` runs the tree here, one run after another (parents first) as subprocesses:
+  ``python -m megaevo.train --config OUT/runs/STAGE-ID/train.yaml`` (``torchrun --nproc_per_node N`` when
+  the stage gives ``nproc``), logging to ``train.log``, then ``megaevo eval`` into ``OUT/runs/STAGE-ID/eval/``
+  (``eval.log``). A run's ``DONE`` marker (its config hash) is written last, so a rerun skips what finished
+  and resumes what was stopped (the run's own checkpoints: ``checkpoint.load`` resumes them first). A
+  failed run is reported with its log and its descendants are skipped; other runs go on. Ctrl-C stops the
+  child (it saves a checkpoint on the signal) and the suite, leaving no marker.
+* ``slurm`` writes ``OUT/slurm/STAGE-ID.sbatch`` per run and submits them in tree order with
+  ``sbatch --parsable --dependency=afterok:PARENT_JOB``; with ``--dry-run`` it prints them instead.
+
+Every run starts in the spec's directory (relative data paths are relative to it). Results:
+:mod:`megaevo.suite.results` (OUT/results.{csv,json,md}).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from megaevo.suite.spec import SpecError, SuiteSpec, load_spec
+from megaevo.suite.tree import Run, _digest, expand, select
+
+DONE = "DONE"
+# runner(cmd, log_path, cwd, env) -> exit code; the default runs a subprocess (tests inject their own)
+Runner = Callable[[list, Path, Path, dict], int]
+STOP_GRACE_S = 120.0  # how long a child may take to save on Ctrl-C before it is killed
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def train_command(run: Run, out: Path, python: str = sys.executable) -> list[str]:
+    cfg = str(run.run_dir(out).resolve() / "train.yaml")
+    nproc = run.stage_spec.nproc
+    if nproc > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                "-m", "megaevo.train", "--config", cfg]
+    return [python, "-m", "megaevo.train", "--config", cfg]
+
+
+def eval_command(run: Run, out: Path, python: str = sys.executable) -> list[str] | None:
+    e = run.eval
+    if e is None:
+        return None
+    d = run.run_dir(out).resolve()
+    cmd = [python, "-m", "megaevo.cli", "eval", "--load", str(d), "--tasks", ",".join(e.tasks),
+           "--out", str(d / "eval"), "--template", e.template, "--samples", str(e.samples), "--quiet"]
+    for key, flag in (("limit", "--limit"), ("data_dir", "--data-dir"), ("max_length", "--max-length"),
+                      ("batch_size", "--batch-size"), ("seed", "--seed")):
+        if getattr(e, key) is not None:
+            cmd += [flag, str(getattr(e, key))]
+    return cmd
+
+
+def eval_hash(run: Run) -> str | None:
+    return _digest({"run": run.hash, "eval": run.eval.as_dict()}) if run.eval else None
+
+
+def _marker_ok(path: Path, expected: str) -> bool:
+    try:
+        return json.loads(path.read_text()).get("hash") == expected
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _write_marker(path: Path, h: str, **extra) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"hash": h, **extra}) + "\n")
+    os.replace(tmp, path)
+
+
+def train_done(run: Run, out: Path) -> bool:
+    return _marker_ok(run.run_dir(out) / DONE, run.hash)
+
+
+def eval_done(run: Run, out: Path) -> bool:
+    return run.eval is None or _marker_ok(run.run_dir(out) / "eval" / DONE, eval_hash(run))
+
+
+def training_complete(run_dir: Path, iters: int | None) -> bool:
+    """Whether the run's metrics.jsonl reached its last iteration (a train process stopped by a signal
+    exits 0 after saving). Without metrics.jsonl or a fixed length (train.epochs), the exit code decides."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if iters is None or not path.is_file():
+        return True
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            last = rec["step"]
+    return last is None or last >= iters
+
+
+def _iters(run: Run) -> int | None:
+    t = run.config["train"]
+    return None if t.get("epochs") is not None else t.get("iters")
+
+
+def write_run_config(run: Run, out: Path) -> Path:
+    d = run.run_dir(out)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "train.yaml"
+    text = yaml.safe_dump(run.resolved(out), sort_keys=False, default_flow_style=False)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------ local
+
+
+def subprocess_runner(cmd: list, log_path: Path, cwd: Path, env: dict) -> int:
+    """Run `cmd` with stdout and stderr appended to `log_path`. On Ctrl-C the child is sent SIGTERM and
+    given STOP_GRACE_S seconds to save its checkpoint and exit, then killed; KeyboardInterrupt goes on."""
+    with open(log_path, "ab") as log:
+        log.write(f"\n$ {shlex.join(map(str, cmd))}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            # SIGTERM, not a second SIGINT (which stops a train run at once, unsaved): it saves and exits
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+
+
+@dataclass
+class Outcome:
+    """What a suite did: run dir names per status, and the problems (one line each, log path included)."""
+
+    trained: list[str] = field(default_factory=list)
+    evaluated: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)       # already finished
+    blocked: list[str] = field(default_factory=list)       # an ancestor failed
+    failed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.blocked and not self.interrupted
+
+
+def run_local(spec: SuiteSpec, runs: list[Run], out: Path, runner: Runner = subprocess_runner,
+              echo: Callable[[str], None] = print) -> Outcome:
+    """Train and evaluate `runs` (parents before children) one after another."""
+    out = Path(out).resolve()
+    result, bad = Outcome(), set()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        for run in runs:
+            d = run.run_dir(out)
+            if run.parent is not None and run.parent.hash in bad:
+                bad.add(run.hash)
+                result.blocked.append(run.dir_name)
+                echo(f"SKIP    {run.dir_name}  {run.name}: parent {run.parent.dir_name} did not finish")
+                continue
+            if train_done(run, out):
+                result.skipped.append(run.dir_name)
+            else:
+                write_run_config(run, out)
+                echo(f"TRAIN   {run.dir_name}  {run.name}  (log {d / 'train.log'})")
+                rc = runner(train_command(run, out), d / "train.log", spec.root, env)
+                if rc != 0 or not training_complete(d, _iters(run)):
+                    why = f"exit code {rc}" if rc != 0 else "stopped before its last iteration"
+                    msg = f"FAILED  {run.dir_name}  {run.name}: training {why}; see {d / 'train.log'}"
+                    echo(msg)
+                    result.failed.append(run.dir_name)
+                    result.problems.append(msg)
+                    bad.add(run.hash)
+                    continue
+                _write_marker(d / DONE, run.hash, run=run.id, name=run.name)
+                result.trained.append(run.dir_name)
+            if not eval_done(run, out):
+                (d / "eval").mkdir(parents=True, exist_ok=True)
+                (d / "eval" / DONE).unlink(missing_ok=True)
+                echo(f"EVAL    {run.dir_name}  {', '.join(run.eval.tasks)}  (log {d / 'eval.log'})")
+                rc = runner(eval_command(run, out), d / "eval.log", spec.root, env)
+                if rc != 0:
+                    msg = f"FAILED  {run.dir_name}  {run.name}: evaluation exit code {rc}; see {d / 'eval.log'}"
+                    echo(msg)
+                    result.failed.append(run.dir_name)
+                    result.problems.append(msg)
+                    continue  # the checkpoint is fine: its children still train
+                _write_marker(d / "eval" / DONE, eval_hash(run), run=run.id)
+                result.evaluated.append(run.dir_name)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        echo("interrupted: the suite stopped; rerun the same command to go on (finished runs are skipped, "
+             "a stopped run resumes from its checkpoint)")
+    return result
+
+
+# ------------------------------------------------------------------------------------ slurm
+
+
+def sbatch_script(run: Run, out: Path, root: Path, python: str = sys.executable) -> str:
+    """One sbatch script: train (srun torchrun over the nodes), check the run finished, mark it, evaluate."""
+    out = Path(out).resolve()
+    d = run.run_dir(out)
+    s = run.stage_spec.slurm
+    nodes = int(s.get("nodes") or 1)
+    gpus = int(s.get("gpus_per_node") or run.stage_spec.nproc)
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=megaevo-{run.dir_name}", f"#SBATCH --nodes={nodes}",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={gpus}", f"#SBATCH --output={d}/slurm-%j.log"]
+    if s.get("time"):
+        lines.append(f"#SBATCH --time={s['time']}")
+    if s.get("partition"):
+        lines.append(f"#SBATCH --partition={s['partition']}")
+    extra = s.get("sbatch") or []
+    for line in [extra] if isinstance(extra, str) else extra:
+        line = str(line).strip()
+        lines.append(line if line.startswith("#SBATCH") else f"#SBATCH {line}")
+    q = shlex.quote
+    cfg = d / "train.yaml"
+    train = (f"srun --kill-on-bad-exit=1 {q(python)} -m torch.distributed.run --nnodes {nodes} "
+             f"--nproc_per_node {gpus} --rdzv_backend c10d --rdzv_endpoint \"$MASTER_ADDR:29500\" "
+             f"--rdzv_id \"$SLURM_JOB_ID\" -m megaevo.train --config {q(str(cfg))}")
+    check = (f"{q(python)} -c 'import sys; from megaevo.suite.launch import training_complete; "
+             f"sys.exit(0 if training_complete(sys.argv[1], None if sys.argv[2] == \"-\" else int(sys.argv[2])) "
+             f"else 1)' {q(str(d))} {_iters(run) if _iters(run) is not None else '-'}")
+    lines += ["", "set -euo pipefail", f"# {run.name}", f"cd {q(str(root))}", "export PYTHONUNBUFFERED=1",
+              "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)",
+              f"if [ ! -f {q(str(d / DONE))} ]; then",
+              f"  {train} >> {q(str(d / 'train.log'))} 2>&1",
+              f"  {check} || {{ echo 'training stopped before its last iteration (resubmit to resume)'; exit 1; }}",
+              f"  echo '{json.dumps({'hash': run.hash, 'run': run.id})}' > {q(str(d / DONE))}",
+              "fi"]
+    ev = eval_command(run, out, python)
+    if ev is not None:
+        marker = d / "eval" / DONE
+        lines += [f"if [ ! -f {q(str(marker))} ]; then",
+                  f"  mkdir -p {q(str(d / 'eval'))}",
+                  f"  {shlex.join(ev)} >> {q(str(d / 'eval.log'))} 2>&1",
+                  f"  echo '{json.dumps({'hash': eval_hash(run), 'run': run.id})}' > {q(str(marker))}",
+                  "fi"]
+    return "\n".join(lines) + "\n"
+
+
+def run_slurm(spec: SuiteSpec, runs: list[Run], out: Path, dry_run: bool = False,
+              submit: Callable[[list[str]], str] | None = None, echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Write OUT/slurm/STAGE-ID.sbatch per unfinished run and submit them in tree order, each after its
+    parent's job (afterok). Returns {run dir name: job id} (placeholders with dry_run)."""
+    out = Path(out).resolve()
+    submit = submit or _sbatch
+    jobs: dict[str, str] = {}
+    for run in runs:
+        if train_done(run, out) and eval_done(run, out):
+            echo(f"# {run.dir_name}: finished, not submitted")
+            continue
+        path = out / "slurm" / f"{run.dir_name}.sbatch"
+        script = sbatch_script(run, out, spec.root)
+        if not dry_run:  # a dry run writes nothing
+            write_run_config(run, out)
+            (run.run_dir(out) / "eval").mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(script)
+        cmd = ["sbatch", "--parsable"]
+        parent_job = jobs.get(run.parent.dir_name) if run.parent is not None else None
+        if parent_job is not None:
+            cmd.append(f"--dependency=afterok:{parent_job}")
+        cmd.append(str(path))
+        if dry_run:
+            jobs[run.dir_name] = f"${{JOB_{run.dir_name.replace('-', '_')}}}"
+            echo(f"# ---- {path}\n{script}")
+            shown = " ".join(a if a.startswith("--dependency=") else shlex.quote(a) for a in cmd)
+            echo(f"{jobs[run.dir_name][2:-1]}=$({shown})")
+        else:
+            jobs[run.dir_name] = submit(cmd)
+            echo(f"submitted {run.dir_name} as job {jobs[run.dir_name]}"
+                 + (f" (after {parent_job})" if parent_job else ""))
+    return jobs
+
+
+def _sbatch(cmd: list[str]) -> str:
+    try:
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SpecError("sbatch not found: the slurm launcher runs on a SLURM login node (--dry-run prints "
+                        "the scripts without it)") from None
+    except subprocess.CalledProcessError as e:
+        raise SpecError(f"{shlex.join(cmd)} failed: {e.stderr.strip()}") from None
+    return res.stdout.strip().split(";")[0]
+
+
+# ------------------------------------------------------------------------------------ the command
+
+
+def describe(runs: list[Run], out: Path, commands: bool = True) -> str:
+    lines = []
+    for run in runs:
+        depth = len(run.chain) - 1
+        status = "finished" if train_done(run, out) and eval_done(run, out) else \
+            "trained (eval pending)" if train_done(run, out) else "pending"
+        parent = run.parent.dir_name if run.parent else "-"
+        lines.append(f"{'  ' * depth}{run.dir_name}  {run.name}  parent {parent}  axes {json.dumps(run.axes)}  "
+                     f"[{status}]")
+        if commands:
+            lines.append(f"{'  ' * depth}    $ {shlex.join(train_command(run, out))}")
+            ev = eval_command(run, out)
+            if ev:
+                lines.append(f"{'  ' * depth}    $ {shlex.join(ev)}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megaevo suite", description="train and evaluate a grid of runs over the "
+                                "stages of a model's life (see megaevo/suite/spec.py for the spec format)")
+    p.add_argument("spec", help="the suite spec (YAML)")
+    p.add_argument("--out", default=None, help="output directory (default: the spec's `out`, else SPEC-out beside it)")
+    p.add_argument("--dry-run", action="store_true", help="print the tree and the commands (slurm: the scripts "
+                                                          "and the submission order); run nothing")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these runs (id, STAGE-ID or run name) and "
+                                                             "their ancestors")
+    return p
+
+
+def main(argv: list[str] | None = None, runner: Runner = subprocess_runner) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = load_spec(args.spec)
+        out = Path(args.out).resolve() if args.out else (spec.out or spec.path.with_name(spec.path.stem + "-out"))
+        runs = select(expand(spec), args.only)
+        if args.launcher == "slurm":
+            run_slurm(spec, runs, out, dry_run=args.dry_run)
+            return 0
+        if args.dry_run:
+            print(describe(runs, out))
+            return 0
+        outcome = run_local(spec, runs, out, runner=runner)
+    except (SpecError, OSError) as e:
+        print(f"megaevo suite: {e}", file=sys.stderr)
+        return 2
+    from megaevo.suite.results import collect, write_results
+
+    rows = collect(runs, out)
+    paths = write_results(rows, out, runs)
+    print(f"trained {len(outcome.trained)}, evaluated {len(outcome.evaluated)}, already finished "
+          f"{len(outcome.skipped)}, failed {len(outcome.failed)}, skipped after a failure {len(outcome.blocked)}")
+    for line in outcome.problems:
+        print(line, file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    if outcome.interrupted:
+        return 130
+    return 0 if outcome.ok else 1

@@ -1,0 +1,292 @@
+"""A suite spec: the stages of a model's life, the axes each one varies, and the evaluation after each.
+
+The spec is one YAML file::
+
+    out: suite-out                   # default for --out (relative to this file); default: <spec name>-out
+    overrides:                       # applied to every stage (after its config file), e.g. the model shape
+      - model.preset=evolm-1b
+    stages:                          # in order: an increasing subsequence of pretrain, cpt, sft, rl
+      - stage: pretrain
+        config: configs/pretrain.yaml    # a megaevo train config, relative to this file (optional)
+        overrides: [train.global_batch_size=512]   # dotted key=value, as `megaevo train` takes them
+        axes:
+          tokens:                    # axis name -> {value label: overrides}
+            20B: [train.iters=20000]
+            40B: [train.iters=40000]
+        eval: {tasks: [hellaswag, arc_easy], limit: 500}
+        nproc: 8                     # processes per node (torchrun); default 1
+        slurm: {nodes: 2, gpus_per_node: 8, time: "48:00:00", partition: gpu, sbatch: ["--account=lm"]}
+      - stage: cpt
+        config: configs/cpt.yaml
+        axes:
+          - name: replay             # the list form: name + values
+            values:
+              - value: 0.0
+                set: {data.train: [1.0, data/finemath]}
+              - value: 0.16
+                set: ["data.train=[0.84, data/finemath, 0.16, data/fineweb]"]
+      - stage: sft
+        config: configs/sft.yaml
+        axes:
+          - name: epochs
+            key: train.epochs        # shorthand: one key, each value is the value itself
+            values: [1, 2, 4]
+        eval: {tasks: [gsm8k_platinum, math_500], limit: 200, samples: 0, template: evolm}
+
+An axis is given either as a mapping ``{label: overrides}`` or as a list entry ``{name, values}`` where
+each value is ``{value: LABEL, set: OVERRIDES}`` or, with ``key: DOTTED``, a bare value. OVERRIDES is a
+list of ``key=value`` strings or a mapping ``{dotted.key: value}`` (a string value is read as YAML, as
+on the command line). A stage's config is: its config file, then the top-level `overrides`, then the
+stage's `overrides`, then its axes' overrides (axes in name order; two axes of one stage may not set
+the same key, so the order of axes in the file never matters). Axis names are unique over the spec.
+
+`stage` is set by the suite (cpt is a `stage: pretrain` run). Relative paths inside the configs (data
+prefixes, tokenizers) are relative to the spec's directory: every run starts there. `eval` takes the
+`megaevo eval` options: `tasks`, `limit`, `samples`, `template`, and also `data_dir`, `max_length`,
+`batch_size`, `seed`. `out_dir` and `checkpoint.load` are the suite's: a run writes OUT/runs/STAGE-ID
+and a stage after the first starts from its parent's final checkpoint, weights only.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megaevo.errors import UserError
+
+STAGES = ("pretrain", "cpt", "sft", "rl")
+TRAIN_STAGE = {"pretrain": "pretrain", "cpt": "pretrain", "sft": "sft", "rl": "rl"}
+EVAL_KEYS = {"tasks", "limit", "samples", "template", "data_dir", "max_length", "batch_size", "seed"}
+SLURM_KEYS = {"nodes", "gpus_per_node", "time", "partition", "sbatch"}
+STAGE_KEYS = {"stage", "config", "overrides", "axes", "eval", "nproc", "slurm"}
+TOP_KEYS = {"out", "overrides", "stages", "name"}
+# keys the suite sets itself
+RESERVED = ("stage", "out_dir", "checkpoint.load", "checkpoint.finetune")
+
+
+class SpecError(UserError):
+    """A mistake in a suite spec."""
+
+
+@dataclass
+class AxisValue:
+    label: Any
+    overrides: list[str]
+
+
+@dataclass
+class Axis:
+    name: str
+    values: list[AxisValue]
+
+
+@dataclass
+class EvalSpec:
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    samples: int = 0
+    template: str = "evolm"
+    data_dir: str | None = None
+    max_length: int | None = None
+    batch_size: int | None = None
+    seed: int | None = None
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in sorted(EVAL_KEYS)}
+
+
+@dataclass
+class StageSpec:
+    name: str                        # pretrain | cpt | sft | rl
+    config: Path | None              # absolute
+    overrides: list[str]             # common + the stage's own
+    axes: list[Axis]                 # sorted by name
+    eval: EvalSpec | None
+    nproc: int = 1
+    slurm: dict = field(default_factory=dict)
+
+
+@dataclass
+class SuiteSpec:
+    path: Path
+    root: Path                       # the spec's directory: runs start there
+    out: Path | None
+    stages: list[StageSpec]
+
+
+def _override_text(key: str, value: Any) -> str:
+    if isinstance(value, str):
+        return f"{key}={value}"
+    return f"{key}={json.dumps(value)}"
+
+
+def overrides_list(raw: Any, where: str) -> list[str]:
+    """`key=value` strings from a list of them or a mapping {key: value}."""
+    if raw is None:
+        return []
+    if isinstance(raw, dict):
+        return [_override_text(str(k), v) for k, v in raw.items()]
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise SpecError(f"{where}: overrides must be a list of key=value or a mapping, got {type(raw).__name__}")
+    out = []
+    for item in raw:
+        if isinstance(item, dict):
+            out += overrides_list(item, where)
+        elif isinstance(item, str) and "=" in item:
+            out.append(item)
+        else:
+            raise SpecError(f"{where}: {item!r} is not a dotted key=value override")
+    return out
+
+
+def _check_reserved(overrides: list[str], where: str) -> None:
+    for o in overrides:
+        key = o.partition("=")[0].strip()
+        if key in RESERVED:
+            raise SpecError(f"{where}: {key} is set by the suite (out_dir OUT/runs/STAGE-ID; a later stage starts "
+                            f"from its parent's checkpoint); leave it out")
+
+
+def _axis_values(name: str, raw: Any, key: str | None, where: str) -> list[AxisValue]:
+    values = []
+    if isinstance(raw, dict):  # {label: overrides}
+        for label, ov in raw.items():
+            values.append(AxisValue(label, [_override_text(key, ov)] if key else overrides_list(ov, where)))
+    elif isinstance(raw, list):
+        for item in raw:
+            if isinstance(item, dict) and ("set" in item or "value" in item):
+                unknown = set(item) - {"set", "value"}
+                if unknown:
+                    raise SpecError(f"{where}: unknown keys {sorted(unknown)} in a value (value, set)")
+                label = item.get("value")
+                ov = overrides_list(item.get("set"), where)
+                if key and "set" not in item:
+                    ov = [_override_text(key, label)]
+                values.append(AxisValue(label, ov))
+            elif key is not None:
+                values.append(AxisValue(item, [_override_text(key, item)]))
+            else:
+                raise SpecError(f"{where}: a value is {{value: LABEL, set: OVERRIDES}} (or give the axis a `key`)")
+    else:
+        raise SpecError(f"{where}: values must be a list or a mapping")
+    if not values:
+        raise SpecError(f"{where}: no values")
+    labels = [json.dumps(v.label, sort_keys=True, default=str) for v in values]
+    if len(set(labels)) != len(labels):
+        raise SpecError(f"{where}: repeated value labels")
+    return values
+
+
+def _axes(raw: Any, where: str) -> list[Axis]:
+    if raw is None:
+        return []
+    axes = []
+    if isinstance(raw, dict):
+        for name, vals in raw.items():
+            axes.append(Axis(str(name), _axis_values(str(name), vals, None, f"{where}.{name}")))
+    elif isinstance(raw, list):
+        for i, a in enumerate(raw):
+            if not isinstance(a, dict) or "name" not in a or "values" not in a:
+                raise SpecError(f"{where}[{i}]: an axis is {{name: ..., values: [...]}} (optionally key: DOTTED)")
+            unknown = set(a) - {"name", "values", "key"}
+            if unknown:
+                raise SpecError(f"{where}[{i}]: unknown keys {sorted(unknown)} (name, values, key)")
+            name = str(a["name"])
+            axes.append(Axis(name, _axis_values(name, a["values"], a.get("key"), f"{where}.{name}")))
+    else:
+        raise SpecError(f"{where}: axes must be a mapping or a list")
+    names = [a.name for a in axes]
+    if len(set(names)) != len(names):
+        raise SpecError(f"{where}: repeated axis names")
+    for a in axes:
+        for v in a.values:
+            _check_reserved(v.overrides, f"{where}.{a.name}")
+    # two axes of a stage may not set the same key: then their order never matters
+    owner: dict[str, str] = {}
+    for a in axes:
+        keys = {o.partition("=")[0].strip() for v in a.values for o in v.overrides}
+        for k in keys:
+            if k in owner and owner[k] != a.name:
+                raise SpecError(f"{where}: axes {owner[k]} and {a.name} both set {k}")
+            owner[k] = a.name
+    return sorted(axes, key=lambda a: a.name)
+
+
+def _eval(raw: Any, where: str) -> EvalSpec | None:
+    if raw is None:
+        return None
+    if isinstance(raw, list):
+        raw = {"tasks": raw}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: eval must be a mapping (tasks, limit, samples, template)")
+    unknown = set(raw) - EVAL_KEYS
+    if unknown:
+        raise SpecError(f"{where}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(EVAL_KEYS))})")
+    tasks = raw.get("tasks") or []
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not tasks:
+        return None
+    return EvalSpec(**{**raw, "tasks": [str(t) for t in tasks]})
+
+
+def load_spec(path: str | Path) -> SuiteSpec:
+    """Read and check a suite spec (see the module docstring)."""
+    path = Path(path).resolve()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    return spec_from_dict(raw, path)
+
+
+def spec_from_dict(raw: Any, path: str | Path) -> SuiteSpec:
+    path = Path(path).resolve()
+    root = path.parent
+    if not isinstance(raw, dict) or not raw.get("stages"):
+        raise SpecError(f"{path}: a suite spec is a mapping with `stages:` (a list)")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise SpecError(f"{path}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(TOP_KEYS))})")
+    common = overrides_list(raw.get("overrides"), f"{path.name}: overrides")
+    _check_reserved(common, f"{path.name}: overrides")
+    stages, last, seen_axes = [], -1, set()
+    for i, s in enumerate(raw["stages"]):
+        where = f"{path.name}: stages[{i}]"
+        if not isinstance(s, dict) or s.get("stage") not in STAGES:
+            raise SpecError(f"{where}: `stage` must be one of {', '.join(STAGES)}")
+        unknown = set(s) - STAGE_KEYS
+        if unknown:
+            raise SpecError(f"{where}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(STAGE_KEYS))})")
+        name = s["stage"]
+        if STAGES.index(name) <= last:
+            raise SpecError(f"{where}: stages go in the order {' -> '.join(STAGES)}, each at most once; "
+                            f"{name} comes after {STAGES[last]}")
+        last = STAGES.index(name)
+        config = None
+        if s.get("config"):
+            config = (root / str(s["config"])).resolve()
+            if not config.is_file():
+                raise SpecError(f"{where}: config {config} not found")
+        own = overrides_list(s.get("overrides"), f"{where}.overrides")
+        _check_reserved(own, f"{where}.overrides")
+        axes = _axes(s.get("axes"), f"{where}.axes")
+        for a in axes:
+            if a.name in seen_axes:
+                raise SpecError(f"{where}: axis {a.name} is also an axis of an earlier stage (names are unique)")
+            seen_axes.add(a.name)
+        slurm = s.get("slurm") or {}
+        if not isinstance(slurm, dict) or set(slurm) - SLURM_KEYS:
+            raise SpecError(f"{where}.slurm: a mapping of {', '.join(sorted(SLURM_KEYS))}")
+        nproc = int(s.get("nproc") or 1)
+        if nproc < 1:
+            raise SpecError(f"{where}: nproc must be >= 1")
+        stages.append(StageSpec(name, config, common + own, axes, _eval(s.get("eval"), f"{where}.eval"),
+                                nproc, dict(slurm)))
+    out = raw.get("out")
+    return SuiteSpec(path, root, (root / str(out)).resolve() if out else None, stages)

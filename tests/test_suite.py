@@ -1,0 +1,389 @@
+"""megaevo suite: the grid's run tree, the local and slurm launchers, the results table."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from megaevo.suite import expand, load_spec, main, select
+from megaevo.suite.launch import run_local, run_slurm, sbatch_script
+from megaevo.suite.results import collect, write_results
+from megaevo.suite.spec import SpecError
+
+SPEC = """
+overrides: [model.num_layers=2, model.hidden_size=64, train.iters=4]
+stages:
+  - stage: pretrain
+    overrides: {optim.lr: 3.0e-4}
+    axes:
+      tokens: {small: [train.iters=10], big: [train.iters=20]}
+    eval: {tasks: [hellaswag, arc_easy], limit: 5}
+  - stage: cpt
+    axes:
+      - name: replay
+        values:
+          - {value: 0.0, set: {data.train: [1.0, data/math]}}
+          - {value: 0.05, set: ["data.train=[0.95, data/math, 0.05, data/web]"]}
+      - name: lr
+        values:   # two labels, one config: one run
+          - {value: a, set: [optim.lr=1e-4]}
+          - {value: b, set: [optim.lr=0.0001]}
+  - stage: sft
+    axes:
+      - {name: epochs, key: train.epochs, values: [1, 2]}
+    eval: {tasks: [gsm8k_platinum], limit: 3, samples: 2}
+    nproc: 2
+    slurm: {nodes: 2, gpus_per_node: 4, time: "01:00:00", partition: gpu, sbatch: ["--account=lm"]}
+"""
+
+
+def write_spec(tmp_path: Path, text: str = SPEC, name: str = "suite.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# ---------------------------------------------------------------------------------------- the tree
+
+
+def test_grid_expands_into_a_tree_with_shared_runs(tmp_path):
+    runs = expand(load_spec(write_spec(tmp_path)))
+    by_stage = {s: [r for r in runs if r.stage == s] for s in ("pretrain", "cpt", "sft")}
+    # 2 pretrain; 2 replay x (lr a == lr b) = 2 cpt per parent; 2 epochs per cpt
+    assert [len(by_stage[s]) for s in ("pretrain", "cpt", "sft")] == [2, 4, 8]
+    for r in runs:  # parents come first
+        assert r.parent is None or runs.index(r.parent) < runs.index(r)
+    cpt = by_stage["cpt"][0]
+    assert cpt.points == [{"lr": "a", "replay": 0.0}, {"lr": "b", "replay": 0.0}]
+    assert cpt.axes == {"tokens": "small", "lr": ["a", "b"], "replay": 0.0}
+    assert cpt.name == 'pretrain[tokens=small]/cpt[lr=a|b,replay=0.0]'
+    # resolved configs
+    pre = by_stage["pretrain"]
+    assert [r.config["train"]["iters"] for r in pre] == [10, 20]
+    assert pre[0].config["optim"]["lr"] == 3e-4 and pre[0].config["model"]["num_layers"] == 2
+    assert pre[0].config["checkpoint"]["load"] == "auto"
+    assert {tuple(r.config["data"]["train"]) for r in by_stage["cpt"]} == {
+        (1.0, "data/math"), (0.95, "data/math", 0.05, "data/web")}
+    assert all(r.config["stage"] == "pretrain" for r in by_stage["cpt"])
+    sft = by_stage["sft"][0]
+    assert sft.config["stage"] == "sft" and sft.config["train"]["epochs"] in (1, 2)
+    resolved = sft.resolved(tmp_path / "out")
+    assert resolved["checkpoint"]["load"] == str((tmp_path / "out" / "runs" / sft.parent.dir_name).resolve())
+    assert resolved["checkpoint"]["finetune"] is True
+    assert resolved["out_dir"] == str((tmp_path / "out" / "runs" / sft.dir_name).resolve())
+
+
+def test_ids_are_stable_and_independent_of_axis_order(tmp_path):
+    a = [r.id for r in expand(load_spec(write_spec(tmp_path)))]
+    assert a == [r.id for r in expand(load_spec(write_spec(tmp_path)))]
+    swapped = SPEC.replace("small: [train.iters=10], big: [train.iters=20]", "big: [train.iters=20], small: "
+                           "[train.iters=10]")
+    lines = swapped.splitlines()
+    i = lines.index("      - name: replay")
+    j = lines.index("      - name: lr")
+    k = lines.index("  - stage: sft")
+    lines = lines[:i] + lines[j:k] + lines[i:j] + lines[k:]  # lr axis before replay
+    other = expand(load_spec(write_spec(tmp_path, "\n".join(lines), "reordered.yaml")))
+    assert sorted(a) == sorted(r.id for r in other)
+    # the out dir does not enter the id; a changed setting does
+    changed = [r.id for r in expand(load_spec(write_spec(tmp_path, SPEC.replace("3.0e-4", "2.0e-4"), "c.yaml")))]
+    assert set(changed).isdisjoint(a)
+
+
+def test_spec_mistakes_are_reported(tmp_path):
+    with pytest.raises(SpecError, match="order"):
+        load_spec(write_spec(tmp_path, "stages: [{stage: sft}, {stage: pretrain}]"))
+    with pytest.raises(SpecError, match="set by the suite"):
+        load_spec(write_spec(tmp_path, "stages: [{stage: pretrain, overrides: [out_dir=x]}]"))
+    with pytest.raises(SpecError, match="both set"):
+        load_spec(write_spec(tmp_path, "stages: [{stage: pretrain, axes: {a: {x: [train.iters=1]}, "
+                                       "b: {y: [train.iters=2]}}}]"))
+    with pytest.raises(SpecError, match="model.num_layer"):
+        expand(load_spec(write_spec(tmp_path, "stages: [{stage: pretrain, overrides: [model.num_layer=2]}]")))
+
+
+def test_only_selects_runs_and_their_ancestors(tmp_path):
+    runs = expand(load_spec(write_spec(tmp_path)))
+    sft = [r for r in runs if r.stage == "sft"][3]
+    for name in (sft.id, sft.dir_name, sft.name, sft.id[:6]):
+        assert select(runs, [name]) == sft.chain
+    with pytest.raises(SpecError, match="no run"):
+        select(runs, ["nothing-like-this"])
+
+
+# ---------------------------------------------------------------------------------------- local launcher
+
+
+class FakeRunner:
+    """Stands in for the subprocesses: training writes metrics.jsonl, evaluation writes results.json."""
+
+    def __init__(self, fail: str | None = None, interrupt_at: int | None = None):
+        self.calls: list[tuple[str, str]] = []
+        self.fail, self.interrupt_at = fail, interrupt_at
+
+    def __call__(self, cmd, log_path, cwd, env):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("log\n")
+        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        if "megaevo.train" in cmd:
+            cfg = yaml.safe_load(Path(cmd[cmd.index("--config") + 1]).read_text())
+            out = Path(cfg["out_dir"])
+            self.calls.append(("train", out.name))
+            if self.fail and self.fail in out.name:
+                return 1
+            iters = cfg["train"]["iters"]
+            seed = sum(map(ord, out.name)) % 97
+            with open(out / "metrics.jsonl", "w") as f:
+                for step in range(1, iters + 1):
+                    f.write(json.dumps({"step": step, "tokens": step * 1000, "loss": 5.0 / step}) + "\n")
+                f.write(json.dumps({"step": iters, "consumed_samples": iters * 8, "val/web": 2.0 + seed / 100,
+                                    "val/math": 3.0 + seed / 100}) + "\n")
+            return 0
+        out = Path(cmd[cmd.index("--out") + 1])
+        self.calls.append(("eval", out.parent.name))
+        out.mkdir(parents=True, exist_ok=True)
+        tasks = cmd[cmd.index("--tasks") + 1].split(",")
+        seed = sum(map(ord, out.parent.name)) % 89
+        res = {"model": str(out.parent), "settings": {}, "tasks": {t: {"n": 5, "accuracy": seed / 100 + i / 10}
+                                                                    for i, t in enumerate(tasks)}}
+        if len(tasks) > 1:
+            res["id_avg"] = {"tasks": len(tasks), "accuracy": seed / 100 + 0.05}
+        (out / "results.json").write_text(json.dumps(res))
+        return 0
+
+
+def test_local_runs_each_run_once_and_a_rerun_nothing(tmp_path):
+    spec = load_spec(write_spec(tmp_path))
+    runs, out = expand(spec), tmp_path / "out"
+    fake = FakeRunner()
+    outcome = run_local(spec, runs, out, runner=fake, echo=lambda s: None)
+    assert outcome.ok
+    trained = [name for kind, name in fake.calls if kind == "train"]
+    assert trained == [r.dir_name for r in runs]  # once each, in tree order
+    assert sorted(name for kind, name in fake.calls if kind == "eval") == sorted(
+        r.dir_name for r in runs if r.eval is not None)
+    for r in runs:
+        assert (out / "runs" / r.dir_name / "DONE").is_file()
+        assert yaml.safe_load((out / "runs" / r.dir_name / "train.yaml").read_text())["out_dir"] == str(
+            (out / "runs" / r.dir_name).resolve())
+    again = FakeRunner()
+    outcome = run_local(spec, runs, out, runner=again, echo=lambda s: None)
+    assert again.calls == [] and outcome.ok and len(outcome.skipped) == len(runs)
+
+
+def test_a_failed_run_skips_only_its_descendants(tmp_path, capsys):
+    spec_path = write_spec(tmp_path)
+    runs = expand(load_spec(spec_path))
+    bad = [r for r in runs if r.stage == "cpt"][0]
+    descendants = {r.dir_name for r in runs if bad in r.chain and r is not bad}
+    fake = FakeRunner(fail=bad.id)
+    rc = main([str(spec_path), "--out", str(tmp_path / "out")], runner=fake)
+    assert rc == 1
+    trained = {name for kind, name in fake.calls if kind == "train"}
+    assert trained == {r.dir_name for r in runs} - descendants
+    err = capsys.readouterr().err
+    assert f"FAILED  {bad.dir_name}" in err and str(tmp_path / "out" / "runs" / bad.dir_name / "train.log") in err
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["run"] for r in rows} == {r.dir_name for r in runs} - descendants - {bad.dir_name}
+    # the fix: a rerun trains the failed run and its descendants only
+    fixed = FakeRunner()
+    assert main([str(spec_path), "--out", str(tmp_path / "out")], runner=fixed) == 0
+    assert {name for kind, name in fixed.calls if kind == "train"} == descendants | {bad.dir_name}
+
+
+def test_an_interrupted_suite_reruns_to_the_same_results(tmp_path):
+    spec_path = write_spec(tmp_path)
+    assert main([str(spec_path), "--out", str(tmp_path / "a")], runner=FakeRunner()) == 0
+    stopped = FakeRunner(interrupt_at=5)
+    assert main([str(spec_path), "--out", str(tmp_path / "b")], runner=stopped) == 130
+    assert len(stopped.calls) == 5
+    runs = expand(load_spec(spec_path))
+    assert sum((tmp_path / "b" / "runs" / r.dir_name / "DONE").is_file() for r in runs) < len(runs)
+    assert main([str(spec_path), "--out", str(tmp_path / "b")], runner=FakeRunner()) == 0
+    assert (json.loads((tmp_path / "a" / "results.json").read_text())
+            == json.loads((tmp_path / "b" / "results.json").read_text()))
+
+
+def test_a_run_stopped_by_a_signal_is_not_finished(tmp_path):
+    spec = load_spec(write_spec(tmp_path, "stages: [{stage: pretrain, overrides: [train.iters=5]}]"))
+    runs, out = expand(spec), tmp_path / "out"
+
+    def stopped(cmd, log_path, cwd, env):  # exit 0 after saving at iteration 2
+        (log_path.parent / "metrics.jsonl").write_text(json.dumps({"step": 2, "tokens": 10}) + "\n")
+        return 0
+
+    outcome = run_local(spec, runs, out, runner=stopped, echo=lambda s: None)
+    assert outcome.failed == [runs[0].dir_name] and not (out / "runs" / runs[0].dir_name / "DONE").exists()
+
+
+def test_dry_run_prints_the_tree_and_runs_nothing(tmp_path, capsys):
+    spec_path = write_spec(tmp_path)
+    runs = expand(load_spec(spec_path))
+    assert main([str(spec_path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for r in runs:
+        assert r.dir_name in text
+    assert "[pending]" in text and "-m megaevo.train --config" in text and "megaevo.cli eval" in text
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in text  # sft's nproc
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------- slurm
+
+
+def test_slurm_scripts_chain_jobs_after_their_parents(tmp_path, capsys):
+    spec_path = write_spec(tmp_path)
+    spec = load_spec(spec_path)
+    runs = select(expand(spec), [[r for r in expand(spec) if r.stage == "sft"][0].id])
+    out = tmp_path / "out"
+    submitted = []
+
+    def submit(cmd):
+        submitted.append(cmd)
+        return str(100 + len(submitted))
+
+    jobs = run_slurm(spec, runs, out, submit=submit, echo=lambda s: None)
+    assert [c[-1] for c in submitted] == [str(out.resolve() / "slurm" / f"{r.dir_name}.sbatch") for r in runs]
+    assert submitted[0][:2] == ["sbatch", "--parsable"] and not any("dependency" in a for a in submitted[0])
+    assert "--dependency=afterok:101" in submitted[1] and "--dependency=afterok:102" in submitted[2]
+    assert jobs == {r.dir_name: str(101 + i) for i, r in enumerate(runs)}
+    sft = (out / "slurm" / f"{runs[2].dir_name}.sbatch").read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --time=01:00:00",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=lm", f"cd {spec.root}"):
+        assert line in sft
+    assert "srun" in sft and "--nnodes 2 --nproc_per_node 4" in sft and "-m megaevo.train --config" in sft
+    assert "megaevo.cli eval" in sft and "--samples 2" in sft
+    assert sft == sbatch_script(runs[2], out, spec.root)
+    # dry run: the scripts and the submission order, nothing written, no sbatch needed
+    capsys.readouterr()
+    assert main([str(spec_path), "--out", str(tmp_path / "dry"), "--launcher", "slurm", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
+    all_runs = expand(spec)
+    assert text.count("#!/bin/bash") == len(all_runs)
+    for r in all_runs:
+        var = "JOB_" + r.dir_name.replace("-", "_")
+        assert f"{var}=$(sbatch --parsable" in text
+        if r.parent is not None:
+            parent_var = "JOB_" + r.parent.dir_name.replace("-", "_")
+            assert f"--dependency=afterok:${{{parent_var}}} " in text.split(f"{var}=$(")[1].split("\n")[0] + " "
+            assert text.index(f"{parent_var}=$(") < text.index(f"{var}=$(")
+
+
+# ---------------------------------------------------------------------------------------- results
+
+
+def test_results_table_matches_metrics_and_evaluations(tmp_path):
+    spec_path = write_spec(tmp_path)
+    out = tmp_path / "out"
+    assert main([str(spec_path), "--out", str(out)], runner=FakeRunner()) == 0
+    runs = expand(load_spec(spec_path))
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in rows] == [r.dir_name for r in runs]
+    for row, run in zip(rows, runs):
+        assert set(row) == {"run", "stage", "parent", "axes", "metrics"}
+        assert row["stage"] == run.stage and row["axes"] == json.loads(json.dumps(run.axes))
+        assert row["parent"] == (run.parent.dir_name if run.parent else None)
+        d = out / "runs" / run.dir_name
+        last = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()][-1]
+        m = row["metrics"]
+        assert m["loss/web"] == last["val/web"] and m["loss/math"] == last["val/math"]
+        for r in run.chain:
+            assert m[f"steps/{r.stage}"] == r.config["train"]["iters"]
+            assert m[f"tokens/{r.stage}"] == r.config["train"]["iters"] * 1000
+        if run.eval is not None:
+            res = json.loads((d / "eval" / "results.json").read_text())
+            for task, metrics in res["tasks"].items():
+                assert m[f"{task}/accuracy"] == metrics["accuracy"] and f"{task}/n" not in m
+            if "id_avg" in res:
+                assert m["id_avg/accuracy"] == res["id_avg"]["accuracy"]
+        else:
+            assert not any(k.count("/") and k.split("/")[0] in ("hellaswag", "gsm8k_platinum") for k in m)
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["run"] for r in table] == [r["run"] for r in rows]
+    assert float(table[0]["loss/web"]) == pytest.approx(rows[0]["metrics"]["loss/web"])
+    assert "replay" in table[0] and "chain" in table[0]
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0].startswith("| run | stage | parent |") and len(md) == len(rows) + 2
+
+
+def test_collect_leaves_out_runs_that_never_trained(tmp_path):
+    runs = expand(load_spec(write_spec(tmp_path)))
+    assert collect(runs, tmp_path / "out") == []
+    paths = write_results([], tmp_path / "out")
+    assert json.loads(paths[0].read_text()) == []
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_pretrain_then_cpt_with_two_replay_values(tmp_path):
+    from megaevo.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    for name, lo in (("web", 0), ("math", 250)):
+        with IndexedDatasetWriter(tmp_path / "data" / name, np.uint16) as w:
+            for _ in range(60):
+                start, n = rng.integers(0, 250), int(rng.integers(5, 60))
+                w.add_document(lo + (start + np.arange(n)) % 250)
+    spec = """
+overrides:
+  - model.num_layers=2
+  - model.hidden_size=64
+  - model.ffn_hidden_size=128
+  - model.num_heads=4
+  - model.num_kv_heads=2
+  - model.vocab_size=500
+  - model.max_seq_len=32
+  - data.seq_len=32
+  - data.split=90,10,0
+  - data.cache_dir=cache
+  - train.micro_batch_size=2
+  - train.global_batch_size=4
+  - train.iters=3
+  - train.log_interval=1
+  - train.eval_interval=3
+  - train.eval_iters=1
+  - train.dtype=fp32
+  - optim.warmup=1
+  - checkpoint.interval=0
+  - kernels.backend=torch
+  - "data.valid={web_v: data/web, math_v: data/math}"
+stages:
+  - stage: pretrain
+    overrides: ["data.train=[data/web]"]
+  - stage: cpt
+    axes:
+      - name: replay
+        values:
+          - {value: 0.0, set: ["data.train=[1.0, data/math]"]}
+          - {value: 0.25, set: ["data.train=[0.75, data/math, 0.25, data/web]"]}
+    eval: {tasks: [data/math], limit: 4}
+"""
+    spec_path = write_spec(tmp_path, spec)
+    start = time.time()
+    res = subprocess.run([sys.executable, "-c", "import sys; from megaevo.suite import main; "
+                          "sys.exit(main(sys.argv[1:]))", str(spec_path), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["stage"] for r in rows] == ["pretrain", "cpt", "cpt"]
+    assert {r["axes"]["replay"] for r in rows[1:]} == {0.0, 0.25}
+    for r in rows:
+        assert r["metrics"]["steps/pretrain"] == 3 and np.isfinite(r["metrics"]["loss/math_v"])
+    assert all(any(k.startswith("math/") for k in r["metrics"]) for r in rows[1:])
+    # a rerun trains nothing
+    res = subprocess.run([sys.executable, "-c", "import sys; from megaevo.suite import main; "
+                          "sys.exit(main(sys.argv[1:]))", str(spec_path), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "trained 0, evaluated 0, already finished 3" in res.stdout, res.stdout
+    print(f"end to end: {time.time() - start:.1f} s")
