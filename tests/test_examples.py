@@ -8,7 +8,7 @@ from megaevo import demo
 from megaevo.config import config_from_dict, load_config, validate
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
+CONFIGS = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("suite-"))  # suites: below
 
 
 def launch_lines(path: Path) -> list[tuple[int, list[str]]]:
@@ -106,3 +106,19 @@ def test_ppo_example_has_evolm_recipe():
 
 def test_demo_grpo_example_is_what_the_demo_settings_say():
     assert load_config(EXAMPLES / "demo-grpo.yaml") == config_from_dict(demo.grpo_settings("megaevo-demo"))
+
+
+def test_evolm_suite_example_expands_to_the_grid_of_the_study():
+    from megaevo.suite import expand, load_spec
+
+    runs = expand(load_spec(EXAMPLES / "suite-evolm-1b.yaml"))
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.stage, []).append(run)
+    assert {k: len(v) for k, v in by_stage.items()} == {"pretrain": 5, "cpt": 5, "sft": 30, "rl": 150}
+    for run in runs:  # every later stage starts from a run of the stage before it
+        if run.stage != "pretrain":
+            assert run.parent.stage == {"cpt": "pretrain", "sft": "cpt", "rl": "sft"}[run.stage]
+    tokens = sorted(r.config["train"]["iters"] * r.config["train"]["global_batch_size"] * r.config["data"]["seq_len"]
+                    for r in by_stage["pretrain"])
+    assert [round(t / 1e9) for t in tokens] == [20, 40, 80, 160, 320]
