@@ -65,12 +65,17 @@ class DataConfig:
     whole datasets to report a validation loss on: `{name: prefix}`. `seq_len` None means the
     model's max_seq_len. With `stage: sft` the prefixes are SFT datasets (conversations with loss
     masks) and `split` divides each dataset's conversations; see megaevo.stages.sft.
+    `train_samples` (pre-training; None: train.iters × global_batch_size) is the number of training
+    samples the sample order is built for: runs of different lengths that share it (and the seed and
+    blend) read the same samples in the same order. It must be at least the run's samples. The suite
+    sets it for the budgets of a WSD / Inf-Cos stage that branch from one stable run.
     """
 
     train: Union[list, dict] = field(default_factory=list)
     valid: dict[str, str] = field(default_factory=dict)
     seq_len: Optional[int] = None
     split: str = "969,30,1"
+    train_samples: Optional[int] = None
     cache_dir: Optional[str] = None
     tokenizer: Optional[str] = None
 

@@ -387,3 +387,182 @@ stages:
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "trained 0, evaluated 0, already finished 3" in res.stdout, res.stdout
     print(f"end to end: {time.time() - start:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------- wsd branches
+
+WSD_SPEC = """
+overrides: [model.num_layers=2, model.hidden_size=64, train.global_batch_size=4]
+stages:
+  - stage: pretrain
+    overrides: [optim.schedule=wsd, optim.decay_fraction=0.25, optim.warmup=2, optim.lr=1e-3]
+    axes:
+      tokens: {small: [train.iters=12], big: [train.iters=20], mid: [train.iters=16]}
+      lr: {lo: [optim.lr=1e-3], hi: [optim.lr=2e-3]}
+    eval: {tasks: [hellaswag], limit: 5}
+  - stage: sft
+    axes:
+      - {name: epochs, key: train.epochs, values: [1, 2]}
+"""
+
+
+def test_wsd_budgets_branch_from_one_stable_run(tmp_path, capsys):
+    spec_path = write_spec(tmp_path, WSD_SPEC)
+    runs = expand(load_spec(spec_path))
+    stable = [r for r in runs if r.branch == "stable"]
+    assert len(stable) == 2  # one per lr: the budgets differ only in train.iters
+    for s in stable:
+        # decay starts: 12 - 3 = 9, 16 - 4 = 12, 20 - 5 = 15: the budgets share iterations 0..9
+        assert s.stage == "pretrain" and s.parent is None and s.eval is None and s.branch_step == 9
+        assert s.config["train"]["iters"] == 9 and s.config["optim"]["decay_fraction"] == 0.0
+        assert s.config["data"]["train_samples"] == 20 * 4 and s.config["checkpoint"]["save"] is True
+        assert sorted(c.config["train"]["iters"] for c in s.children) == [12, 16, 20]
+        assert {c.own_axes["tokens"] for c in s.children} == {"small", "mid", "big"}
+        for c in s.children:
+            assert c.branch == "decay" and c.stage == "pretrain" and c.eval is not None
+            assert c.config["data"]["train_samples"] == 80 and c.config["optim"]["decay_fraction"] == 0.25
+            assert len(c.children) == 2 and all(g.stage == "sft" for g in c.children)
+            res = c.resolved(tmp_path / "out")  # resumes the stable run, not weights only
+            assert res["checkpoint"]["load"] == str((tmp_path / "out" / "runs" / s.dir_name).resolve())
+            assert res["checkpoint"]["finetune"] is False
+            assert c.name == f"pretrain[lr={c.own_axes['lr']},tokens={c.own_axes['tokens']}]"
+            assert runs.index(s) < runs.index(c)
+    assert len([r for r in runs if r.stage == "pretrain"]) == 2 + 6 and len(runs) == 2 + 6 + 12
+    # once a budget has checkpoints of its own, a restart resumes those
+    c = stable[0].children[0]
+    (c.run_dir(tmp_path / "out") / "checkpoints").mkdir(parents=True)
+    (c.run_dir(tmp_path / "out") / "checkpoints" / "latest").write_text("iter_0000010\n")
+    assert c.resolved(tmp_path / "out")["checkpoint"]["load"] == str(c.run_dir(tmp_path / "out").resolve())
+    # the local launcher trains the stable run first, never evaluates it, and gives it no row
+    fake = FakeRunner()
+    assert main([str(spec_path), "--out", str(tmp_path / "o2")], runner=fake) == 0
+    trained = [n for kind, n in fake.calls if kind == "train"]
+    assert trained == [r.dir_name for r in runs]
+    assert not {n for kind, n in fake.calls if kind == "eval"} & {s.dir_name for s in stable}
+    rows = json.loads((tmp_path / "o2" / "results.json").read_text())
+    assert {r["run"] for r in rows} == {r.dir_name for r in runs if r.branch != "stable"}
+    big = next(r for r in rows if r["stage"] == "pretrain" and r["axes"]["tokens"] == "big")
+    assert big["metrics"]["steps/pretrain"] == 20 and big["parent"] is None
+    sft_row = next(r for r in rows if r["stage"] == "sft")
+    assert sft_row["parent"] in {r["run"] for r in rows if r["stage"] == "pretrain"}
+    # the dry run marks the branch
+    capsys.readouterr()
+    assert main([str(spec_path), "--out", str(tmp_path / "dry"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("branch: stable") == 2 and text.count("branch: decay") == 6
+    # slurm: each budget's job waits for its stable run's
+    submitted = []
+
+    def submit(cmd):
+        submitted.append(cmd)
+        return str(100 + len(submitted))
+
+    jobs = run_slurm(load_spec(spec_path), runs, tmp_path / "o3", submit=submit, echo=lambda s: None)
+    for s in stable:
+        for c in s.children:
+            cmd = next(x for x in submitted if x[-1].endswith(f"{c.dir_name}.sbatch"))
+            assert f"--dependency=afterok:{jobs[s.dir_name]}" in cmd
+
+
+@pytest.mark.parametrize("change, branches", [
+    ("optim.schedule=wsd", True),
+    ("optim.schedule=cosine", False),
+    ("optim.schedule=constant", False),
+    ("[optim.schedule=inf-cos, optim.constant_lr=5e-4, optim.cooldown_iters=2]", True),
+    ("[optim.schedule=wsd, optim.warmup_fraction=0.1]", False),  # the warmup depends on the budget
+    ("[optim.schedule=wsd, optim.decay_fraction=1.0, optim.warmup=0]", False),  # nothing to share
+])
+def test_only_wsd_and_inf_cos_budgets_branch(tmp_path, change, branches):
+    text = f"""
+overrides: [model.num_layers=2, model.hidden_size=64, optim.warmup=2]
+stages:
+  - stage: pretrain
+    overrides: {change if change.startswith('[') else [change]}
+    axes:
+      tokens: {{small: [train.iters=12], big: [train.iters=20]}}
+"""
+    runs = expand(load_spec(write_spec(tmp_path, text.replace("'", ""))))
+    assert any(r.branch == "stable" for r in runs) is branches
+    assert len(runs) == (3 if branches else 2)
+    if "inf-cos" in change:  # anneal starts: 12 - 1 = 11, 20 - 2 = 18
+        s = runs[0]
+        assert s.branch_step == 11 and s.config["optim"]["anneal_iters"] == 0
+
+
+def test_a_single_budget_does_not_branch(tmp_path):
+    text = """
+overrides: [model.num_layers=2, model.hidden_size=64, optim.schedule=wsd, optim.warmup=2]
+stages:
+  - stage: pretrain
+    axes:
+      lr: {lo: [optim.lr=1e-4], hi: [optim.lr=2e-4]}
+"""
+    runs = expand(load_spec(write_spec(tmp_path, text)))
+    assert len(runs) == 2 and all(r.branch is None for r in runs)
+
+
+def _final_state(run_dir: Path) -> tuple[int, dict]:
+    from megaevo.training.checkpoint import LoadedCheckpoint, latest_checkpoint
+
+    ck = LoadedCheckpoint(latest_checkpoint(run_dir / "checkpoints"))
+    kinds = [k for k in ("model", "master", "exp_avg", "exp_avg_sq") if ck.has(k)]
+    return ck.iteration, {(k, n): ck.tensor(k, n) for k in kinds for n in ck.names(k)}
+
+
+def test_wsd_branch_equals_the_budget_trained_from_scratch(tmp_path):
+    """The suite (real subprocesses) trains one stable run and two budgets resumed from it; each budget's
+    final state equals its config trained from scratch in one go."""
+    from megaevo.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(1)
+    for name, lo in (("web", 0), ("math", 250)):
+        with IndexedDatasetWriter(tmp_path / "data" / name, np.uint16) as w:
+            for _ in range(30):  # few documents: the longest budget reads each corpus more than once
+                start, n = rng.integers(0, 250), int(rng.integers(5, 50))
+                w.add_document(lo + (start + np.arange(n)) % 250)
+    spec = """
+overrides: [model.num_layers=2, model.hidden_size=64, model.ffn_hidden_size=128, model.num_heads=4,
+            model.num_kv_heads=2, model.vocab_size=500, model.max_seq_len=32, data.seq_len=32, "data.split=90,10,0",
+            data.cache_dir=cache, train.micro_batch_size=2, train.global_batch_size=4, train.log_interval=1,
+            train.eval_interval=4, train.eval_iters=1, train.dtype=fp32, checkpoint.interval=0,
+            kernels.backend=torch, "data.train=[0.7, data/web, 0.3, data/math]"]
+stages:
+  - stage: pretrain
+    overrides: [optim.schedule=wsd, optim.decay_fraction=0.3, optim.warmup=2, optim.lr=2e-3, optim.min_lr=1e-4]
+    axes:
+      tokens: {short: [train.iters=10], long: [train.iters=14]}
+"""
+    spec_path = write_spec(tmp_path, spec)
+    runs = expand(load_spec(spec_path))
+    stable = runs[0]
+    assert stable.branch == "stable" and stable.branch_step == 7 and len(runs) == 3  # 10 - 3, 14 - 4
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-c", "import sys; from megaevo.suite import main; "
+                          "sys.exit(main(sys.argv[1:]))", str(spec_path), "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _final_state(stable.run_dir(out))[0] == 7
+    for budget in stable.children:
+        d = budget.run_dir(out)
+        steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+        assert steps[0] == 8 and steps[-1] == budget.config["train"]["iters"]  # only its own iterations
+        scratch = tmp_path / f"scratch-{budget.id}"
+        res = subprocess.run([sys.executable, "-m", "megaevo.train", "--config", str(d / "train.yaml"),
+                              f"out_dir={scratch}", "checkpoint.load=null", "checkpoint.finetune=false"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        it_a, a = _final_state(d)
+        it_b, b = _final_state(scratch)
+        assert it_a == it_b == budget.config["train"]["iters"] and a.keys() == b.keys() and a
+        for key in a:
+            torch_close = np.allclose(a[key].float().numpy(), b[key].float().numpy(), rtol=0, atol=1e-6)
+            assert torch_close, key
+        # the same losses at every step the two runs share
+        ours = {r["step"]: r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
+        theirs = {r["step"]: r for r in map(json.loads, (scratch / "metrics.jsonl").read_text().splitlines())}
+        for step, r in ours.items():
+            if "loss" in r:
+                assert theirs[step]["loss"] == pytest.approx(r["loss"], rel=1e-6, abs=1e-6)
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in rows] == [c.dir_name for c in stable.children]
+    assert sorted(r["metrics"]["steps/pretrain"] for r in rows) == [10, 14]

@@ -29,7 +29,13 @@ def pretrain_stage(cfg: Config, layout: Layout, state: ParallelState, device: to
     t = cfg.train
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give the training data, e.g. data.train=[1.0, path/to/prefix]")
-    splits = build_datasets(cfg.data.train, cfg.seq_len, t.seed, t.iters * t.global_batch_size,
+    samples = t.iters * t.global_batch_size
+    if cfg.data.train_samples is not None:
+        if cfg.data.train_samples < samples:
+            raise ConfigError(f"data.train_samples={cfg.data.train_samples} is below the run's {samples} samples "
+                              f"(train.iters={t.iters} x train.global_batch_size={t.global_batch_size})")
+        samples = cfg.data.train_samples
+    splits = build_datasets(cfg.data.train, cfg.seq_len, t.seed, samples,
                             t.eval_iters * t.global_batch_size, None, cfg.data.split, cfg.data.valid or None,
                             cfg.data.cache_dir)
     common = dict(micro_batch_size=t.micro_batch_size, micro_batches=layout.micro_batches_per_step, state=state,

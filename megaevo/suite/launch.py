@@ -12,7 +12,10 @@ Launchers:
 * ``slurm`` writes ``OUT/slurm/STAGE-ID.sbatch`` per run and submits them in tree order with
   ``sbatch --parsable --dependency=afterok:PARENT_JOB``; with ``--dry-run`` it prints them instead.
 
-Every run starts in the spec's directory (relative data paths are relative to it). Results:
+A WSD / Inf-Cos stage's budgets run under their shared stable run (megaevo.suite.tree): the stable run
+trains and saves first, each budget resumes its checkpoint (local: parents first; slurm: afterok on the
+stable run's job); ``--dry-run`` marks both. Every run starts in the spec's directory (relative data
+paths are relative to it). Results:
 :mod:`megaevo.suite.results` (OUT/results.{csv,json,md}).
 """
 from __future__ import annotations
@@ -314,8 +317,13 @@ def describe(runs: list[Run], out: Path, commands: bool = True) -> str:
         status = "finished" if train_done(run, out) and eval_done(run, out) else \
             "trained (eval pending)" if train_done(run, out) else "pending"
         parent = run.parent.dir_name if run.parent else "-"
+        branch = ""
+        if run.branch == "stable":
+            branch = f"  branch: stable (the first {run.branch_step} iterations of the budgets below; no eval, no row)"
+        elif run.branch == "decay":
+            branch = f"  branch: decay (resumes {parent} at iteration {run.branch_step})"
         lines.append(f"{'  ' * depth}{run.dir_name}  {run.name}  parent {parent}  axes {json.dumps(run.axes)}  "
-                     f"[{status}]")
+                     f"[{status}]{branch}")
         if commands:
             lines.append(f"{'  ' * depth}    $ {shlex.join(train_command(run, out))}")
             ev = eval_command(run, out)

@@ -10,6 +10,11 @@ dir names (STAGE-ID; parent null for the first stage), `axes` the axis values of
 * ``TASK/METRIC`` from the run's ``eval/results.json`` (``megaevo eval``), the ``id_avg`` / ``ood_avg``
   averages included (``id_avg/METRIC``); counts (``n``, ``tasks``) are left out.
 
+A budget's chain is its stages' runs; the stable run a WSD / Inf-Cos budget branched from (see
+megaevo.suite.tree) gets no row, is no row's `parent` (a budget's is the stable run's parent) and adds no
+``steps``/``tokens`` of its own: the budget's run resumed its
+checkpoint, so the budget's last ``step`` and ``tokens`` already count the shared iterations.
+
 The csv and markdown tables hold the same rows: run, stage, parent, chain, one column per axis and per
 metric.
 """
@@ -67,12 +72,14 @@ def collect(runs: list[Run], out: str | Path) -> list[dict]:
     out = Path(out)
     rows = []
     for run in runs:
+        if run.branch == "stable":  # a budget's shared prefix, not a result of its own
+            continue
         d = run.run_dir(out)
         own, ev = read_metrics(d), read_eval(d)
         if not own and not ev:
             continue
         metrics: dict = {}
-        for r in run.chain:
+        for r in [r for r in run.chain if r.branch != "stable"]:
             m = own if r is run else read_metrics(r.run_dir(out))
             if "tokens" in m:
                 metrics[f"tokens/{r.stage}"] = m["tokens"]
@@ -80,8 +87,9 @@ def collect(runs: list[Run], out: str | Path) -> list[dict]:
                 metrics[f"steps/{r.stage}"] = m["step"]
         metrics.update({f"loss/{k[4:]}": v for k, v in own.items() if k.startswith("val/")})
         metrics.update(ev)
+        parent = run.parent.parent if run.branch == "decay" else run.parent  # the stable run has no row
         rows.append({"run": run.dir_name, "stage": run.stage,
-                     "parent": run.parent.dir_name if run.parent else None,
+                     "parent": parent.dir_name if parent else None,
                      "axes": run.axes, "metrics": metrics})
     return rows
 

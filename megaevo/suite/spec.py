@@ -45,6 +45,10 @@ prefixes, tokenizers) are relative to the spec's directory: every run starts the
 `megaevo eval` options: `tasks`, `limit`, `samples`, `template`, and also `data_dir`, `max_length`,
 `batch_size`, `seed`. `out_dir` and `checkpoint.load` are the suite's: a run writes OUT/runs/STAGE-ID
 and a stage after the first starts from its parent's final checkpoint, weights only.
+
+With ``optim.schedule`` ``wsd`` or ``inf-cos``, a pretrain / cpt stage's grid points that differ only in
+``train.iters`` (budgets) share one stable run and branch from its checkpoint, each running only its own
+decay (megaevo.suite.tree); the suite then sets their ``data.train_samples`` too.
 """
 from __future__ import annotations
 

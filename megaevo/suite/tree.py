@@ -8,6 +8,22 @@ points that resolve to the same config on the same parent share one run, trained
     runs = expand(load_spec("suite.yaml"))       # parents before children (depth first)
     runs[0].id, runs[0].stage, runs[0].parent, runs[0].axes, runs[0].name
     cfg_dict = runs[0].resolved(out)            # the config.yaml its training reads
+
+Budgets branch from a shared stable run. In a pretrain or cpt stage whose schedule is ``wsd`` or
+``inf-cos``, grid points whose configs differ only in ``train.iters`` (the budgets; ``train.epochs`` and
+``optim.warmup_fraction`` unset) share every learning rate up to the earliest decay (wsd) or anneal
+(inf-cos) start among them, K (:func:`branch_step`). Such a group becomes one run marked
+``branch == "stable"`` — the group's config with ``train.iters=K``, the decay held off
+(``optim.decay_fraction=0`` / ``optim.anneal_iters=0``) and ``checkpoint.save`` on, so it ends with a
+normal resumable checkpoint at iteration K and gets no evaluation — whose children are the budget runs
+(``branch == "decay"``, the same stage). A budget run resumes the stable run's checkpoint (weights,
+optimizer, iteration, data position, random state: ``checkpoint.finetune=false``) and runs only
+iterations K..N of its own schedule; once it has checkpoints of its own, a restart resumes those. Every
+run of the group (the stable run too) sets ``data.train_samples`` to the longest budget's samples, so all
+read the same samples in the same order: a budget's run equals the same config trained from scratch in
+one go. Later stages hang off the budget runs. A group of one budget, a decay start at or before
+iteration 0 or at the end of a budget, or any step below K where the learning rates differ leaves the
+group unbranched.
 """
 from __future__ import annotations
 
@@ -19,10 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megaevo.config import config_to_dict, load_config
+from megaevo.config import OptimConfig, config_to_dict, load_config
 from megaevo.suite.spec import TRAIN_STAGE, EvalSpec, SpecError, StageSpec, SuiteSpec
 
 ID_LEN = 10
+BRANCH_SCHEDULES = ("wsd", "inf-cos")
+MAX_CHECKED_STEPS = 2_000_000  # branch_step compares the learning rates of at most this many steps
 
 
 def _digest(obj: Any) -> str:
@@ -40,6 +58,8 @@ class Run:
     stage_spec: StageSpec
     points: list[dict] = field(default_factory=list)   # the axis values of every grid point it stands for
     children: list["Run"] = field(default_factory=list)
+    branch: str | None = None        # "stable" (shared prefix of budgets), "decay" (a budget branched off it)
+    branch_step: int | None = None   # stable and decay runs: the iteration the budgets branch at
 
     @property
     def dir_name(self) -> str:
@@ -69,9 +89,12 @@ class Run:
     @property
     def name(self) -> str:
         """The chain of stages and axis values, e.g. ``pretrain[tokens=20B]/cpt[replay=0.05]``."""
-        own = self.own_axes
-        part = self.stage + (f"[{','.join(f'{k}={_label(v)}' for k, v in own.items())}]" if own else "")
-        return f"{self.parent.name}/{part}" if self.parent else part
+        own = [f"{k}={_label(v)}" for k, v in self.own_axes.items()]
+        if self.branch == "stable":
+            own.append(f"stable@{self.branch_step}")
+        part = self.stage + (f"[{','.join(own)}]" if own else "")
+        parent = self.parent.parent if self.branch == "decay" else self.parent  # a budget names its chain
+        return f"{parent.name}/{part}" if parent else part
 
     @property
     def chain(self) -> list["Run"]:
@@ -84,7 +107,12 @@ class Run:
         checkpoints once it has some."""
         cfg = copy.deepcopy(self.config)
         cfg["out_dir"] = str(Path(out).resolve() / "runs" / self.dir_name)
-        if self.parent is not None:
+        if self.branch == "decay":  # resume the stable run's checkpoint, or its own once it has some
+            own = (self.run_dir(out) / "checkpoints" / "latest").is_file()
+            cfg["checkpoint"]["load"] = str(Path(out).resolve() / "runs" / (self.dir_name if own else
+                                                                            self.parent.dir_name))
+            cfg["checkpoint"]["finetune"] = False
+        elif self.parent is not None:
             cfg["checkpoint"]["load"] = str(Path(out).resolve() / "runs" / self.parent.dir_name)
             cfg["checkpoint"]["finetune"] = True
         return cfg
@@ -113,15 +141,107 @@ def stage_configs(stage: StageSpec) -> list[tuple[dict, dict]]:
     return out
 
 
+def _optim(d: dict) -> OptimConfig:
+    o = dict(d["optim"])
+    o["betas"] = tuple(o.get("betas") or (0.9, 0.95))
+    return OptimConfig(**o)
+
+
+def _held(d: dict) -> dict:
+    """The optim settings of a stable run: the schedule with its decay (wsd) or anneal (inf-cos) held off."""
+    o = copy.deepcopy(d["optim"])
+    if o["schedule"] == "wsd":
+        o["decay_fraction"] = 0.0
+    else:
+        o["anneal_iters"] = 0
+    return o
+
+
+def _decay_start(o: OptimConfig, n: int) -> int:
+    """The first iteration whose learning rate may depend on the run's length n (wsd / inf-cos)."""
+    warmup = max(o.warmup, 0)
+    if o.schedule == "wsd":
+        length = round(o.decay_fraction * n)
+        return n if length <= 0 else max(warmup, n - length)
+    length = o.anneal_iters if o.anneal_iters is not None else round(o.anneal_fraction * n)
+    return n if length <= 0 else max(warmup + max(o.cooldown_iters, 0), n - length)
+
+
+def branch_step(configs: list[dict]) -> int | None:
+    """The iteration K up to which budgets (configs equal but for ``train.iters``) and their stable run
+    (:func:`_held` settings, K iterations) use the same learning rate at every step, or None when they
+    do not branch (see the module docstring)."""
+    d = configs[0]
+    if (TRAIN_STAGE.get(d.get("stage"), d.get("stage")) != "pretrain" or d["optim"]["schedule"] not in BRANCH_SCHEDULES
+            or d["train"].get("epochs") is not None or d["optim"].get("warmup_fraction") is not None):
+        return None
+    iters = sorted({int(c["train"]["iters"]) for c in configs})
+    if len(iters) < 2:
+        return None
+    try:
+        optim = _optim(d)
+        held = _optim({"optim": _held(d)})
+    except (TypeError, ValueError):
+        return None
+    k = min(_decay_start(optim, n) for n in iters)
+    if not 0 < k < iters[0] or k > MAX_CHECKED_STEPS:
+        return None
+    from megaevo.training.schedules import lr_at
+
+    for step in range(k):
+        lr = lr_at(step, held, k)
+        if any(lr_at(step, optim, n) != lr for n in iters):
+            return None
+    return k
+
+
+def _budget_key(d: dict) -> str:
+    d = copy.deepcopy(d)
+    d["train"]["iters"] = None
+    return _digest(d)
+
+
+def _branches(points: list[tuple[dict, dict]]) -> dict[str, tuple[int, int]]:
+    """{budget key: (branch step, the index samples of the longest budget)} for the groups that branch."""
+    groups: dict[str, list[dict]] = {}
+    for _, d in points:
+        groups.setdefault(_budget_key(d), []).append(d)
+    out = {}
+    for key, configs in groups.items():
+        k = branch_step(configs)
+        if k is not None:
+            longest = max(int(c["train"]["iters"]) for c in configs)
+            out[key] = (k, longest * int(configs[0]["train"]["global_batch_size"]))
+    return out
+
+
 def expand(spec: SuiteSpec) -> list[Run]:
-    """Every run of the spec's grid, parents before children (depth first, in grid order)."""
+    """Every run of the spec's grid, parents before children (depth first, in grid order); budgets of a
+    WSD / Inf-Cos stage under their stable run (see the module docstring)."""
     by_hash: dict[str, Run] = {}
     level: list[Run | None] = [None]
+
+    def add(h: str, stage: StageSpec, parent: Run | None, d: dict, ev: EvalSpec | None, point: dict,
+            nxt: list[Run] | None, **extra) -> Run:
+        run = by_hash.get(h)
+        if run is None:
+            run = Run(h[:ID_LEN], h, stage.name, parent, d, ev, stage, **extra)
+            by_hash[h] = run
+            if parent is not None:
+                parent.children.append(run)
+            if nxt is not None:
+                nxt.append(run)
+        if point not in run.points:
+            run.points.append(point)
+        return run
+
     for k, stage in enumerate(spec.stages):
         points = stage_configs(stage)
+        branches = _branches(points)
         nxt: list[Run] = []
         for parent in level:
             for point, d in points:
+                branch = branches.get(_budget_key(d))
                 d = copy.deepcopy(d)
                 if parent is None:
                     c = d["checkpoint"]
@@ -132,16 +252,22 @@ def expand(spec: SuiteSpec) -> list[Run]:
                 else:
                     d["checkpoint"]["load"] = None
                     d["checkpoint"]["finetune"] = True
-                h = _digest({"config": d, "parent": parent.hash if parent else None})
-                run = by_hash.get(h)
-                if run is None:
-                    run = Run(h[:ID_LEN], h, stage.name, parent, d, stage.eval, stage)
-                    by_hash[h] = run
-                    if parent is not None:
-                        parent.children.append(run)
-                    nxt.append(run)
-                if point not in run.points:
-                    run.points.append(point)
+                if branch is None:
+                    h = _digest({"config": d, "parent": parent.hash if parent else None})
+                    add(h, stage, parent, d, stage.eval, point, nxt)
+                    continue
+                step, samples = branch
+                d["data"]["train_samples"] = samples
+                s = copy.deepcopy(d)
+                s["train"]["iters"] = step
+                s["optim"] = _held(d)
+                s["checkpoint"]["save"] = True
+                sh = _digest({"config": s, "parent": parent.hash if parent else None, "branch": "stable"})
+                stable = add(sh, stage, parent, s, None, point, None, branch="stable", branch_step=step)
+                d["checkpoint"]["load"] = None  # resumes the stable run's checkpoint (see Run.resolved)
+                d["checkpoint"]["finetune"] = False
+                h = _digest({"config": d, "parent": stable.hash, "branch": "decay"})
+                add(h, stage, stable, d, stage.eval, point, nxt, branch="decay", branch_step=step)
         level = nxt
     roots = [r for r in by_hash.values() if r.parent is None]
     ordered: list[Run] = []
