@@ -246,8 +246,10 @@ def _generate(args) -> int:
 def _demo(args) -> int:
     from megaevo.demo import run_demo
 
-    run_demo(args.dir, seed=args.seed)
-    return 0
+    result = run_demo(args.dir, seed=args.seed, train=not args.data_only, life_cycle=not args.single_run,
+                      all_chains=args.all_chains)
+    cycle = result.life_cycle
+    return 1 if cycle is not None and not cycle.ok else 0
 
 
 # The sections of a run's config, one dataclass each in megaevo/config.py (the tests keep this in step).
@@ -380,11 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     mg.set_defaults(func=_merge)
 
-    d = sub.add_parser("demo", help="build the embedded demo data (no download) and train the tiny model on it")
+    d = sub.add_parser("demo", help="build the embedded demo data (no download) and run the tiny model's life "
+                                    "cycle on it: pretrain, CPT with and without replay, SFT, RL, evaluated after each")
     d.add_argument("--dir", default="megaevo-demo",
-                   help="directory for everything the demo makes: corpora, tokenizer, datasets and the training "
-                        "run; a rerun reuses what is complete and resumes an interrupted training run "
-                        "(default: %(default)s)")
+                   help="directory for everything the demo makes: corpora, tokenizer, datasets, the suite spec "
+                        "(DIR/suite.yaml and DIR/configs/: edit them and rerun), its runs and table (DIR/suite/) "
+                        "and plots (DIR/plots/); a rerun reuses what is complete, skips finished runs and "
+                        "resumes an interrupted one (default: %(default)s)")
+    d.add_argument("--data-only", action="store_true", help="build the data only; train nothing")
+    d.add_argument("--all-chains", action="store_true",
+                   help="SFT and RL after every CPT run (the whole suite tree), not only after the last one "
+                        "(with replay): twice the time of those stages")
+    d.add_argument("--single-run", action="store_true",
+                   help="train the single pre-training run (DIR/run, DIR/config.yaml) instead of the life cycle")
     d.add_argument("--seed", type=int, default=1234,
                    help="seed of the math problems, the tokenizer's sample and the training run; another seed "
                         "makes another demo (default: %(default)s)")

@@ -203,8 +203,9 @@ def test_run_demo_small(tmp_path, capsys):
     result = demo.run_demo(out, seed=5, scale=0.02, vocab_size=600, train=False)
     printed = capsys.readouterr().out
     assert result.training is None and not (out / "run").exists() and not (out / "config.yaml").exists()
+    assert result.life_cycle is None and not (out / "suite.yaml").exists() and not (out / "suite").exists()
     facts = json.loads((out / "demo.json").read_text())
-    assert facts == {k: v for k, v in result.as_dict().items() if k not in ("seconds", "training")}
+    assert facts == {k: v for k, v in result.as_dict().items() if k not in ("seconds", "training", "life_cycle")}
     assert facts["vocab_size"] == 600 and facts["seed"] == 5
     tokenizer = load_tokenizer(facts["tokenizer"])
     assert tokenizer.vocab_size == 600
@@ -271,7 +272,8 @@ def test_run_demo_trains_and_writes_its_config(tmp_path, capsys):
     from megaevo.training.checkpoint import LoadedCheckpoint
 
     out = tmp_path / "demo"
-    result = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, train_iters=4, train_overrides=SHORT)
+    result = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, train_iters=4, train_overrides=SHORT,
+                           life_cycle=False)
     printed = capsys.readouterr().out
     training = result.training
     assert training.status == "trained" and training.iterations == 4
@@ -307,7 +309,7 @@ def test_run_demo_trains_and_writes_its_config(tmp_path, capsys):
 @pytest.mark.slow
 def test_run_demo_leaves_a_finished_run_resumes_an_interrupted_one(tmp_path, capsys):
     out = tmp_path / "demo"
-    kwargs = dict(seed=5, scale=0.01, vocab_size=600, train_iters=4, train_overrides=SHORT)
+    kwargs = dict(seed=5, scale=0.01, vocab_size=600, train_iters=4, train_overrides=SHORT, life_cycle=False)
     demo.run_demo(out, **kwargs)
     metrics = (out / "run" / "metrics.jsonl").read_text()
     capsys.readouterr()
@@ -348,3 +350,65 @@ def test_train_demo_refuses_a_directory_it_did_not_make(tmp_path):
     with pytest.raises(FileExistsError, match="holds no demo run"):
         demo.train_demo(tmp_path / "demo", 600, iters=2, overrides=SHORT + [f"out_dir={other}"], verbose=False)
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+# -- the life cycle ---------------------------------------------------------------------------------
+
+# Every stage in a few steps: short samples, two RL steps of two prompts, an evaluation of four problems.
+TINY_CYCLE = demo.LifeCycleSizes(pretrain_iters=4, cpt_iters=2, sft_epochs=1, rl_iters=2, rl_prompts=2, rl_n=2,
+                                 rl_max_new_tokens=8, eval_task="rg:gcd:4", eval_batch_size=4,
+                                 overrides=["train.eval_iters=1"])
+
+
+def test_suite_spec_has_every_stage_and_the_replay_axis(tmp_path):
+    from megaevo.suite import expand, load_spec
+
+    demo.run_demo(tmp_path, seed=5, scale=0.01, vocab_size=600, verbose=False, train=False)
+    assert (tmp_path / "data" / "sft.bin").is_file() and (tmp_path / "data" / "sft.done").is_file()
+    spec_path = demo.write_suite(tmp_path, 600, 5, log=lambda _: None)
+    spec = load_spec(spec_path)
+    assert [s.name for s in spec.stages] == ["pretrain", "cpt", "sft", "rl"]
+    runs = expand(spec)
+    cpt = [r for r in runs if r.stage == "cpt"]
+    assert sorted(r.axes["replay"] for r in cpt) == [0.0, 0.25]
+    weights = {r.axes["replay"]: {n: c["weight"] for n, c in r.config["data"]["train"].items()} for r in cpt}
+    assert weights == {0.0: {"math": 1.0, "general": 0.0}, 0.25: {"math": 0.75, "general": 0.25}}
+    assert {r.eval.tasks[0] for r in runs if r.stage != "cpt"} == {"rg:gcd:200"}
+    assert next(r for r in runs if r.stage == "sft").config["data"]["train"] == ["data/sft"]
+    assert len(runs) == 7 and [r.name for r in demo.lifecycle.demo_runs(runs)][-2:] == [
+        "pretrain/cpt[replay=0.25]/sft", "pretrain/cpt[replay=0.25]/sft/rl"]
+    assert len(demo.lifecycle.demo_runs(runs)) == 5 and demo.lifecycle.demo_runs(runs, all_chains=True) == runs
+
+    # the spec is written once: a user's edit survives the next demo
+    spec_path.write_text(spec_path.read_text().replace("0.25", "0.5"))
+    demo.write_suite(tmp_path, 600, 5, log=lambda _: None)
+    assert "0.5" in spec_path.read_text()
+
+
+@pytest.mark.slow
+def test_life_cycle_runs_every_stage_and_a_rerun_does_nothing(tmp_path, capsys):
+    out = tmp_path / "demo"
+    result = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, sizes=TINY_CYCLE)
+    cycle = result.life_cycle
+    assert cycle.ok, cycle.problems
+    rows = {r["chain"]: r for r in cycle.rows}
+    # SFT and RL continue from the last CPT run (with replay) only
+    assert list(rows) == ["pretrain", "pretrain/cpt[replay=0.0]", "pretrain/cpt[replay=0.25]",
+                          "pretrain/cpt[replay=0.25]/sft", "pretrain/cpt[replay=0.25]/sft/rl"]
+    for chain, row in rows.items():
+        m = row["metrics"]
+        if row["stage"] in ("pretrain", "cpt"):
+            assert {"loss/general", "loss/math"} <= set(m), chain
+        if row["stage"] != "cpt":
+            assert demo.lifecycle.accuracy_key(m), chain
+        if row["stage"] == "rl":
+            assert {"reward/first", "reward/last"} <= set(m), chain
+    printed = capsys.readouterr().out
+    assert "loss/general" in printed and "pretrain/cpt[replay=0.25]/sft/rl" in printed
+    assert (out / "suite" / "results.md").is_file() and cycle.plots
+    assert any("replay" in p for p in cycle.plots)
+
+    # a rerun trains and evaluates nothing and prints the same table
+    again = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, sizes=TINY_CYCLE)
+    assert again.life_cycle.trained == [] and again.life_cycle.evaluated == []
+    assert again.life_cycle.table() == cycle.table()
