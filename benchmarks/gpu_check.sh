@@ -30,7 +30,7 @@ for s in $stages; do
         install) stage install 120 python3 -m pip install -q --no-build-isolation --no-deps -e . ;;
         tests) stage tests "${TESTS_LIMIT:-170}" python3 -m pytest -q -n 8 -k "gpu or every_tile" \
                    tests/test_kernels_*.py ;;
-        kernels) stage kernels "${KERNELS_LIMIT:-230}" python3 benchmarks/kernels.py ;;
+        kernels) stage kernels "${KERNELS_LIMIT:-230}" python3 benchmarks/fused_kernels.py ;;
         train) stage train "${TRAIN_LIMIT:-130}" python3 benchmarks/train_step.py --preset evolm-1b --seq-len 2048 \
                    --micro-batch 4 --steps 10 --warmup 3 --hf ;;
         tiles) stage tiles "${TILES_LIMIT:-300}" python3 benchmarks/attention_tiles.py --workers 14 ;;

@@ -4,7 +4,7 @@
 
 Each row: rows per program and warps (forward and backward alike), backward programs per SM,
 the forward's and the forward + backward's median time and GB/s (5 passes over the activations,
-as in benchmarks/kernels.py), timed as CUDA-graph replays so that the host's launch gaps do not
+as in benchmarks/fused_kernels.py), timed as CUDA-graph replays so that the host's launch gaps do not
 hide the kernels' differences. The row marked "default" is what ``launch_config`` picks.
 """
 from __future__ import annotations

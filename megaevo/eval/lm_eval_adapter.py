@@ -9,8 +9,11 @@ which registers the model ``megaevo`` and then hands its arguments to lm-eval's 
 
 or from Python, ``lm_eval.simple_evaluate(model=MegaevoLM(load=CKPT), tasks=[...])`` (also
 ``model="megaevo"`` after importing this module). Under ``torchrun`` with ``tp=N`` every rank runs
-the same requests. ``model_args``: ``load`` (a checkpoint or Hugging Face directory), ``tp``,
-``dtype``, ``device``, ``batch_size``, ``max_gen_toks``.
+the same requests and rank 0 alone writes results (``--output_path``, ``--log_samples``) and prints
+them. ``model_args``: ``load`` (a checkpoint or Hugging Face directory), ``tp``, ``dtype``,
+``device`` (default: CUDA when there is one, else the CPU; a CUDA device asked for on a machine
+without one falls back to the CPU with a warning, as lm-eval's own HF backend does),
+``batch_size``, ``max_gen_toks``.
 
 Scoring is megaevo's own (:func:`megaevo.eval.multiple_choice.score_requests`), so the numbers
 match ``megaevo eval`` on the same questions: no BOS, an empty context conditioned on EOS, requests
@@ -19,7 +22,10 @@ tokens whose first one is conditioned on EOS.
 """
 from __future__ import annotations
 
+import logging
+import os
 import sys
+from contextlib import redirect_stdout
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -27,6 +33,7 @@ from lm_eval.api.registry import register_model
 from .multiple_choice import encode_pair, score_requests
 
 DEFAULT_MAX_GEN_TOKS = 256
+logger = logging.getLogger("megaevo")
 
 
 @register_model("megaevo")
@@ -42,8 +49,10 @@ class MegaevoLM(LM):
         if model is None:
             from megaevo.inference import load as load_model
 
-            model = load_model(load, tp=int(tp) if tp is not None else None, device=device, dtype=dtype)
+            model = load_model(load, tp=int(tp) if tp is not None else None, device=available_device(device),
+                               dtype=dtype)
         self.model = model
+        self._device = model.device
         self.tokenizer = model.tokenizer
         self.batch_size = _batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
@@ -110,6 +119,39 @@ class MegaevoLM(LM):
         return outputs
 
 
+def available_device(device: str | None) -> str | None:
+    """``device``, or the CPU (with a warning) when it names CUDA on a machine without CUDA; None
+    lets :func:`megaevo.inference.load` choose."""
+    import torch
+
+    if device is None or not str(device).startswith("cuda") or torch.cuda.is_available():
+        return device
+    logger.warning("megaevo-lm-eval: device %s asked for but CUDA is not available: running on the CPU", device)
+    return "cpu"
+
+
+def rank0_argv(argv: list[str], rank: int) -> list[str]:
+    """lm-eval's arguments for this rank: on every rank but 0 (tensor-parallel ranks run the same
+    requests) without the options that write results, so that one rank writes them."""
+    if rank == 0:
+        return list(argv)
+    drop_value = {"--output_path", "-o", "--wandb_args", "--wandb_config_args", "--hf_hub_log_args"}
+    drop_flag = {"--log_samples", "-s"}
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in drop_value:
+            skip = "=" not in arg
+            continue
+        if name in drop_flag:
+            continue
+        out.append(arg)
+    return out
+
+
 def rolling_windows(tokens: list[int], prefix_token: int, max_len: int) -> list[tuple[list[int], list[int]]]:
     """Disjoint ``(context, continuation)`` windows covering ``tokens``: every token is predicted once, the
     first from ``prefix_token``, later ones from as much preceding text as fits in ``max_len`` inputs."""
@@ -144,10 +186,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from megaevo.errors import UserError
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    rank = int(os.environ.get("RANK", "0"))
+    sys.argv = [sys.argv[0], *rank0_argv(sys.argv[1:] if argv is None else argv, rank)]
     try:
-        cli_evaluate()
+        if rank != 0:  # the same results as rank 0's: printed once
+            with open(os.devnull, "w") as quiet, redirect_stdout(quiet):
+                cli_evaluate()
+        else:
+            cli_evaluate()
     except UserError as e:
         print(f"megaevo-lm-eval: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,6 +1,6 @@
 """Time the fused kernels against their references and against torch's best, on EvoLM shapes.
 
-    python benchmarks/kernels.py [--json] [--only attention rmsnorm ...] [--tokens 16384]
+    python benchmarks/fused_kernels.py [--json] [--only attention rmsnorm ...] [--tokens 16384]
 
 Shapes: 32 heads and 4 KV heads; 1B: hidden 2048 (head_dim 64), FFN 4896, vocab 32000;
 4B: hidden 4096 (head_dim 128), FFN 7792; sequences of 2048 and 4096 tokens, batch chosen so a
