@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -70,8 +71,8 @@ def _inspect(args) -> int:
     from megaevo.data import indexed
 
     if args.verify and (is_hf_dir(args.path) or not Path(args.path).is_dir()):
-        raise SystemExit(f"megaevo inspect --verify: {args.path}: not a megaevo checkpoint (--verify reads and "
-                         f"checks checkpoints only)")
+        raise UserError(f"--verify: {args.path}: not a megaevo checkpoint (--verify reads and checks "
+                        f"checkpoints only)")
     if is_hf_dir(args.path):
         return _inspect_hf(args)
     if Path(args.path).is_dir():
@@ -111,8 +112,7 @@ def _inspect(args) -> int:
         idx, bin_ = indexed.paths(args.path)
         if idx.exists() or bin_.exists():
             indexed.IndexedDataset(args.path)  # raises the precise error (missing partner, ...)
-        raise SystemExit(f"megaevo inspect: {args.path}: not a dataset prefix or checkpoint "
-                         f"({idx.name} and {bin_.name} not found)")
+        raise UserError(f"{args.path}: not a dataset prefix or checkpoint ({idx.name} and {bin_.name} not found)")
     info = indexed.summarize(args.path)
     if args.json:
         print(json.dumps(info))
@@ -217,6 +217,15 @@ def _train(args) -> int:
                       + (["--print-config"] if args.print_config else []) + args.overrides)
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed on a command line (a shell passes them as two
+    characters) as the characters they name; any other backslash stays."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def _generate(args) -> int:
     import torch.distributed as dist
 
@@ -226,10 +235,10 @@ def _generate(args) -> int:
     if args.tp is not None and args.tp > 1 and world == 1:
         raise UserError(f"--tp {args.tp} needs {args.tp} processes: run "
                         f"`torchrun --nproc_per_node {args.tp} -m megaevo.cli generate ...`")
-    model = load(args.load, tp=args.tp)
+    model = load(args.load, tp=args.tp, require_tokenizer=True)  # the prompts are text
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, n=args.n, seed=args.seed,
-                            stop=tuple(args.stop), add_bos=args.bos)
+                            stop=tuple(unescape(s) for s in args.stop), add_bos=args.bos)
     results = model.generate(args.prompt, params)
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
@@ -411,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: %(default)s)")
     g.add_argument("--n", type=int, default=1, help="samples per prompt (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
-    g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    g.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop string (repeatable; \\n, \\t, \\r and \\\\ are read as escapes)")
     g.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS token to each prompt")
     g.add_argument("--json", action="store_true", help="print one JSON object per sample")
     g.add_argument("--tp", type=int, default=None, metavar="N",

@@ -7,6 +7,9 @@ A YAML file holds the top-level `stage` (pretrain | sft | rl), the sections `mod
 `data`, `train`, `optim`, `checkpoint`, `kernels`, `sft`, `rl` and the top-level `out_dir`. Overrides
 `key.sub=value` apply after the file, in order; their values are read as YAML (`parallel.tp=2`,
 `optim.betas=[0.9,0.95]`, `checkpoint.load=null`).
+Relative paths (the keys of PATH_KEYS: data prefixes, the tokenizer, checkpoints, prompt and task
+files, out_dir) resolve once: those in the file against the file's folder, those in overrides against
+the working directory. The Config then holds absolute paths, and a run records them.
 `model.preset: evolm-1b` fills the model's shape fields, and fields given beside it (or by a later
 override) win. Unknown keys and wrongly typed values raise ConfigError naming the dotted key; a
 layout the world size cannot run raises ConfigError from validate() saying what to change.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -31,10 +35,10 @@ from megaevo.model.presets import PRESETS, preset_values
 
 ModelConfig = ModelArgs  # the `model` section: one class for the model's shape
 
-__all__ = ["PRESETS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "KernelsConfig", "Layout",
-           "ModelConfig", "OptimConfig", "ParallelConfig", "RLConfig", "RLCriticConfig", "SFTConfig", "TrainConfig",
-           "config_from_dict", "config_to_dict", "load_config", "preset_values", "resolve_dtype", "save_config",
-           "validate", "with_iters", "with_rl_batch"]
+__all__ = ["PATH_KEYS", "PRESETS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "KernelsConfig",
+           "Layout", "ModelConfig", "OptimConfig", "ParallelConfig", "RLConfig", "RLCriticConfig", "SFTConfig",
+           "TrainConfig", "absolute_paths", "config_from_dict", "config_to_dict", "load_config", "preset_values",
+           "resolve_dtype", "save_config", "validate", "with_iters", "with_rl_batch"]
 
 
 @dataclass
@@ -69,6 +73,8 @@ class DataConfig:
     samples the sample order is built for: runs of different lengths that share it (and the seed and
     blend) read the same samples in the same order. It must be at least the run's samples. The suite
     sets it for the budgets of a WSD / Inf-Cos stage that branch from one stable run.
+    `tokenizer` (a SentencePiece .model, a tokenizer.json or a directory holding one): a run copies it
+    into OUT_DIR/tokenizer/ when it starts, so its checkpoints keep it (megaevo.data.tokenizer_files).
     """
 
     train: Union[list, dict] = field(default_factory=list)
@@ -86,6 +92,10 @@ class TrainConfig:
 
     `epochs` (null: off), when set, replaces `iters`: the run lasts ceil(epochs × samples per epoch /
     global_batch_size) iterations, counted by the stage from its data (stage sft; fractions allowed).
+    `epochs` wins over an `iters` in the same file (a run's saved config.yaml holds both: `iters` is
+    the count `epochs` came to); `train.iters` given as an override while the file sets `epochs` is
+    an error naming both keys (add `train.epochs=null` to count iterations), as Megatron-LM refuses
+    two lengths for one run.
 
     dtype "auto" means bf16 on CUDA and fp32 on the CPU (see resolve_dtype). An interval of 0
     turns that action off.
@@ -148,7 +158,7 @@ class OptimConfig:
 class CheckpointConfig:
     """Saving every `interval` iterations (0: only at the end), keeping the last `keep_last`
     (None: all). `load` is None (start fresh), "auto" (the latest checkpoint under out_dir, if
-    any) or a path. `finetune`: take only the model weights from `load` and start at iteration 0
+    any) or a path (one that does not exist stops the run, naming it). `finetune`: take only the model weights from `load` and start at iteration 0
     with a fresh optimizer and data position (continued pre-training, SFT); once the run has saved
     checkpoints of its own, a restart resumes those instead. `async_save` is the YAML key `async`.
     `save_on_signal`: on SIGTERM, SIGINT or SIGUSR1 (a scheduler's preemption or time-limit warning),
@@ -219,8 +229,10 @@ class RLConfig:
     """Reinforcement learning with verifiable rewards (`stage: rl`, megaevo.stages.rl).
 
     One iteration is one rollout batch: `prompts_per_step` prompts (from `prompts`: EvoLM-format jsonl
-    sets or `rg:NAME[:COUNT[:SEED]]`, shuffled by train.seed each pass over the set; prompts longer than
-    `max_prompt_len` tokens are left out) rendered with `template`, `n` samples each of at most
+    sets, each record a `problem` with `gt_answer` or `gt_solution`, or `rg:NAME[:COUNT[:SEED]]`; a set's
+    name is looked up in `prompts_data_dir`; shuffled by train.seed each pass over the set; prompts longer
+    than `max_prompt_len` tokens are left out, null: what fits, model.max_seq_len - `max_new_tokens`)
+    rendered with `template`, `n` samples each of at most
     `max_new_tokens` tokens at `temperature` / `top_p` (stopping at EOS or a `stop` string; null: the
     template's own, e.g. `Human:` for evolm, as in evaluation), scored by
     `reward` (`verifiable`: the evaluation graders, `grader_timeout` seconds per comparison; or a dotted
@@ -234,9 +246,17 @@ class RLConfig:
     is PPO's clipped surrogate (`clip_low`, `clip_high`, `dual_clip` > 1 or null) aggregated by `loss_agg`
     (token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm), minus `entropy_coef`
     x entropy. `kl_coef` > 0 adds a KL to the frozen `reference` policy (null: the checkpoint the actor
-    started from) estimated by `kl_estimator` (k1, k2, k3): in the loss, or with `kl_in_reward` (PPO)
-    as a per-token penalty on the reward. `tis_cap`: truncated importance sampling of the rollout
-    engine's log-probabilities (the weight min(p_train / p_rollout, cap); null: off). `generation_batch`:
+    started from): in the loss, estimated by `kl_estimator` (k1, k2, k3), or with `kl_in_reward` (PPO)
+    as a per-token penalty on the reward, estimated by `kl_reward_estimator` (default k1, so the shaped
+    reward is -kl_coef x log(pi / pi_ref)); k3 is clamped to at most 10 per token. `tis_cap`: truncated
+    importance sampling of the rollout engine's log-probabilities (the weight min(p_train / p_rollout,
+    cap); null: off). `max_prob_error`: a step whose `token_mult_prob_error` (the mean exp|log p_rollout -
+    log p_train| over the response tokens, 1 when the sampler and the training forward agree) exceeds
+    1 + max_prob_error stops the run before its updates, since its rollouts were not sampled from the
+    policy being trained (checked where the metric is logged, `temperature` 1; null: never). The
+    default 0.1 sits above what rounding gives (fp32 stays within 1e-4 of 1, bf16 typically within a few
+    percent) and below what sampling with out-of-date weights gave (1.13 to 170 in fp32 runs).
+    `generation_batch`:
     prompts generated together (null: all of a data-parallel rank's prompts of the step); the samples
     are fixed by train.seed, the iteration and each generation batch's first prompt, so a value that
     divides every layout's prompts per rank gives the same rollouts on any layout."""
@@ -247,7 +267,7 @@ class RLConfig:
     template: str = "evolm"
     prompts_per_step: int = 64
     n: int = 8
-    max_prompt_len: int = 1024
+    max_prompt_len: Optional[int] = None
     max_new_tokens: int = 1024
     temperature: float = 1.0
     top_p: float = 1.0
@@ -264,6 +284,7 @@ class RLConfig:
     kl_coef: float = 0.0
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_in_reward: bool = False
+    kl_reward_estimator: Literal["k1", "k2", "k3"] = "k1"
     reference: Optional[str] = None
     normalize_std: bool = True
     gamma: float = 1.0
@@ -274,7 +295,13 @@ class RLConfig:
     grader_timeout: Optional[float] = 4.0
     grader_workers: Optional[int] = None
     tis_cap: Optional[float] = None
+    max_prob_error: Optional[float] = 0.1
     critic: RLCriticConfig = field(default_factory=RLCriticConfig)
+
+    def prompt_len(self, max_seq_len: int) -> int:
+        """The longest prompt a run samples: `max_prompt_len`, or when null what `max_seq_len` (the
+        model's) leaves beside `max_new_tokens`."""
+        return self.max_prompt_len if self.max_prompt_len is not None else max_seq_len - self.max_new_tokens
 
 
 @dataclass
@@ -321,13 +348,38 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
 
 def config_from_dict(raw: dict | None, overrides: list[str] | tuple[str, ...] = (), source: str = "") -> Config:
     """A Config from a raw mapping (as read from YAML, `source` naming it in errors) and dotted
-    overrides applied in order."""
-    return configio.from_dict(Config, raw, overrides, source)
+    overrides applied in order; paths stay as given (a run makes them absolute against the working
+    directory when it starts)."""
+    return _checked_length(configio.from_dict(Config, raw, overrides, source), overrides)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The Config of a YAML file (None: all defaults) with dotted overrides applied in order."""
-    return configio.load(Config, path, overrides)
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                resolve_paths: bool = True) -> Config:
+    """The Config of a YAML file (None: all defaults) with dotted overrides applied in order, its
+    relative paths resolved against the file's folder (those of the overrides, and defaults such as
+    out_dir, against the working directory). `resolve_paths=False` keeps them as written (the suite
+    resolves them itself)."""
+    if not resolve_paths:
+        return _checked_length(configio.load(Config, path, overrides), overrides)
+    cfg = configio.load(Config, path, overrides, paths=PATH_KEYS)
+    return _checked_length(absolute_paths(cfg), overrides)
+
+
+def absolute_paths(cfg, base: str | os.PathLike | None = None):
+    """`cfg` (a Config, or its mapping as `config_to_dict` gives it) with every relative path of
+    PATH_KEYS resolved against `base` (default: the working directory)."""
+    return configio.with_absolute_paths(cfg, PATH_KEYS, base)
+
+
+def _checked_length(cfg: Config, overrides) -> Config:
+    """`cfg`, unless an override gives `train.iters` while `train.epochs` (from the file) sets the
+    run's length: then a ConfigError naming both keys."""
+    keys = {text.partition("=")[0].strip() for text in overrides}
+    if "train.iters" in keys and "train.epochs" not in keys and cfg.train.epochs is not None:
+        raise ConfigError(f"train.iters={cfg.train.iters} is given as an override, but train.epochs="
+                          f"{cfg.train.epochs:g} sets the run's length and would win: add train.epochs=null to run "
+                          f"train.iters iterations, or leave train.iters out")
+    return cfg
 
 
 def config_to_dict(cfg) -> dict:
@@ -336,8 +388,94 @@ def config_to_dict(cfg) -> dict:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
-    """Write `cfg` as YAML that load_config reads back to an equal Config (atomically)."""
-    return configio.save(cfg, path)
+    """Write `cfg` as YAML that load_config reads back to an equal Config (atomically). Relative paths
+    are written absolute (against the working directory, where they point now), so the file means
+    the same from any folder: load_config(save_config(cfg, f)) == absolute_paths(cfg)."""
+    return configio.save(absolute_paths(cfg), path)
+
+
+# ---------------------------------------------------------------- paths
+
+
+CHECKPOINT_KEYWORDS = ("auto",)  # values of checkpoint.load that are not paths
+_SCHEME = re.compile(r"^[A-Za-z][\w.+-]*:")  # rg:gcd:200 and other task kinds named by a prefix
+
+
+def _checkpoint_path(value, base: str):
+    """A checkpoint to load: a path, or `auto` (this run's latest)."""
+    return value if value in CHECKPOINT_KEYWORDS else configio.absolute_path(value, base)
+
+
+def _blend_paths(value, base: str):
+    """A data blend (see DataConfig) with its prefixes resolved: `[w, prefix, ...]`, a list of prefixes,
+    `{name: {prefix: ..., weight: ...}}` or `{name: prefix}`; a form it does not know stays as it is
+    (validation says what is wrong with it)."""
+    if isinstance(value, dict):
+        return {name: ({**v, "prefix": configio.absolute_path(v["prefix"], base)}
+                       if isinstance(v, dict) and isinstance(v.get("prefix"), str) else configio.absolute_path(v, base))
+                for name, v in value.items()}
+    if not isinstance(value, (list, tuple)):
+        return value
+    items = list(value)
+    weighted = len(items) % 2 == 0 and all(_is_number(w) for w in items[0::2])
+    if weighted:
+        return [configio.absolute_path(x, base) if i % 2 else x for i, x in enumerate(items)]
+    return [x if _is_number(x) else configio.absolute_path(x, base) for x in items]
+
+
+def _is_number(x) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float)):
+        return True
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _prefix_map(value, base: str):
+    """`{name: prefix}` (data.valid) with the prefixes resolved."""
+    if not isinstance(value, dict):
+        return value
+    return {name: configio.absolute_path(v, base) for name, v in value.items()}
+
+
+def _task_specs(value, base: str):
+    """Task or prompt specs (train.eval_tasks, rl.prompts) with those that are paths resolved: a spec
+    with a `/`, a `.jsonl` file, or a file or dataset prefix beside the config. A set's name
+    (`gsm8k_platinum`, looked up in the data directory) and `rg:NAME...` stay as they are."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    return [_task_spec(spec, base) for spec in value]
+
+
+def _task_spec(spec, base: str):
+    if not isinstance(spec, str) or not spec or _SCHEME.match(spec):
+        return spec
+    path = os.path.join(base, os.path.expanduser(spec))
+    if ("/" in spec or spec.endswith(".jsonl") or os.path.isfile(path) or os.path.isfile(path + ".idx")
+            or spec.startswith("~")):
+        return configio.absolute_path(spec, base)
+    return spec
+
+
+# Every path setting and how its value holds paths (configio resolves them; see load_config).
+PATH_KEYS: dict[str, configio.Resolver] = {
+    "data.train": _blend_paths,
+    "data.valid": _prefix_map,
+    "data.cache_dir": configio.absolute_path,
+    "data.tokenizer": configio.absolute_path,
+    "train.eval_tasks": _task_specs,
+    "train.eval_tasks_data_dir": configio.absolute_path,
+    "checkpoint.load": _checkpoint_path,
+    "rl.prompts": _task_specs,
+    "rl.prompts_data_dir": configio.absolute_path,
+    "rl.reference": _checkpoint_path,
+    "rl.critic.load": _checkpoint_path,
+    "out_dir": configio.absolute_path,
+}
 
 
 # ---------------------------------------------------------------- validation
@@ -491,13 +629,16 @@ def _rl_errors(cfg: Config) -> list[str]:
     if cfg.train.epochs is not None:
         errors.append("train.epochs: stage=rl counts train.iters rollout steps; set train.epochs=null")
     for name in ("prompts_per_step", "n", "max_prompt_len", "max_new_tokens", "epochs", "mini_batches"):
-        if getattr(r, name) < 1:
+        if getattr(r, name) is not None and getattr(r, name) < 1:
             errors.append(f"rl.{name}={getattr(r, name)} must be at least 1")
     if r.algorithm == "grpo" and r.n < 2:
         errors.append(f"rl.n={r.n}: GRPO compares the samples of a prompt with each other and needs rl.n >= 2")
-    if r.max_prompt_len + r.max_new_tokens > cfg.model.max_seq_len:
+    if r.max_prompt_len is not None and r.max_prompt_len + r.max_new_tokens > cfg.model.max_seq_len:
         errors.append(f"rl.max_prompt_len + rl.max_new_tokens = {r.max_prompt_len} + {r.max_new_tokens} exceed "
                       f"model.max_seq_len={cfg.model.max_seq_len}")
+    elif r.max_prompt_len is None and r.max_new_tokens >= cfg.model.max_seq_len:
+        errors.append(f"rl.max_new_tokens={r.max_new_tokens} leaves no room for a prompt within model.max_seq_len="
+                      f"{cfg.model.max_seq_len} (rl.max_prompt_len=null takes what is left): lower rl.max_new_tokens")
     if not r.temperature > 0 or not 0 < r.top_p <= 1:
         errors.append(f"rl.temperature={r.temperature} must be positive (rollouts are sampled) and rl.top_p="
                       f"{r.top_p} in (0, 1]")
@@ -514,6 +655,8 @@ def _rl_errors(cfg: Config) -> list[str]:
                       "in the loss (rl.kl_in_reward=false)")
     if not (0 <= r.gamma <= 1 and 0 <= r.lam <= 1):
         errors.append(f"rl.gamma={r.gamma} and rl.lam={r.lam} must lie in [0, 1]")
+    if r.max_prob_error is not None and not r.max_prob_error > 0:
+        errors.append(f"rl.max_prob_error={r.max_prob_error} must be positive (or null: never stop)")
     if r.tis_cap is not None and not r.tis_cap > 0:
         errors.append(f"rl.tis_cap={r.tis_cap} must be positive (or null: off)")
     elif r.tis_cap is not None and r.temperature != 1.0:

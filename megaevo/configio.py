@@ -13,6 +13,12 @@ free-form mapping field (`data.valid.web=...`) an override sets one entry. Field
 `(value, dotted_key) -> mapping` whose result fills sibling fields whenever the field is set, before
 the explicit fields beside it (a model `preset`). Unknown keys and wrongly typed values raise
 ConfigError naming the dotted key, with the nearest known key or value as a suggestion.
+
+Path settings: `paths` maps dotted keys to resolvers `(value, base folder) -> value` that join the
+relative paths in a value to the folder (:func:`absolute_path` for a plain path). Given them, load()
+resolves the file's relative paths against the file's folder and those of the overrides against the
+working directory, once, so the object holds absolute paths wherever it is used from;
+:func:`with_absolute_paths` does the same to a mapping or an object made elsewhere.
 """
 from __future__ import annotations
 
@@ -25,13 +31,14 @@ import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Callable, Literal, Mapping, TypeVar, Union
 
 import yaml
 
 from megaevo.errors import UserError
 
 T = TypeVar("T")
+Resolver = Callable[[Any, str], Any]  # (value as written, base folder) -> value with its relative paths joined
 
 
 class ConfigError(UserError):
@@ -229,8 +236,9 @@ def _get(tree: dict, parts: list[str]):
     return tree
 
 
-def _apply_override(root, tree: dict, text: str) -> dict:
-    """`tree` with one `a.b.c=value` override applied (value read as YAML)."""
+def _apply_override(root, tree: dict, text: str, paths: Mapping[str, Resolver] | None = None) -> dict:
+    """`tree` with one `a.b.c=value` override applied (value read as YAML), its paths resolved
+    against the working directory when `paths` are given."""
     dotted, sep, raw = text.partition("=")
     dotted = dotted.strip()
     if not sep or not dotted:
@@ -261,6 +269,8 @@ def _apply_override(root, tree: dict, text: str) -> dict:
         parts, value = field_key, current
     for p in reversed(parts):
         value = {p: value}
+    if paths:
+        value = with_absolute_paths(value, paths)
     return _merge_section(root, tree, value, root, "")
 
 
@@ -281,36 +291,87 @@ def _build(cls, raw: dict, prefix: str):
     return cls(**kwargs)
 
 
+# ---------------------------------------------------------------- paths
+
+
+def absolute_path(value, base: str):
+    """A relative path (a non-empty string) joined to `base` and normalised, `~` expanded; an absolute
+    one as it is; anything else (null, a number) unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = os.path.expanduser(value)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def with_absolute_paths(obj: T, paths: Mapping[str, Resolver], base: str | os.PathLike | None = None) -> T:
+    """`obj` (a raw mapping as read from YAML, or a root dataclass) with the value at each dotted key
+    of `paths` that it holds (and is not null) resolved against `base` (default: the working
+    directory). `obj` itself is left as it is."""
+    base = os.path.abspath(base if base is not None else os.getcwd())
+    for dotted, resolve in paths.items():
+        obj = _map_at(obj, dotted.split("."), lambda value, resolve=resolve: resolve(value, base))
+    return obj
+
+
+def _map_at(obj, parts: list[str], fn):
+    """`obj` with `fn` applied to its value at the key path `parts`, copied along the way; `obj`
+    itself where the path is absent or the value null."""
+    if isinstance(obj, dict):
+        if parts[0] not in obj:
+            return obj
+        value = obj[parts[0]]
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type) and parts[0] in _fields(type(obj)):
+        value = getattr(obj, _fields(type(obj))[parts[0]].name)
+    else:
+        return obj
+    if value is None:
+        return obj
+    new = fn(value) if len(parts) == 1 else _map_at(value, parts[1:], fn)
+    if new is value:
+        return obj
+    if isinstance(obj, dict):
+        return {**obj, parts[0]: new}
+    return dataclasses.replace(obj, **{_fields(type(obj))[parts[0]].name: new})
+
+
 # ---------------------------------------------------------------- public entry points
 
 
 def from_dict(root: type[T], raw: dict | None, overrides: list[str] | tuple[str, ...] = (),
-              source: str = "") -> T:
+              source: str = "", paths: Mapping[str, Resolver] | None = None,
+              base: str | os.PathLike | None = None) -> T:
     """A `root` from a raw mapping (as read from YAML, `source` naming it in errors) and dotted
-    overrides applied in order."""
+    overrides applied in order. With `paths`, the relative paths of `raw` resolve against `base`
+    (default: the working directory) and those of the overrides against the working directory."""
     try:
         tree = _merge_section(root, {}, raw or {}, root, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+    if paths:
+        tree = with_absolute_paths(tree, paths, base)
     for text in overrides:
         try:
-            tree = _apply_override(root, tree, text)
+            tree = _apply_override(root, tree, text, paths)
         except ConfigError as e:
             raise ConfigError(f"override {text!r}: {e}") from None
     return _build(root, tree, "")
 
 
-def load(root: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """The `root` of a YAML file (None: all defaults) with dotted overrides applied in order."""
+def load(root: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+         paths: Mapping[str, Resolver] | None = None) -> T:
+    """The `root` of a YAML file (None: all defaults) with dotted overrides applied in order. With
+    `paths`, relative paths in the file resolve against the file's folder, those in the overrides
+    against the working directory."""
     if path is None:
-        return from_dict(root, {}, overrides)
+        return from_dict(root, {}, overrides, paths=paths)
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(raw).__name__}")
-    return from_dict(root, raw, overrides, source=str(path))
+    return from_dict(root, raw, overrides, source=str(path), paths=paths,
+                     base=os.path.dirname(os.path.abspath(path)))
 
 
 def to_dict(obj) -> Any:

@@ -14,9 +14,11 @@ import torch
 
 import megaevo.training.checkpoint as ckpt
 from megaevo import cli
+from megaevo.config import save_config
 from megaevo.convert import TensorSource, write_checkpoint
 from megaevo.convert.safetensors_io import StreamingWriter
 from megaevo.model.args import ModelArgs
+from megaevo.training import trainer as trainer_module
 from megaevo.training.checkpoint import (CHECKSUM, METADATA, METADATA_CHECKSUM, Checkpointer, CheckpointError,
                                          LoadedCheckpoint, file_checksum, last_verified_checkpoint, model_file,
                                          rng_file, verify_checkpoint)
@@ -228,6 +230,52 @@ def test_the_last_verified_checkpoint_skips_damaged_ones(run, tmp_path, caplog):
     assert last_verified_checkpoint(root) == root / "iter_0000001"
     assert sum("does not verify" in r.getMessage() for r in caplog.records) == 2
     assert last_verified_checkpoint(tmp_path / "nothing") is None
+
+
+def test_a_damaged_latest_names_the_newest_intact_checkpoint_to_resume_from(data, run, tmp_path, capsys):
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    shutil.copytree(run[0], root)
+    _truncated(root / "iter_0000003")  # `latest`
+    _metadata_digit(root / "iter_0000002")
+    path = save_config(config(data, out, **{**SETTINGS, "checkpoint.load": "auto"}), tmp_path / "run.yaml")
+    assert trainer_module.main(["--config", str(path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    good = root / "iter_0000001"
+    assert len(errors) == 1 and errors[0].startswith(f"error: {root / 'iter_0000003' / MODEL}: truncated: "), errors
+    assert errors[0].endswith(f"; the newest intact checkpoint is {good} (iter_0000002 does not verify either): "
+                              f"resume with checkpoint.load={good}"), errors
+    losses, trainer = resume(data, tmp_path, good)  # what the message says to do
+    assert trainer.run.iteration == ITERS and losses == run[1][1:]
+
+    shutil.rmtree(root / "iter_0000003")  # `latest` names a checkpoint that is gone
+    with pytest.raises(CheckpointError, match=f"iter_0000003: not a megaevo checkpoint .*; the newest intact "
+                                              f"checkpoint is {good} "):
+        fit(config(data, out, **{**SETTINGS, "checkpoint.load": "auto"}))
+
+    shutil.rmtree(good)
+    with pytest.raises(CheckpointError, match=f"no metadata.json.*; no other checkpoint in {root} verifies "
+                                              r"\(iter_0000002\)$"):
+        fit(config(data, out, **{**SETTINGS, "checkpoint.load": "auto"}))
+    shutil.rmtree(root / "iter_0000002")
+    with pytest.raises(CheckpointError, match=f"no metadata.json.*; there is no other checkpoint in {root}$"):
+        fit(config(data, out, **{**SETTINGS, "checkpoint.load": "auto"}))
+
+
+def test_damaged_random_states_name_the_newest_intact_checkpoint_too(data, run, tmp_path):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(run[0], root)
+    _rng(root / "iter_0000003")
+    good = root / "iter_0000002"
+    with pytest.raises(CheckpointError, match=f"{rng_file(0)}: checksum mismatch .*; the newest intact checkpoint "
+                                              f"is {good}: resume with checkpoint.load={good}$"):
+        fit(config(data, tmp_path, **{**SETTINGS, "checkpoint.load": "auto"}))
+
+
+def test_an_intact_checkpoint_that_does_not_fit_names_no_other(data, run, tmp_path):
+    with pytest.raises(CheckpointError, match="but the model needs") as e:
+        resume(data, tmp_path, run[0] / "iter_0000002", **{"model.ffn_hidden_size": 96})
+    assert "intact" not in str(e.value) and "checkpoint.load" not in str(e.value)
 
 
 # -- non-finite values are refused, naming the tensor ------------------------------------------------

@@ -130,3 +130,46 @@ def test_end_to_end_one_line_and_traceback(tmp_path):
     # A missing input: the path, one line.
     done = run_cli("merge", "--input", str(tmp_path / "nope"), "--output-prefix", str(tmp_path / "m"))
     assert done.returncode == 2 and "nope" in done.stderr and "Traceback" not in done.stderr
+
+
+def _one_error_line(captured, command: str) -> str:
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"error: megaevo {command}: ")
+    assert "Traceback" not in captured.err and "Errno" not in captured.err
+    return captured.err
+
+
+def test_inspect_of_a_missing_path_is_a_user_error(tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    assert cli.main(["inspect", str(missing)]) == 2
+    err = _one_error_line(capsys.readouterr(), "inspect")
+    assert str(missing) in err and "not a dataset prefix or checkpoint" in err
+    assert cli.main(["inspect", "--verify", str(missing)]) == 2
+    err = _one_error_line(capsys.readouterr(), "inspect")
+    assert str(missing) in err and "not a megaevo checkpoint" in err
+
+
+def test_suite_errors_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert cli.main(["suite", str(missing)]) == 2
+    err = _one_error_line(capsys.readouterr(), "suite")
+    assert f"{missing}: suite spec not found" in err
+    assert cli.main(["suite", str(tmp_path)]) == 2
+    assert "not a file" in _one_error_line(capsys.readouterr(), "suite")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [{stage: sft}, {stage: pretrain}]\n")
+    assert cli.main(["suite", str(bad), "--dry-run"]) == 2
+    assert "bad.yaml" in _one_error_line(capsys.readouterr(), "suite")
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: not a directory" in _one_error_line(capsys.readouterr(), "report")
+
+
+def test_suite_and_inspect_from_the_command_line(tmp_path):
+    done = run_cli("inspect", "/nonexistent")
+    assert done.returncode == 2 and done.stderr.startswith("error: megaevo inspect: /nonexistent: ")
+    done = run_cli("suite", str(tmp_path / "nope.yaml"))
+    assert done.returncode == 2
+    assert done.stderr == f"error: megaevo suite: {tmp_path / 'nope.yaml'}: suite spec not found\n"

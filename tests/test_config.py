@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import textwrap
 
 import pytest
@@ -11,11 +12,13 @@ from typing import Optional
 
 from megaevo import configio
 from megaevo.config import (
+    PATH_KEYS,
     PRESETS,
     Config,
     ConfigError,
     Layout,
     ModelConfig,
+    absolute_paths,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -86,7 +89,10 @@ def test_unknown_preset_suggests():
 # ---------------------------------------------------------------- YAML and overrides
 
 
-def test_yaml_and_overrides(tmp_path):
+def test_yaml_and_overrides(tmp_path, monkeypatch):
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)  # the file's paths resolve against its folder, the overrides' against this one
     path = write(tmp_path, """
         model: {preset: tiny}
         parallel: {tp: 2, sequence_parallel: true}
@@ -106,15 +112,103 @@ def test_yaml_and_overrides(tmp_path):
         "train.iters=1e3",
     ])
     assert cfg.parallel.tp == 1 and cfg.parallel.sequence_parallel is True
-    assert cfg.data.train == [0.95, "data/math", 0.05, "data/web"]
-    assert cfg.data.valid == {"code": "data/code", "web": "data/web"}
+    assert cfg.data.train == [0.95, f"{tmp_path}/data/math", 0.05, f"{tmp_path}/data/web"]
+    assert cfg.data.valid == {"code": f"{tmp_path}/data/code", "web": f"{here}/data/web"}
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.optim.betas == (0.9, 0.98)
     assert cfg.checkpoint.async_save is True and cfg.checkpoint.load is None
-    assert cfg.train.iters == 1000 and cfg.out_dir == "runs/x" and cfg.seq_len == 128
+    assert cfg.train.iters == 1000 and cfg.out_dir == f"{tmp_path}/runs/x" and cfg.seq_len == 128
     cfg = load_config(path, ["data.train={web: {prefix: d/web, weight: 1}}", "checkpoint.load=auto"])
-    assert cfg.data.train == {"web": {"prefix": "d/web", "weight": 1}}
+    assert cfg.data.train == {"web": {"prefix": f"{here}/d/web", "weight": 1}}
     assert cfg.checkpoint.load == "auto"
+
+
+def test_paths_in_a_file_resolve_against_its_folder_from_any_working_directory(tmp_path, monkeypatch):
+    folder, elsewhere = tmp_path / "project" / "configs", tmp_path / "elsewhere"
+    elsewhere.mkdir(parents=True)
+    folder.mkdir(parents=True)
+    (folder / "heldout.idx").write_text("")  # a bare name that is a dataset prefix beside the file: a path
+    path = write(folder, """
+        stage: rl
+        data:
+          train: {math: {prefix: ../data/math, weight: 0.9}, web: ../data/web}
+          valid: {code: ../data/code, abs: /data/code}
+          cache_dir: ../cache
+          tokenizer: ../tok/spm.model
+        train:
+          eval_tasks: [gsm8k_platinum, rg:gcd:5, ../sets/mine.jsonl, heldout, /evals/x.jsonl]
+          eval_tasks_data_dir: ../evals
+        checkpoint: {load: ../runs/base}
+        rl:
+          prompts: [rg:gcd:200:7, prompts.jsonl, math_500]
+          prompts_data_dir: ~/prompts
+          reference: ../runs/ref
+          critic: {load: ../runs/critic}
+        out_dir: ../runs/rl
+    """)
+    monkeypatch.chdir(elsewhere)
+    project = str(tmp_path / "project")
+    for given in (path, "../project/configs/run.yaml"):
+        cfg = load_config(given)
+        assert cfg.data.train == {"math": {"prefix": f"{project}/data/math", "weight": 0.9},
+                                  "web": f"{project}/data/web"}
+        assert cfg.data.valid == {"code": f"{project}/data/code", "abs": "/data/code"}
+        assert (cfg.data.cache_dir, cfg.data.tokenizer) == (f"{project}/cache", f"{project}/tok/spm.model")
+        assert cfg.train.eval_tasks == ["gsm8k_platinum", "rg:gcd:5", f"{project}/sets/mine.jsonl",
+                                        f"{project}/configs/heldout", "/evals/x.jsonl"]
+        assert cfg.train.eval_tasks_data_dir == f"{project}/evals"
+        assert cfg.checkpoint.load == f"{project}/runs/base"
+        assert cfg.rl.prompts == ["rg:gcd:200:7", f"{project}/configs/prompts.jsonl", "math_500"]
+        assert cfg.rl.prompts_data_dir == os.path.expanduser("~/prompts")
+        assert (cfg.rl.reference, cfg.rl.critic.load) == (f"{project}/runs/ref", f"{project}/runs/critic")
+        assert cfg.out_dir == f"{project}/runs/rl"
+    # overrides: against the working directory; keywords and names stay what they are
+    cfg = load_config(path, ["checkpoint.load=auto", "out_dir=out", "data.tokenizer=tok.model",
+                             "rl.prompts=[more.jsonl, rg:gcd:3]", "data.train=[0.5, a, 0.5, /b]"])
+    assert (cfg.checkpoint.load, cfg.out_dir, cfg.data.tokenizer) == ("auto", f"{elsewhere}/out",
+                                                                      f"{elsewhere}/tok.model")
+    assert cfg.rl.prompts == [f"{elsewhere}/more.jsonl", "rg:gcd:3"]
+    assert cfg.data.train == [0.5, f"{elsewhere}/a", 0.5, "/b"]
+    assert cfg.data.valid["code"] == f"{project}/data/code"  # the file's, untouched by the overrides
+    # the suite keeps them as written, and resolves them against its spec's folder itself
+    raw = load_config(path, ["out_dir=out"], resolve_paths=False)
+    assert (raw.data.tokenizer, raw.out_dir, raw.checkpoint.load) == ("../tok/spm.model", "out", "../runs/base")
+    assert absolute_paths(config_to_dict(raw), folder)["data"]["tokenizer"] == f"{project}/tok/spm.model"
+
+
+def test_every_path_setting_is_resolved():
+    known = set(configio._known_keys(Config))
+    assert set(PATH_KEYS) <= known
+    looks_like_a_path = {k for k in known if k.rpartition(".")[2] in ("load", "tokenizer", "reference", "prompts",
+                                                                      "train", "valid", "eval_tasks", "out_dir")
+                         or k.endswith("_dir")}
+    assert looks_like_a_path - {"train"} <= set(PATH_KEYS)  # `train` the section, `data.train` the blend
+
+
+def test_a_config_made_in_code_gets_absolute_paths_against_a_folder(tmp_path, monkeypatch):
+    cfg = config_from_dict({"data": {"train": ["d/a", "d/b"], "tokenizer": "t.model"}, "out_dir": "o"})
+    assert cfg.data.train == ["d/a", "d/b"] and cfg.out_dir == "o"  # as given, until a run starts
+    monkeypatch.chdir(tmp_path)
+    done = absolute_paths(cfg)
+    assert done.data.train == [f"{tmp_path}/d/a", f"{tmp_path}/d/b"] and done.out_dir == f"{tmp_path}/o"
+    assert done.data.tokenizer == f"{tmp_path}/t.model" and done.model == cfg.model
+    assert absolute_paths(done, "/elsewhere") == done  # absolute paths stay
+
+
+def test_iters_given_while_epochs_sets_the_length_is_an_error_naming_both(tmp_path):
+    path = write(tmp_path, """
+        stage: sft
+        data: {train: [data/chat]}
+        train: {epochs: 2, iters: 50}
+    """)
+    assert load_config(path).train.epochs == 2  # in one file, epochs wins (a saved config holds both)
+    with pytest.raises(ConfigError, match=r"train\.iters=20 .*train\.epochs=2 .*train\.epochs=null"):
+        load_config(path, ["train.iters=20"])
+    with pytest.raises(ConfigError, match=r"train\.iters=20 .*train\.epochs=2"):
+        config_from_dict({"stage": "sft", "train": {"epochs": 2}}, ["train.iters=20"])
+    cfg = load_config(path, ["train.iters=20", "train.epochs=null"])
+    assert (cfg.train.iters, cfg.train.epochs) == (20, None)
+    assert load_config(path, ["train.epochs=1", "train.iters=20"]).train.epochs == 1  # both given: epochs
 
 
 def test_round_trip(tmp_path):
@@ -124,13 +218,16 @@ def test_round_trip(tmp_path):
     path = save_config(cfg, tmp_path / "sub" / "config.yaml")
     text = path.read_text()
     assert "async: true" in text and "async_save" not in text
-    assert load_config(path, []) == cfg
+    assert load_config(path, []) == cfg  # its paths are absolute: the overrides' and the default out_dir
     assert config_to_dict(load_config(path, [])) == config_to_dict(cfg)
-    assert load_config(save_config(Config(), tmp_path / "d.yaml"), []) == Config()
+    # a relative path is written as the absolute path it names now, so the file means the same anywhere
+    assert load_config(save_config(Config(), tmp_path / "d.yaml"), []) == absolute_paths(Config())
 
 
 def test_empty_file_and_defaults(tmp_path):
-    assert load_config(write(tmp_path, ""), []) == Config()
+    # the default out_dir is relative to the working directory
+    assert load_config(write(tmp_path, ""), []) == absolute_paths(Config())
+    assert absolute_paths(Config()).out_dir == os.path.abspath("runs/megaevo")
     assert config().seq_len == ModelConfig().max_seq_len
 
 

@@ -273,6 +273,33 @@ def test_export_refuses_missing_or_duplicated_fragments(hf_models, tmp_path):
         export_hf(ckpt, tmp_path / "full", progress=False)
 
 
+def test_bad_files_and_sizes_are_convert_errors_and_one_line(hf_models, tmp_path, capsys):
+    from megaevo.convert.safetensors_io import element_size, parse_size, read_header
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00")
+    with pytest.raises(ConvertError, match="not a safetensors file"):
+        read_header(bad)
+    with pytest.raises(ConvertError, match="cannot read 'lots' as a size"):
+        parse_size("lots")
+    with pytest.raises(ConvertError, match="unknown safetensors dtype 'Q9'"):
+        element_size("Q9")
+    src, _ = hf_models["qwen2"]
+    ckpt = import_hf(src, tmp_path / "ckpt", progress=False)
+    with pytest.raises(ConvertError, match="cannot read 'lots' as a size"):
+        export_hf(ckpt, tmp_path / "hf", max_shard_size="lots", progress=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:4])
+    capsys.readouterr()
+    for argv in (["inspect", str(broken)], ["generate", "--load", str(broken), "--prompt", "w3"],
+                 ["convert", "--from-hf", str(broken), "--save", str(tmp_path / "out")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: megaevo {argv[0]}: {shard}: not a safetensors file (shorter than 8 bytes)"], err
+
+
 def test_inspect_hf_directory(hf_models, capsys):
     src, model = hf_models["qwen2"]
     assert cli.main(["inspect", str(src), "--json"]) == 0

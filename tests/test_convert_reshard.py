@@ -1,5 +1,7 @@
 """Offline resharding: exact copies of every tensor, files cut for the target layout, clear refusals."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from megaevo.convert import ConvertError, reshard
 from megaevo.model import ModelArgs, build_chunks
 from megaevo.parallel.state import ParallelState
 from megaevo.training.checkpoint import CheckpointError, LoadedCheckpoint
+from test_rl_stage import base_checkpoint, ppo_overrides, rl_config, setup  # noqa: F401 (fixtures)
+from test_rl_stage import fit as rl_fit
 from test_trainer import config, fit, make_data
 
 
@@ -106,3 +110,50 @@ def test_convert_command_reshards(saved, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["tp"], info["pp"], info["optimizer"]) == (2, 2, True)
     assert_identical(all_tensors(info["checkpoint"]), all_tensors(saved))
+
+
+def test_reshard_carries_a_ppo_critic_and_the_run_resumes_from_it(setup, base_checkpoint, tmp_path):
+    rl_fit(rl_config(setup, tmp_path / "run", **ppo_overrides(base_checkpoint, **{"train.iters": 1})))
+    ck = tmp_path / "run" / "checkpoints" / "iter_0000001"
+    original = all_tensors(ck)
+    assert {k for k, _ in original} >= {"critic", "critic_master", "critic_exp_avg", "critic_exp_avg_sq"}
+    tp2 = reshard(ck, tmp_path / "tp2", tp=2, progress=False)
+    assert_identical(all_tensors(tp2), original)
+    # the critic is cut as the model is: a TP-split weight has a block in each rank's file, the value head one
+    entries = LoadedCheckpoint(tp2).meta["tensors"]["critic"]
+    assert {f["file"] for f in entries["critic.layers.0.attention.qkv.weight"]["fragments"]} == {
+        "model_tp0_pp0.safetensors", "model_tp1_pp0.safetensors"}
+    assert [f["file"] for f in entries["critic.value_head.weight"]["fragments"]] == ["model_tp0_pp0.safetensors"]
+    weights = reshard(tp2, tmp_path / "weights", optimizer=False, progress=False)
+    assert sorted(LoadedCheckpoint(weights).meta["tensors"]) == ["critic", "model"]
+
+    # back in one process, PPO resumes from the resharded checkpoint (critic, its optimizer, the stage's
+    # state) exactly as from the original
+    back = reshard(tp2, tmp_path / "back", progress=False)
+    resume = {"train.iters": 2, "checkpoint.finetune": False}
+    rl_fit(rl_config(setup, tmp_path / "a", **ppo_overrides(ck, **resume)))
+    rl_fit(rl_config(setup, tmp_path / "b", **ppo_overrides(back, **resume)))
+    assert_identical(all_tensors(tmp_path / "b" / "checkpoints" / "iter_0000002"),
+                     all_tensors(tmp_path / "a" / "checkpoints" / "iter_0000002"))
+
+
+def test_reshard_refuses_tensors_it_does_not_know(saved, tmp_path):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    meta = json.loads((saved / "metadata.json").read_text())
+    meta["tensors"]["ema"] = meta["tensors"]["master"]
+    (odd / "metadata.json").write_text(json.dumps(meta))
+    for f in saved.glob("*.safetensors"):
+        (odd / f.name).symlink_to(f)
+    with pytest.raises(ConvertError, match=r"kind\(s\) ema, which resharding does not know"):
+        reshard(odd, tmp_path / "out", progress=False)
+
+
+def test_reshard_takes_the_runs_tokenizer_into_the_checkpoint(saved, spm_model, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved.parent.parent, run)
+    (run / "tokenizer").mkdir(exist_ok=True)
+    shutil.copyfile(spm_model, run / "tokenizer" / "tokenizer.model")  # as a run keeps it
+    out = reshard(run, tmp_path / "out", tp=2, progress=False)
+    assert (out / "tokenizer.model").read_bytes() == Path(spm_model).read_bytes()
+    assert "tokenizer.model" in LoadedCheckpoint(out).record.files  # checksummed with the weights

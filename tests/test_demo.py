@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 from fractions import Fraction
@@ -373,7 +374,8 @@ def test_suite_spec_has_every_stage_and_the_replay_axis(tmp_path):
     assert sorted(r.axes["replay"] for r in cpt) == [0.0, 0.25]
     weights = {r.axes["replay"]: {n: c["weight"] for n, c in r.config["data"]["train"].items()} for r in cpt}
     assert weights == {0.0: {"math": 1.0, "general": 0.0}, 0.25: {"math": 0.75, "general": 0.25}}
-    assert {r.eval.tasks[0] for r in runs if r.stage != "cpt"} == {"rg:gcd:200"}
+    # every run, CPT included, is evaluated on the suite's downstream task
+    assert spec.eval.tasks == ["rg:gcd:200"] and all(r.eval.tasks == ["rg:gcd:200"] for r in runs)
     assert next(r for r in runs if r.stage == "sft").config["data"]["train"] == ["data/sft"]
     assert len(runs) == 7 and [r.name for r in demo.lifecycle.demo_runs(runs)][-2:] == [
         "pretrain/cpt[replay=0.25]/sft", "pretrain/cpt[replay=0.25]/sft/rl"]
@@ -399,12 +401,17 @@ def test_life_cycle_runs_every_stage_and_a_rerun_does_nothing(tmp_path, capsys):
         m = row["metrics"]
         if row["stage"] in ("pretrain", "cpt"):
             assert {"loss/general", "loss/math"} <= set(m), chain
-        if row["stage"] != "cpt":
-            assert demo.lifecycle.accuracy_key(m), chain
+        assert demo.lifecycle.accuracy_key(m), chain  # every row, CPT included
         if row["stage"] == "rl":
             assert {"reward/first", "reward/last"} <= set(m), chain
     printed = capsys.readouterr().out
     assert "loss/general" in printed and "pretrain/cpt[replay=0.25]/sft/rl" in printed
+    table = cycle.table().splitlines()
+    cpt_line = next(line for line in table if line.split()[0] == "pretrain/cpt[replay=0.0]")
+    assert cpt_line.split()[3] != "-"  # the CPT row's accuracy
+    # progress while a run trains: its first and its last step line, under the run's TRAIN line
+    assert re.search(r"^TRAIN   pretrain-\w+ .*\n(?:        \.\.\. .*\n)*        step +1/4 .*\n(?:.*\n)*?"
+                     r"        step +4/4 ", printed, re.M), printed
     assert (out / "suite" / "results.md").is_file() and cycle.plots
     assert any("replay" in p for p in cycle.plots)
 

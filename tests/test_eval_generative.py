@@ -130,7 +130,7 @@ def test_bad_task_files(tmp_path):
     with pytest.raises(EvalError, match=r"bad.jsonl:2: not valid JSON"):
         resolve_task(str(bad))
     bad.write_text('{"id": 1, "problem": "p"}\n')
-    with pytest.raises(EvalError, match=r"bad.jsonl:1: missing field\(s\) gt_solution, gt_answer"):
+    with pytest.raises(EvalError, match=r"bad.jsonl:1: missing field\(s\) gt_answer or gt_solution"):
         resolve_task(str(bad))
     with pytest.raises(EvalError, match="expected rg:NAME"):
         resolve_task("rg:")

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("math_verify")
 
-from megaevo.eval.answers import extract_answer  # noqa: E402
+from megaevo.eval.answers import extract_answer, vote_answer  # noqa: E402
 from megaevo.eval.grading import Grader, GradingPool, Job, choice_label, grade_job, literal_equal, math_equal  # noqa: E402
 from megaevo.eval.metrics import pass_at_k, summarize  # noqa: E402
 from megaevo.eval.tasks import EVOLM_SETS, load_generative  # noqa: E402
@@ -24,6 +24,8 @@ SUBSET = 50
     (r"\boxed{\{1, \{2\}\}}", False, r"\{1, \{2\}\}"),
     (r"\boxed{3} then \boxed{unclosed", False, "3"),
     (r"\fbox{7}", False, "7"),
+    (r"so \framebox{42}.", False, "42"),
+    (r"\framebox[2cm][c]{\frac{1}{2}}", False, r"\frac{1}{2}"),
     ("The answer is: 42.", False, "42"),
     ("I think the answer is 3.5 dollars. Next we check.", False, "3.5 dollars"),
     ("the answer is 5, then the Answer is $-2$.\nmore", False, "-2"),
@@ -53,6 +55,44 @@ def test_extract_answer(text, bare, expected):
 def test_math_equal(a, b, equal):
     assert math_equal(a, b) is equal
     assert math_equal(b, a) is equal
+
+
+@pytest.mark.parametrize("a, b", [("heart", "earth"), ("no", "on"), ("listen", "silent"), ("make clear", "clear make"),
+                                  (r"\text{heart}", "earth"), ("Listen.", r"\textbf{silent}")])
+def test_words_are_strings_not_products_of_symbols(a, b):
+    """math-verify reads a word as a product of letters, so anagrams would be equal: words never reach it."""
+    for grader in (Grader("math"), Grader("math", bare=True)):
+        assert not grader.equal(a, b) and not grader.equal(b, a)
+        assert grader.equal(a, a) and grader.equal(b, b)
+        assert all(grader.equal(f"  {w.upper()}. ", w) for w in (a, b) if "\\" not in w)
+
+
+@pytest.mark.parametrize("pred, gold", [(r"\text{Make  Clear}", "make clear"), ("$yes$", "Yes."),
+                                        (r"\textbf{Nonlinear}", "nonlinear"), ("(B)", "B")])
+def test_words_equal_after_normalisation(pred, gold):
+    assert math_equal(pred, gold) and math_equal(gold, pred)
+
+
+def test_gold_counts_only_as_the_final_answer():
+    """math-verify alone takes the first number after "answer": 204 here, although the text settles on 205."""
+    pred = "The answer 204 is wrong; it is 205"
+    assert not math_equal(pred, "204") and math_equal(pred, "205")
+    graded = grade_job(Grader("math", bare=True), Job("204", [pred, f"Let me think.\n{pred}"]))
+    assert graded.answers == [pred, pred] and graded.correct == [False, False]
+    assert grade_job(Grader("math", bare=True), Job("205", [pred])).correct == [True]
+    assert math_equal("So Ryan will spend $34.35.", "34.35") and math_equal("118 dollars", r"118 \text{ dollars}")
+    # A gold in prose is a string: a number inside it is not its answer.
+    assert not math_equal("20", r"\text{June 20}") and not math_equal("30", "2 hours and 30 minutes")
+    assert math_equal("12, 13", r"12\text{ and }13") and not math_equal("13", r"12\text{ and }13")
+
+
+def test_formatting_wrappers_are_unwrapped():
+    answer = extract_answer(r"Hence the answer is $\boxed{\textbf{(073)}}$")
+    assert answer == r"\textbf{(073)}"
+    assert math_equal(answer, "073") and math_equal(answer, "73") and math_equal("073", answer)
+    assert not math_equal(answer, "74")
+    framed = [r"so \framebox{42}.", r"\framebox[1in]{\textbf{42}}"]
+    assert grade_job(Grader("math"), Job("42", framed)).correct == [True, True]
 
 
 def test_choice_and_literal():
@@ -140,3 +180,25 @@ def test_majority_clusters_by_equivalence():
     g = grade_job(Grader("math"), Job("1/2", comps), majority=True)
     assert g.correct == [False, True, True, False]
     assert g.majority_answer == "0.5" and g.majority_correct
+
+
+def test_majority_votes_only_final_answers():
+    """A boxed answer more than 128 characters from the end is no vote for the line that ends the text."""
+    junk = r"The answer is \boxed{5}." + "\n[asy]\ndraw((0,0)--(1,1));" + " label();" * 20 + "\n}[/asy]"
+    assert extract_answer(junk, bare=True) == "5" and vote_answer(junk, bare=True) is None
+    comps = [junk, junk, junk, r"so \boxed{5}", r"thus \boxed{5}", r"\boxed{9}"]
+    for grader in (Grader("math", bare=True), Grader("literal", bare=True)):
+        g = grade_job(grader, Job("5", comps), majority=True)
+        assert g.correct == [True] * 5 + [False]
+        assert g.majority_answer == "5" and g.majority_correct
+    # A completion that marks no answer anywhere still votes with its bare last line.
+    g = grade_job(Grader("math", bare=True), Job("12", ["work\n12", "more work\n12", r"\boxed{3}"]), majority=True)
+    assert g.majority_answer == "12" and g.majority_correct
+    assert vote_answer("x" * 300 + r"\boxed{7}") == "7" and vote_answer(None) is None
+
+
+def test_majority_compares_two_predictions_alike():
+    """Two completions are one cluster whichever comes first, though a gold in prose is read as a string."""
+    for comps in (["It is 5", "5", "6", "6"], ["5", "It is 5", "6", "6"]):
+        g = grade_job(Grader("math", bare=True), Job("5", comps), majority=True)
+        assert g.majority_answer == comps[0] and g.majority_correct

@@ -130,31 +130,67 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
     assert text.startswith(f"{path}:3: ") and message in text and "\n" not in text
 
 
-def test_loss_task_equals_direct_computation(tmp_path, model):
-    rng = np.random.default_rng(0)
-    docs = [rng.integers(1, model.args.vocab_size, size=n) for n in (7, 30, 1, 12, 19)]
-    with IndexedDatasetWriter(tmp_path / "val", dtype=np.uint16) as w:
+def _write_docs(prefix, docs):
+    with IndexedDatasetWriter(prefix, dtype=np.uint16) as w:
         for d in docs:
             w.add_document(d)
-    seq_len = 10
-    task = lm_loss.load_task(tmp_path / "val", limit=4, seq_len=seq_len)
-    out = task.run(model, batch_size=2, progress=False)
-    tokens = np.concatenate(docs[:4])
+
+
+def _direct_nll(model, doc, seq_len) -> tuple[float, int]:
+    """Summed next-token NLL of one document, unbatched, in windows of seq_len inputs overlapping by one."""
     nll, count = 0.0, 0
-    for start in range(0, len(tokens) - 1, seq_len):
-        w = torch.tensor(tokens[start:start + seq_len + 1].astype(np.int64))
+    for start in range(0, len(doc) - 1, seq_len):
+        w = torch.tensor(doc[start:start + seq_len + 1].astype(np.int64))
         logp = torch.log_softmax(model.forward(w[None, :-1])[0].double(), -1)
         nll -= float(logp.gather(-1, w[1:, None]).sum())
         count += len(w) - 1
-    assert out["metrics"]["tokens"] == count == len(tokens) - 1
-    assert out["metrics"]["n"] == math.ceil((len(tokens) - 1) / seq_len)
+    return nll, count
+
+
+def test_loss_task_equals_direct_computation(tmp_path, model):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, model.args.vocab_size, size=n) for n in (7, 30, 1, 12, 19)]
+    _write_docs(tmp_path / "val", docs)
+    seq_len = 10
+    task = lm_loss.load_task(tmp_path / "val", limit=4, seq_len=seq_len)
+    out = task.run(model, batch_size=2, progress=False)
+    per_doc = [_direct_nll(model, d, seq_len) for d in docs[:4]]
+    nll, count = sum(n for n, _ in per_doc), sum(c for _, c in per_doc)
+    assert out["metrics"]["tokens"] == count == sum(len(d) - 1 for d in docs[:4])
+    assert out["metrics"]["n"] == sum(math.ceil((len(d) - 1) / seq_len) for d in docs[:4])
     assert out["metrics"]["loss"] == pytest.approx(nll / count, rel=1e-5)
     assert out["metrics"]["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     # Without seq_len the model's max_seq_len is the window.
     full = lm_loss.load_task(tmp_path / "val").run(model, progress=False)["metrics"]
-    assert full["tokens"] == sum(map(len, docs)) - 1
+    assert full["tokens"] == sum(len(d) - 1 for d in docs)
     with pytest.raises(UserError, match="exceeds the model's max_seq_len"):
         lm_loss.load_task(tmp_path / "val", seq_len=99).run(model, progress=False)
+
+
+def test_loss_windows_stay_within_a_document(tmp_path, model):
+    """Two documents score as each alone: no window reads one document's tokens as context for the next."""
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(1, model.args.vocab_size, size=13), rng.integers(1, model.args.vocab_size, size=9)
+    _write_docs(tmp_path / "ab", [a, b])
+    _write_docs(tmp_path / "a", [a])
+    _write_docs(tmp_path / "b", [b])
+    seq_len = 5
+    task = lm_loss.load_task(tmp_path / "ab", seq_len=seq_len)
+    both = task.run(model, batch_size=3, progress=False)
+    alone = [lm_loss.load_task(tmp_path / n, seq_len=seq_len).run(model, progress=False)["metrics"] for n in "ab"]
+    assert both["metrics"]["tokens"] == len(a) - 1 + len(b) - 1 == sum(m["tokens"] for m in alone)
+    nll = sum(m["loss"] * m["tokens"] for m in alone)
+    assert both["metrics"]["loss"] == pytest.approx(nll / both["metrics"]["tokens"], rel=1e-6)
+    assert {s["document"] for s in both["samples"]} == {0, 1}
+    for doc, window in task.windows(seq_len):
+        source = task.documents[doc]
+        assert any(np.array_equal(source[s:s + len(window)], window) for s in range(len(source)))
+
+
+def test_loss_task_needs_a_document_of_two_tokens(tmp_path):
+    _write_docs(tmp_path / "short", [np.array([5]), np.array([7])])
+    with pytest.raises(UserError, match=r"short\.idx: needs a document of at least two tokens"):
+        lm_loss.load_task(tmp_path / "short")
 
 
 def test_rolling_windows_predict_every_token_once():

@@ -1,14 +1,18 @@
-"""Every example config loads, and validates for each launch line written in its comments."""
+"""Every example config loads, and validates for each launch line written in its comments; the demo's
+examples are the demo's settings, with paths relative to the examples' folder."""
 import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megaevo import demo
 from megaevo.config import config_from_dict, load_config, validate
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
 CONFIGS = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("suite-"))  # suites: below
+SUITES = sorted(EXAMPLES.glob("suite-*.yaml"))
 
 
 def launch_lines(path: Path) -> list[tuple[int, list[str]]]:
@@ -74,8 +78,26 @@ def test_cpt_example_replays_pretraining_data():
     assert cfg.optim.lr < load_config(EXAMPLES / "evolm-1b.yaml").optim.lr
 
 
-def test_tiny_cpu_example_is_what_the_demo_trains():
-    assert load_config(EXAMPLES / "tiny-cpu.yaml") == config_from_dict(demo.train_settings("megaevo-demo"))
+def as_written(name: str):
+    """An example's Config with its paths as the file writes them (relative to the file's folder)."""
+    return config_from_dict(yaml.safe_load((EXAMPLES / name).read_text()))
+
+
+@pytest.mark.parametrize("name, settings", [("tiny-cpu.yaml", demo.train_settings),
+                                            ("demo-sft.yaml", demo.sft_settings),
+                                            ("demo-grpo.yaml", demo.grpo_settings)])
+def test_demo_examples_are_the_demo_settings_from_any_folder(name, settings, tmp_path, monkeypatch):
+    assert as_written(name) == config_from_dict(settings("../megaevo-demo"))
+    monkeypatch.chdir(tmp_path)  # the paths name the demo directory in the repository's root, from anywhere
+    assert load_config(EXAMPLES / name) == config_from_dict(settings(REPO / "megaevo-demo"))
+
+
+def test_demo_sft_example_names_what_makes_its_starting_checkpoint():
+    text = (EXAMPLES / "demo-sft.yaml").read_text()
+    assert load_config(EXAMPLES / "demo-sft.yaml").checkpoint.load == str(REPO / "megaevo-demo" / "run")
+    assert "megaevo demo --single-run" in text and "megaevo-demo/suite/runs/" in text
+    assert "megaevo demo --single-run" in (EXAMPLES / "tiny-cpu.yaml").read_text()
+    assert "writes megaevo-demo/config.yaml" not in (EXAMPLES / "tiny-cpu.yaml").read_text()
 
 
 def test_sft_example_has_evolm_recipe():
@@ -85,10 +107,6 @@ def test_sft_example_has_evolm_recipe():
     assert cfg.optim.lr == 1e-5 and cfg.optim.schedule == "cosine" and cfg.optim.warmup_fraction == 0.1
     assert not cfg.sft.packing and cfg.sft.cutoff == 2048 and cfg.sft.loss_normalization == "micro_batch_mean"
     assert cfg.checkpoint.finetune and cfg.checkpoint.load not in (None, "auto")
-
-
-def test_demo_sft_example_is_what_the_demo_settings_say():
-    assert load_config(EXAMPLES / "demo-sft.yaml") == config_from_dict(demo.sft_settings("megaevo-demo"))
 
 
 def test_ppo_example_has_evolm_recipe():
@@ -104,8 +122,11 @@ def test_ppo_example_has_evolm_recipe():
     assert cfg.checkpoint.finetune
 
 
-def test_demo_grpo_example_is_what_the_demo_settings_say():
-    assert load_config(EXAMPLES / "demo-grpo.yaml") == config_from_dict(demo.grpo_settings("megaevo-demo"))
+@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.name)
+def test_suite_example_loads(path):
+    from megaevo.suite import expand, load_spec
+
+    assert expand(load_spec(path))
 
 
 def test_evolm_suite_example_expands_to_the_grid_of_the_study():

@@ -145,6 +145,69 @@ def test_stops_eos_strings_and_length(model):
     assert text.prompt_token_ids == [1, 5, 17, 33] and len(text.token_ids) == 3
 
 
+def test_a_prompt_with_no_room_warns_with_its_row_and_length(model, caplog):
+    long = [(7 * i) % VOCAB for i in range(SHAPE["max_position_embeddings"] + 2)]
+    with caplog.at_level("WARNING", logger="megaevo"):
+        out = model.generate([PROMPTS[0], long], SamplingParams(max_new_tokens=4, stop_token_ids=()))
+    assert len(out[0][0].token_ids) == 4
+    assert out[1][0].token_ids == [] and out[1][0].finish_reason == "length"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "1 of 2 prompt(s)" in warnings[0] and "model.max_seq_len=128" in warnings[0]
+    assert "row 1: 130 tokens" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="megaevo"):
+        model.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, max_length=5, stop_token_ids=()))
+    assert "within max_length=5 (row 0: 5 tokens)" in caplog.text
+
+
+# ---------------------------------------------------------------- generation on the training model
+GEN_PROMPTS = [[5, 17, 33, 9], [7, 250, 3], [1, 2, 3, 4, 5], [300, 301]]
+
+
+def _generate(stage, state, params):
+    from megaevo.inference.generate import generate_rows
+
+    stage.rope_tables(next(stage.parameters()).device)  # outside inference mode, as RL rollouts build them
+    return generate_rows(stage, state, GEN_PROMPTS, params)
+
+
+def _assert_same_generation(got, want):
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=0, atol=1e-5)
+
+
+def test_generation_follows_optimizer_steps_and_loads(tmp_path):
+    """The training model generates what a fresh model holding its weights generates, after optimizer
+    updates and after loading a checkpoint: no packed or cached copy of a weight outlives a change."""
+    from megaevo.inference.decode import MIN_PACK_STEPS, mkl_packed_gemm_available
+    from megaevo.training.trainer import Trainer
+    from test_trainer import config, make_data
+
+    cfg = config(make_data(tmp_path / "data"), tmp_path / "run", **{
+        "train.iters": 3, "train.eval_interval": 0, "checkpoint.interval": 1, "model.max_seq_len": 64,
+        "optim.lr": 3e-2})
+    trainer = Trainer(cfg)
+    stage, state = trainer.chunks[0], trainer.state
+    params = SamplingParams(max_new_tokens=MIN_PACK_STEPS + 8, stop_token_ids=())  # greedy, long enough to pack
+    before = _generate(stage, state, params)
+    if mkl_packed_gemm_available():  # the decode weights were packed for this batch and are cached
+        assert len(GEN_PROMPTS) in stage.__dict__["_decode_steps"]["steps"]
+    trainer.fit()  # three optimizer updates
+    checkpoints = tmp_path / "run" / "checkpoints"
+    after = _generate(stage, state, params)
+    _assert_same_generation(after, _generate(*_loaded(checkpoints / "iter_0000003"), params))
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]  # the updates changed the greedy tokens
+    trainer.load_weights(checkpoints / "iter_0000001")
+    _assert_same_generation(_generate(stage, state, params), _generate(*_loaded(checkpoints / "iter_0000001"), params))
+
+
+def _loaded(path):
+    m = megaevo.load(path)
+    return m.stage, m.state
+
+
 def test_tp_is_refused_in_one_process(hf_model):
     with pytest.raises(ValueError, match="torchrun"):
         megaevo.load(hf_model[0], tp=2)

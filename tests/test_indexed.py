@@ -445,11 +445,11 @@ def test_cli_inspect_text(tmp_path, capsys):
     assert "documents" in out and "uint16" in out
 
 
-def test_cli_inspect_missing(tmp_path):
-    with pytest.raises(SystemExit) as err:
-        cli.main(["inspect", str(tmp_path / "nothing")])
-    assert "not a dataset prefix" in str(err.value.code)
-    assert str(tmp_path / "nothing") in str(err.value.code)
+def test_cli_inspect_missing(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: megaevo inspect: ") and "not a dataset prefix" in err and len(err.splitlines()) == 1
+    assert str(tmp_path / "nothing") in err
 
 
 def test_cli_inspect_half_dataset(tmp_path, capsys):

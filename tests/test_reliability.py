@@ -5,15 +5,17 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import megaevo.training.checkpoint as ckpt
 from megaevo.config import save_config
 from megaevo.training import trainer as trainer_module
-from megaevo.training.checkpoint import LoadedCheckpoint
+from megaevo.training.checkpoint import LoadedCheckpoint, verify_checkpoint
 from test_trainer import config, fit, make_data
 
 TESTS = Path(__file__).parent
@@ -80,6 +82,167 @@ def test_sigterm_saves_and_the_run_resumes_exactly(data, tmp_path):
     assert trainer.run.iteration == 30
     whole, _ = fit(config(data, tmp_path / "whole", **settings))
     assert resumed == whole[done:]
+
+
+def _interrupt_at(monkeypatch, iteration: int, *, in_step: tuple = (), in_save: tuple = ()) -> None:
+    """Deliver signals to this process as a user would, each handled at once: ``in_step`` at the end of
+    step ``iteration``, ``in_save`` once the save that follows is under way (a synchronous save has
+    begun writing; a background one is being waited for)."""
+    step, write, wait = trainer_module.Trainer.train_step, ckpt.Checkpointer._write, ckpt.Checkpointer.wait
+    pending = list(in_save)
+
+    def send(signals) -> None:
+        for sig in signals:
+            signal.raise_signal(sig)
+
+    def step_then_signal(self):
+        stats = step(self)
+        if self.run.iteration == iteration:
+            send(in_step)
+        return stats
+
+    def signal_then_write(self, tmp, plan, *args):
+        if plan.iteration == iteration and not self.async_save:
+            send(pending)
+            pending.clear()
+        return write(self, tmp, plan, *args)
+
+    def signal_then_wait(self):
+        if self._thread is not None:  # raised from this (the main) thread while the writer works
+            send(pending)
+            pending.clear()
+        return wait(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_then_signal)
+    monkeypatch.setattr(ckpt.Checkpointer, "_write", signal_then_write)
+    monkeypatch.setattr(ckpt.Checkpointer, "wait", signal_then_wait)
+
+
+@pytest.mark.parametrize("in_step, in_save", [((signal.SIGINT, signal.SIGINT), ()),
+                                              ((signal.SIGINT,), (signal.SIGINT, signal.SIGINT)),
+                                              ((signal.SIGTERM,), (signal.SIGINT,))])
+@pytest.mark.parametrize("async_save", [False, True])
+def test_more_signals_wait_for_the_checkpoint(data, tmp_path, monkeypatch, caplog, in_step, in_save, async_save):
+    """Ctrl-C twice (or more) in a step or during its save: the run saves that step, commits it and stops."""
+    caplog.set_level("INFO", logger="megaevo")
+    _interrupt_at(monkeypatch, 2, in_step=in_step, in_save=in_save)
+    cfg = config(data, tmp_path, **{"train.iters": 6, "checkpoint.interval": 0, "train.eval_interval": 0,
+                                    "checkpoint.async": async_save})
+    try:
+        losses, trainer = fit(cfg)
+    except KeyboardInterrupt:
+        pytest.fail(f"interrupted unsaved; checkpoints: {sorted(p.name for p in tmp_path.glob('checkpoints/*'))}")
+    assert trainer.run.iteration == 2 and len(losses) == 2
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == "iter_0000002" and verify_checkpoint(root)["iteration"] == 2
+    messages = [r.getMessage() for r in caplog.records]
+    first = signal.Signals(in_step[0]).name
+    assert [m for m in messages if "received" in m][0].startswith(f"{first} received: saving a checkpoint")
+    assert sum("already stopping" in m for m in messages) == len(in_step) + len(in_save) - 1
+    assert any(m.startswith(f"stopped by {first} at iteration 2: saved") for m in messages)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+
+
+def test_a_failing_run_commits_the_checkpoint_being_written_in_the_background(data, tmp_path, monkeypatch):
+    step, write = trainer_module.Trainer.train_step, ckpt.Checkpointer._write
+
+    def slow_write(self, *args):
+        time.sleep(0.5)  # still writing when the next step fails
+        return write(self, *args)
+
+    def failing_step(self):
+        if self.run.iteration == 1:
+            raise RuntimeError("boom")
+        return step(self)
+
+    monkeypatch.setattr(ckpt.Checkpointer, "_write", slow_write)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(config(data, tmp_path, **{"train.iters": 4, "checkpoint.interval": 1, "checkpoint.async": True,
+                                      "train.eval_interval": 0}))
+    assert verify_checkpoint(tmp_path / "checkpoints")["iteration"] == 1
+
+
+INTERRUPTED_RUN = """
+import sys, time
+from megaevo import cli
+from megaevo.training import checkpoint, trainer
+step, write = trainer.Trainer.train_step, checkpoint.Checkpointer._write
+def slow_step(self):
+    time.sleep(0.2)  # time for the test's signals to land in the middle of a step
+    return step(self)
+def slow_write(self, *args):
+    time.sleep(0.5)  # and in the middle of the save
+    return write(self, *args)
+trainer.Trainer.train_step, checkpoint.Checkpointer._write = slow_step, slow_write
+sys.exit(cli.main(["train", "--config", sys.argv[1]]))
+"""
+
+
+class _Lines:
+    """The lines of a subprocess's stream, read in the background as they come."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
+        self._thread.start()
+
+    def wait_for(self, text: str, proc: subprocess.Popen, timeout: float = 60) -> bool:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if any(text in line for line in self.lines):
+                return True
+            time.sleep(0.02)
+        return any(text in line for line in self.lines)
+
+    def text(self) -> str:
+        self._thread.join(timeout=60)
+        return "".join(self.lines)
+
+
+def _steps_done(metrics: Path) -> int:
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, second, async_save", [("SIGINT", "SIGINT", False), ("SIGTERM", "SIGINT", True)])
+def test_a_second_signal_waits_for_the_checkpoint(data, tmp_path, first, second, async_save):
+    """`megaevo train` stopped by two signals in a row: the first is acknowledged at once, the second (in
+    the rest of the step or during the save) waits for the checkpoint, which loads and continues the run."""
+    settings = {"train.iters": 1000, "checkpoint.interval": 0, "checkpoint.async": async_save,
+                "train.eval_interval": 0}
+    out = tmp_path / "run"
+    path = save_config(config(data, out, **settings), tmp_path / "run.yaml")
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_RUN, str(path)], cwd=TESTS, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stdout, stderr = _Lines(proc.stdout), _Lines(proc.stderr)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and _steps_done(metrics) < 3:
+        time.sleep(0.05)
+    seen = _steps_done(metrics)
+    proc.send_signal(getattr(signal, first))
+    stderr.wait_for(f"{first} received", proc)  # the acknowledgement, before a second Ctrl-C
+    proc.send_signal(getattr(signal, second))
+    proc.wait(timeout=120)
+    err, output = stderr.text(), stdout.text() + stderr.text()
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and "interrupted" not in output, output
+    assert [line.split(": ", 1)[1] for line in err.splitlines() if " received: " in line] == [
+        f"{first} received: saving a checkpoint at the end of this step, then stopping (a second Ctrl-C waits for the "
+        f"save)",
+        f"{second} received: already stopping; waiting for the checkpoint to be committed (kill -9 {proc.pid} ends "
+        f"the run now, without it)"], err
+    stopped = re.findall(rf"stopped by {first} at iteration (\d+): saved ", output)
+    assert len(stopped) == 1, output
+    root = out / "checkpoints"
+    done = int(stopped[0])
+    assert done >= max(seen, 1) and (root / "latest").read_text().strip() == f"iter_{done:07d}"
+    assert not any(p.name.startswith(".tmp_") for p in root.iterdir())
+    assert verify_checkpoint(root)["iteration"] == done
+    _, resumed = fit(config(data, out, **{**settings, "train.iters": done + 1, "checkpoint.load": "auto"}))
+    assert resumed.run.iteration == done + 1
 
 
 def _torchrun(tmp_path: Path, *overrides: str) -> tuple[int, dict[int, str], int]:

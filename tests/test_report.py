@@ -230,7 +230,7 @@ def test_main_prints_one_line_error(tmp_path, capsys):
     nothing.mkdir()
     assert rp.main([str(nothing)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("megaevo report: ") and "\n" not in err
+    assert err.startswith("error: megaevo report: ") and "\n" not in err
 
 
 def test_missing_matplotlib_is_a_user_error(tmp_path, monkeypatch):

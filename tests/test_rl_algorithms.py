@@ -216,6 +216,14 @@ def test_kl_estimators():
         kl_penalty(a, b, "k4")
 
 
+def test_k3_is_clamped_at_ten():
+    """Unclamped, k3 at log-ratios (logp − ref_logp) of −8 and −30 is e^8 − 9 ≈ 2972 and about 4.85e8."""
+    logp, ref = torch.tensor([-8.0, -30.0, -2.0, 3.0]), torch.zeros(4)
+    k3 = kl_penalty(logp, ref, "k3")
+    assert k3[0] == k3[1] == 10.0
+    torch.testing.assert_close(k3[2:], torch.tensor([math.exp(2) - 3, math.exp(-3) + 2]))  # below the clamp
+
+
 # ---- policy and value losses -----------------------------------------------------------------------------
 
 def test_policy_loss_on_policy_is_minus_advantage():

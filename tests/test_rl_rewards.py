@@ -160,3 +160,40 @@ def test_load_prompts_rejects_other_task_kinds(tmp_path):
         load_prompts(str(mc))
     with pytest.raises(UserError, match="unknown reasoning-gym task"):
         load_prompts("rg:no_such_task")
+
+
+def test_prompts_need_a_problem_and_gt_answer_or_gt_solution(tmp_path):
+    """gt_answer alone, gt_solution alone (its stated answer), no id (the line number): all accepted and graded
+    against that answer."""
+    rows = [{"id": "a", "problem": "1 + 1?", "gt_answer": "2"},
+            {"id": "s", "problem": "2 + 2?", "gt_solution": r"2 + 2 = \boxed{4}"},
+            {"problem": "3 + 3?", "gt_answer": "6", "gt_solution": None}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = load_prompts(str(path))
+    assert [(p["id"], p["answer"]) for p in prompts] == [("a", "2"), ("s", "4"), (3, "6")]
+    with VerifiableReward(workers=0) as reward:
+        out = reward(prompts * 2, [r"\boxed{2}", r"\boxed{4}", r"\boxed{6}", r"\boxed{3}", r"\boxed{5}", "7"],
+                     [False] * 6)
+    assert out.scores == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    path.write_text(json.dumps({"id": "x", "problem": "?"}) + "\n")
+    with pytest.raises(UserError, match=r"mixed.jsonl:1: missing field\(s\) gt_answer or gt_solution"):
+        load_prompts(str(path))
+
+
+def test_a_missing_prompt_set_names_the_rl_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEGAEVO_EVAL_DIR", raising=False)
+    (tmp_path / "Mine.jsonl").write_text(json.dumps({"problem": "1 + 1?", "gt_answer": "2"}) + "\n")
+    cases = [(str(tmp_path / "nope.jsonl"), None, rf"^rl\.prompts: {tmp_path}/nope\.jsonl: no such file$"),
+             ("nope", None, r"^rl\.prompts: 'nope' is not a file \(a set's name is looked up as NAME\.jsonl in "
+                            r"rl\.prompts_data_dir or \$MEGAEVO_EVAL_DIR, and neither is set\)$"),
+             ("nope", str(tmp_path), rf"^rl\.prompts: 'nope' is not a file, and rl\.prompts_data_dir={tmp_path} has "
+                                     rf"no nope\.jsonl \(it has Mine\)$")]
+    for spec, data_dir, match in cases:
+        with pytest.raises(UserError, match=match) as info:
+            load_prompts(spec, data_dir=data_dir)
+        assert "--data-dir" not in str(info.value)
+    assert load_prompts("Mine", data_dir=str(tmp_path))[0]["answer"] == "2"
+    monkeypatch.setenv("MEGAEVO_EVAL_DIR", str(tmp_path))
+    with pytest.raises(UserError, match=rf"\$MEGAEVO_EVAL_DIR={tmp_path} has no nope\.jsonl"):
+        load_prompts("nope")

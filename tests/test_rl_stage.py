@@ -87,6 +87,10 @@ def tensors(path, kind="model") -> dict:
     ({"rl.temperature": 0}, r"rl\.temperature=0.* must be positive"),
     ({"rl.dual_clip": 1.0}, r"rl\.dual_clip=1\.0 must be greater than 1"),
     ({"train.epochs": 1}, r"stage=rl counts train\.iters"),
+    ({"rl.max_prompt_len": "null", "rl.max_new_tokens": 64}, r"rl\.max_new_tokens=64 leaves no room for a prompt "
+                                                             r"within model\.max_seq_len=64"),
+    ({"rl.max_prompt_len": 0}, r"rl\.max_prompt_len=0 must be at least 1"),
+    ({"rl.max_prob_error": 0}, r"rl\.max_prob_error=0\.0 must be positive"),
 ])
 def test_config_errors(setup, tmp_path, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -94,7 +98,7 @@ def test_config_errors(setup, tmp_path, overrides, pattern):
 
 
 @pytest.mark.parametrize("key, value", [("rl.algorithm", "reinforce"), ("rl.loss_agg", "sum"),
-                                        ("rl.kl_estimator", "k4")])
+                                        ("rl.kl_estimator", "k4"), ("rl.kl_reward_estimator", "k5")])
 def test_unknown_choices_are_config_errors(setup, tmp_path, key, value):
     with pytest.raises(ConfigError, match=rf"^{key}: expected one of"):
         rl_config(setup, tmp_path, **{key: value})
@@ -147,6 +151,130 @@ def test_rollout_logprobs_equal_the_training_recompute(setup, tmp_path):
     torch.testing.assert_close(logp[mask], data["rollout_logp"][mask], atol=2e-5, rtol=0)
 
 
+def test_packed_decoding_stays_on_policy_at_every_step(setup, tmp_path):
+    """Responses of more than MIN_PACK_STEPS tokens decode with packed weights (CPU, fp32): they follow every
+    update, so the sampler's log-probabilities stay the training forward's, step after step."""
+    from megaevo.inference.decode import MIN_PACK_STEPS
+
+    records, _ = fit(rl_config(setup, tmp_path, **{"train.iters": 4, "rl.max_new_tokens": MIN_PACK_STEPS + 8,
+                                                   "rl.max_prob_error": "null"}))
+    errors = [r["token_mult_prob_error"] for r in records]
+    assert len(errors) == 4 and all(1.0 <= e < 1.0 + 1e-3 for e in errors), errors
+    assert max(r["response_length_max"] for r in records) > MIN_PACK_STEPS
+
+
+def shift_rollout_logprobs(monkeypatch, shift: float) -> None:
+    """Make the sampler report log-probabilities ``shift`` away from the policy's (a sampler off the policy)."""
+    import megaevo.stages.rl.stage as rl_stage_module
+
+    real = rl_stage_module.sample_responses
+
+    def off_policy(*args, **kwargs):
+        completions = real(*args, **kwargs)
+        for c in completions:
+            c.logprobs = [lp + shift for lp in c.logprobs]
+        return completions
+
+    monkeypatch.setattr(rl_stage_module, "sample_responses", off_policy)
+
+
+def test_rollouts_off_the_policy_stop_the_run(setup, tmp_path, monkeypatch):
+    """A sampler whose log-probabilities are not the policy's stops the run at once, before any update."""
+    from megaevo.training.trainer import TrainingStopped
+
+    shift_rollout_logprobs(monkeypatch, -0.5)  # token_mult_prob_error exp(0.5) = 1.65
+    trainer = Trainer(rl_config(setup, tmp_path))
+    with pytest.raises(TrainingStopped, match=r"^iteration 1: token_mult_prob_error=1\.6\d* is more than "
+                                              r"rl\.max_prob_error=0\.1 away from 1: the rollouts were not sampled "
+                                              r"from the policy being trained") as info:
+        trainer.fit()
+    assert "\n" not in str(info.value)
+    assert trainer.optimizer.step_count == 0 and not (tmp_path / "metrics.jsonl").exists()
+    records, _ = fit(rl_config(setup, tmp_path / "off", **{"train.iters": 1, "rl.max_prob_error": "null"}))
+    assert records[0]["token_mult_prob_error"] == pytest.approx(math.exp(0.5), rel=1e-3)  # off: only logged
+
+
+def test_train_cli_stops_off_policy_with_one_line(setup, tmp_path, monkeypatch, capsys):
+    from megaevo.config import save_config
+    from megaevo.training.trainer import main
+
+    shift_rollout_logprobs(monkeypatch, 3.0)
+    path = save_config(rl_config(setup, tmp_path / "run"), tmp_path / "rl.yaml")
+    assert main(["--config", str(path)]) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: iteration 1: token_mult_prob_error=")
+    assert err[0].endswith("stopping before this step's updates")
+    assert "the rollouts were not sampled from the policy being trained" in err[0]
+
+
+def test_missing_prompts_file_names_the_rl_settings(setup, tmp_path, capsys, monkeypatch):
+    from megaevo.config import save_config
+    from megaevo.training.trainer import main
+
+    monkeypatch.delenv("MEGAEVO_EVAL_DIR", raising=False)
+    for prompts, extra, expect in ((str(tmp_path / "nope.jsonl"), {}, f"rl.prompts: {tmp_path / 'nope.jsonl'}: "
+                                    "no such file"),
+                                   ("nope", {}, "rl.prompts: 'nope' is not a file (a set's name is looked up as "
+                                    "NAME.jsonl in rl.prompts_data_dir or $MEGAEVO_EVAL_DIR, and neither is set)"),
+                                   ("nope", {"rl.prompts_data_dir": str(tmp_path)},
+                                    f"rl.prompts: 'nope' is not a file, and rl.prompts_data_dir={tmp_path} has no "
+                                    f"nope.jsonl")):
+        cfg = rl_config(setup, tmp_path / "run", **{"rl.prompts": f"[{prompts}]", **extra})
+        assert main(["--config", str(save_config(cfg, tmp_path / "rl.yaml"))]) == 2
+        err = capsys.readouterr().err
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {expect}"]
+        assert "--data-dir" not in err
+
+
+def test_kl_in_the_reward_is_k1_by_default_and_its_own_setting(setup, base_checkpoint, tmp_path):
+    """PPO's shaped reward is score − kl_coef · log(π/π_ref) per token (k1) unless rl.kl_reward_estimator
+    says otherwise; rl.kl_estimator (k3) is the loss term's. The `kl` metric names its estimator."""
+    from megaevo.stages.rl.algorithms import kl_penalty
+
+    overrides = ppo_overrides(base_checkpoint, **{"rl.kl_in_reward": True, "rl.kl_coef": 0.5, "train.iters": 1,
+                                                  "rl.whiten_advantages": False, "rl.kl_estimator": "k3"})
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    old_logp = torch.tensor([[0.0, -1.0, -2.0, -9.5], [-3.0, -0.2, 0.0, 0.0]]) * mask
+    ref_logp = torch.tensor([[0.0, -2.0, -1.0, -0.5], [-1.0, -0.3, 0.0, 0.0]]) * mask
+    scores = torch.tensor([1.0, 0.0])
+    shaped = {}
+    for estimator in (None, "k1", "k3"):
+        extra = {"rl.kl_reward_estimator": estimator} if estimator else {}
+        trainer = Trainer(rl_config(setup, tmp_path / str(estimator), **overrides, **extra))
+        data = {"mask": mask, "old_logp": old_logp, "ref_logp": ref_logp, "old_values": torch.zeros_like(mask)}
+        trainer.stage.run._advantages(data, scores)  # values 0, gamma = lam = 1: returns are reward suffix sums
+        shaped[estimator] = data["returns"]
+    for estimator in ("k1", "k3"):
+        rewards = -0.5 * kl_penalty(old_logp, ref_logp, estimator) * mask
+        rewards[0, 3] += 1.0  # the score on the last response token
+        expect = rewards.flip(1).cumsum(1).flip(1) * mask
+        torch.testing.assert_close(shaped[estimator], expect.float())
+    assert torch.equal(shaped[None], shaped["k1"])
+    assert shaped["k3"][0, 3] == pytest.approx(1.0 - 0.5 * 10.0)  # k3 at a log-ratio of −9, clamped at 10
+    assert shaped["k1"][0, 3] == pytest.approx(1.0 + 0.5 * 9.0)
+    records, _ = fit(rl_config(setup, tmp_path / "run", **overrides))
+    assert records[0]["kl_estimator"] == "k1" and math.isfinite(records[0]["kl"])
+
+
+def test_rl_runs_without_max_prompt_len_on_prompts_with_only_gt_answer(setup, tmp_path):
+    """max_prompt_len defaults to what fits (model.max_seq_len − rl.max_new_tokens); the prompts carry only
+    id, problem and gt_answer, and the verifiable reward grades against gt_answer."""
+    prompts = tmp_path / "answers.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "problem": f"What is {i} plus {i}?",
+                                           "gt_answer": str(2 * i)}) + "\n" for i in range(8)))
+    cfg = rl_config(setup, tmp_path / "run", **{"model.max_seq_len": 256, "rl.max_prompt_len": "null",
+                                                "rl.prompts": f"[{prompts}]", "rl.reward": "verifiable",
+                                                "rl.grader_workers": 0, "train.iters": 1})
+    assert cfg.rl.max_prompt_len is None and cfg.rl.prompt_len(256) == 256 - 12
+    records, trainer = fit(cfg)
+    run = trainer.stage.run
+    assert len(run.prompts) == 8 and run.prompts.dropped == 0 and trainer.stage.tokens_per_sample == 256
+    assert [r["answer"] for r in run.prompts.records] == [str(2 * i) for i in range(8)]
+    assert records[0]["consumed_prompts"] == 8
+    result = run.reward([run.prompts.records[3]] * 2, [r"So \boxed{6}.", r"So \boxed{7}."], [False, False])
+    assert result.scores == [1.0, 0.0]
+
+
 # ---------------------------------------------------------------- learning
 def test_grpo_raises_the_reward(setup, tmp_path):
     records, _ = fit(rl_config(setup, tmp_path, **{"train.iters": 16, "rl.mini_batches": 2}))
@@ -190,6 +318,7 @@ def test_ppo_resume_is_bit_exact(setup, base_checkpoint, tmp_path):
              for r in first + second]
     assert strip == [{k: v for k, v in r.items() if not k.startswith(drop) and "tokens_per_s" not in k}
                      for r in ref_records]
+    assert all(r["kl_estimator"] == "k3" for r in ref_records)  # rl.kl_estimator's KL, in the loss
     a, b = tmp_path / "ref" / "checkpoints" / "iter_0000004", tmp_path / "run" / "checkpoints" / "iter_0000004"
     for kind in ("model", "exp_avg", "critic", "critic_exp_avg_sq"):
         ta, tb = tensors(a, kind), tensors(b, kind)

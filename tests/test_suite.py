@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import time
@@ -78,6 +79,9 @@ def test_grid_expands_into_a_tree_with_shared_runs(tmp_path):
     assert resolved["checkpoint"]["load"] == str((tmp_path / "out" / "runs" / sft.parent.dir_name).resolve())
     assert resolved["checkpoint"]["finetune"] is True
     assert resolved["out_dir"] == str((tmp_path / "out" / "runs" / sft.dir_name).resolve())
+    # train.yaml records relative paths absolute, against the spec's directory (the id keeps them as written)
+    cpt_run = [r for r in by_stage["cpt"] if r.config["data"]["train"] == [1.0, "data/math"]][0]
+    assert cpt_run.resolved(tmp_path / "out")["data"]["train"] == [1.0, str(tmp_path.resolve() / "data" / "math")]
 
 
 def test_ids_are_stable_and_independent_of_axis_order(tmp_path):
@@ -107,6 +111,61 @@ def test_spec_mistakes_are_reported(tmp_path):
                                        "b: {y: [train.iters=2]}}}]"))
     with pytest.raises(SpecError, match="model.num_layer"):
         expand(load_spec(write_spec(tmp_path, "stages: [{stage: pretrain, overrides: [model.num_layer=2]}]")))
+
+
+SUITE_EVAL_SPEC = """
+overrides: [model.num_layers=2, model.hidden_size=64, train.iters=4]
+eval: {tasks: [rg:gcd:4], batch_size: 4}
+stages:
+  - stage: pretrain
+  - stage: cpt
+    axes:
+      - {name: replay, values: [{value: 0.0, set: [optim.lr=1e-4]}, {value: 0.1, set: [optim.lr=2e-4]}]}
+  - stage: sft
+    eval: {tasks: [gsm8k_platinum, rg:gcd:4], samples: 2}
+"""
+
+
+def test_the_suites_eval_runs_after_every_stage(tmp_path):
+    spec = load_spec(write_spec(tmp_path, SUITE_EVAL_SPEC))
+    assert spec.eval.tasks == ["rg:gcd:4"]
+    runs = expand(spec)
+    assert all(r.eval is not None for r in runs)
+    for r in runs:
+        if r.stage in ("pretrain", "cpt"):
+            assert (r.eval.tasks, r.eval.batch_size, r.eval.samples) == (["rg:gcd:4"], 4, 0)
+        else:  # the stage's own tasks are added; its other keys win
+            assert (r.eval.tasks, r.eval.batch_size, r.eval.samples) == (["rg:gcd:4", "gsm8k_platinum"], 4, 2)
+    out = tmp_path / "out"
+    fake = FakeRunner()
+    assert main([str(spec.path), "--out", str(out)], runner=fake) == 0
+    assert sorted(n for kind, n in fake.calls if kind == "eval") == sorted(r.dir_name for r in runs)
+    rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
+    for run in runs:  # CPT rows too: every row holds the suite's task, comparable with its parent's
+        assert "rg:gcd:4/accuracy" in rows[run.dir_name]["metrics"], run.name
+        if run.parent is not None:
+            assert "rg:gcd:4/accuracy" in rows[run.parent.dir_name]["metrics"]
+    with pytest.raises(SpecError, match="eval: unknown keys"):
+        load_spec(write_spec(tmp_path, SUITE_EVAL_SPEC.replace("batch_size: 4", "batch: 4"), "bad.yaml"))
+
+
+def test_a_suite_eval_added_later_evaluates_without_training_again(tmp_path):
+    # the earlier form: an eval per stage, none for cpt (its rows had no accuracy)
+    per_stage = SUITE_EVAL_SPEC.replace("eval: {tasks: [rg:gcd:4], batch_size: 4}\n", "").replace(
+        "  - stage: pretrain\n", "  - stage: pretrain\n    eval: {tasks: [rg:gcd:4], batch_size: 4}\n").replace(
+        "eval: {tasks: [gsm8k_platinum, rg:gcd:4], samples: 2}", "eval: {tasks: [rg:gcd:4, gsm8k_platinum], "
+        "samples: 2, batch_size: 4}")
+    out = tmp_path / "out"
+    before = expand(load_spec(write_spec(tmp_path, per_stage, "a.yaml")))
+    assert [r.eval is None for r in before].count(True) == 2  # the cpt runs
+    assert main([str(tmp_path / "a.yaml"), "--out", str(out)], runner=FakeRunner()) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [("rg:gcd:4/accuracy" in r["metrics"]) for r in rows if r["stage"] == "cpt"] == [False, False]
+    again = FakeRunner()
+    assert main([str(write_spec(tmp_path, SUITE_EVAL_SPEC, "b.yaml")), "--out", str(out)], runner=again) == 0
+    assert again.calls == [("eval", r.dir_name) for r in before if r.stage == "cpt"]
+    rows = json.loads((out / "results.json").read_text())
+    assert all("rg:gcd:4/accuracy" in r["metrics"] for r in rows)
 
 
 def test_only_selects_runs_and_their_ancestors(tmp_path):
@@ -224,16 +283,135 @@ def test_a_run_stopped_by_a_signal_is_not_finished(tmp_path):
     assert outcome.failed == [runs[0].dir_name] and not (out / "runs" / runs[0].dir_name / "DONE").exists()
 
 
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def step_lines(first: int, last: int, total: int) -> str:
+    return "".join(f"step {i:>6}/{total}  loss 5.0000  lr 1.00e-03  grad 1.000  4,000 tok/s\n"
+                   for i in range(first, last + 1))
+
+
+def test_progress_echoes_step_lines_at_most_every_few_seconds():
+    from megaevo.suite.progress import Progress
+
+    seen, clock = [], Clock()
+    p = Progress(seen.append, every=10.0, quiet=30.0, clock=clock)
+    p.feed("loaded the weights of x\n" + step_lines(1, 3, 50))
+    assert [x.split()[1] for x in seen] == ["1/50"]  # the first step at once, the others too soon
+    clock.now += 4
+    p.feed(step_lines(4, 4, 50))
+    assert len(seen) == 1
+    clock.now += 7
+    p.feed(step_lines(5, 6, 50)[:40])  # half a line: kept until its end arrives
+    assert len(seen) == 1
+    p.feed(step_lines(5, 6, 50)[40:])
+    assert [x.split()[1] for x in seen] == ["1/50", "5/50"]
+    assert seen[-1].startswith("        step      5/50  loss 5.0000")
+    p.feed(step_lines(7, 50, 50))  # the last step always
+    assert [x.split()[1] for x in seen] == ["1/50", "5/50", "50/50"]
+    # a quiet child: one line saying it still runs, then again only after another quiet period
+    p.tick()
+    assert len(seen) == 3
+    clock.now += 95
+    p.tick()
+    p.tick()
+    assert seen[-1] == "        ... running for 1m46s" and len(seen) == 4
+
+
+def test_progress_reads_rank_prefixes_and_progress_bars():
+    from megaevo.suite.progress import Progress
+
+    seen = []
+    p = Progress(seen.append, every=0.0, clock=Clock())
+    p.feed_bytes("[rank0]: step 1/2  loss 1.0\nbar 10%\rbar 100%\rstep 2/2  loss 0.5 \u00e9".encode()[:-1])
+    p.feed_bytes("\u00e9\n".encode()[1:] + b"warning: not a step\n", final=True)  # a character split in two
+    assert seen == ["        [rank0]: step 1/2  loss 1.0", "        step 2/2  loss 0.5 \u00e9"]
+
+
+def test_the_subprocess_runner_shows_the_childs_steps_and_logs_everything(tmp_path):
+    from megaevo.suite.launch import progress_runner
+
+    seen = []
+    child = ("import time\nfor i in range(1, 4):\n    print(f'step {i:>6}/3  loss {1 / i:.4f}', flush=True)\n"
+             "    time.sleep(0.05)\nprint('done')")
+    runner = progress_runner(seen.append, every=0.0)
+    log = tmp_path / "train.log"
+    assert runner([sys.executable, "-c", child], log, tmp_path, {}) == 0
+    assert [x.split()[1] for x in seen] == ["1/3", "2/3", "3/3"]
+    text = log.read_text()
+    assert "step      3/3  loss 0.3333" in text and text.rstrip().endswith("done")
+
+
 def test_dry_run_prints_the_tree_and_runs_nothing(tmp_path, capsys):
     spec_path = write_spec(tmp_path)
     runs = expand(load_spec(spec_path))
     assert main([str(spec_path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     text = capsys.readouterr().out
+    listing, summary = text.split("\n\n", 1)
+    assert len(listing.splitlines()) == len(runs)  # one line per run
+    for r, line in zip(runs, listing.splitlines()):
+        assert r.dir_name in line and "[pending]" in line
+    assert "megaevo.train" not in text and "megaevo.cli eval" not in text
+    assert f"{len(runs)} runs: pretrain 2, cpt 4, sft 8" in summary
+    assert f"to train {len(runs)}, to evaluate {sum(r.eval is not None for r in runs)}, finished 0" in summary
+    assert "warning: 2 input path(s)" in summary and "data/math" in summary and "data/web" in summary
+    # --verbose: the commands too
+    assert main([str(spec_path), "--out", str(tmp_path / "out"), "--dry-run", "--verbose"]) == 0
+    text = capsys.readouterr().out
     for r in runs:
         assert r.dir_name in text
     assert "[pending]" in text and "-m megaevo.train --config" in text and "megaevo.cli eval" in text
     assert "torch.distributed.run --standalone --nproc_per_node 2" in text  # sft's nproc
+    assert text.endswith(summary)
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_summary_counts_what_is_left_tokens_and_missing_paths(tmp_path):
+    from megaevo.data.indexed import IndexedDatasetWriter
+    from megaevo.suite.plan import make_plan
+
+    spec_text = SPEC.replace("overrides: [", "overrides: [data.tokenizer=path/to/tokenizer.model, ", 1)
+    spec = load_spec(write_spec(tmp_path, spec_text))
+    runs, out = expand(spec), tmp_path / "out"
+    plan = make_plan(spec, runs, out)
+    assert plan.runs == {"pretrain": 2, "cpt": 4, "sft": 8} and plan.total == len(runs) == 14
+    assert (plan.to_train, plan.to_evaluate, plan.finished) == (14, 10, 0)  # cpt has no eval
+    pre = [r for r in runs if r.stage == "pretrain"]
+    seq = pre[0].config["data"]["seq_len"] or pre[0].config["model"]["max_seq_len"]
+    assert plan.tokens["pretrain"] == sum(r.config["train"]["iters"] for r in pre) * 8 * seq
+    assert "sft" not in plan.tokens  # its length depends on its data (train.epochs)
+    assert plan.flops["pretrain"] > 0 and plan.flops["cpt"] > 0
+    missing = {(m.key, m.value): m.stages for m in plan.missing}
+    assert missing == {("data.tokenizer", "path/to/tokenizer.model"): ["pretrain", "cpt", "sft"],
+                       ("data.train", "data/math"): ["cpt"], ("data.train", "data/web"): ["cpt"]}
+    # a dataset that exists is no longer listed; relative paths are relative to the spec's directory
+    with IndexedDatasetWriter(tmp_path / "data" / "web", np.uint16) as w:
+        w.add_document(np.arange(5))
+    assert {m.value for m in make_plan(spec, runs, out).missing} == {"path/to/tokenizer.model", "data/math"}
+    lines = make_plan(spec, runs, out).lines()
+    assert lines[-3].startswith("warning: 2 input path(s)") and str(tmp_path) in lines[-3]
+    # after the runs: nothing left
+    run_local(spec, runs, out, runner=FakeRunner(), echo=lambda s: None)
+    plan = make_plan(spec, runs, out)
+    assert (plan.to_train, plan.to_evaluate, plan.finished) == (0, 0, 14)
+
+
+def test_dry_run_tokens_count_a_budget_only_from_its_branch(tmp_path):
+    from megaevo.suite.plan import make_plan
+
+    spec = load_spec(write_spec(tmp_path, WSD_SPEC))
+    runs = expand(spec)
+    plan = make_plan(spec, runs, tmp_path / "out")
+    assert plan.runs["pretrain"] == 8 and plan.stable == {"pretrain": 2}
+    seq = runs[0].config["model"]["max_seq_len"]
+    # per lr: the stable run's 9 iterations, then each budget's own decay (12, 16 and 20 iterations)
+    assert plan.tokens == {"pretrain": 2 * (9 + 3 + 7 + 11) * 4 * seq}
+    assert "pretrain 8 (2 stable)" in plan.lines()[0]
 
 
 # ---------------------------------------------------------------------------------------- slurm
@@ -262,12 +440,20 @@ def test_slurm_scripts_chain_jobs_after_their_parents(tmp_path, capsys):
     assert "srun" in sft and "--nnodes 2 --nproc_per_node 4" in sft and "-m megaevo.train --config" in sft
     assert "megaevo.cli eval" in sft and "--samples 2" in sft
     assert sft == sbatch_script(runs[2], out, spec.root)
-    # dry run: the scripts and the submission order, nothing written, no sbatch needed
+    # dry run: the submission order, one line per run, then the summary; nothing written, no sbatch needed
     capsys.readouterr()
     assert main([str(spec_path), "--out", str(tmp_path / "dry"), "--launcher", "slurm", "--dry-run"]) == 0
     text = capsys.readouterr().out
-    assert not (tmp_path / "dry").exists()
     all_runs = expand(spec)
+    listing = text.split("\n\n")[0].splitlines()
+    assert len(listing) == len(all_runs) and "#!/bin/bash" not in text
+    assert all(line.endswith(f"  # {r.name}") for line, r in zip(listing, all_runs))
+    assert f"{len(all_runs)} runs: " in text
+    # --verbose: each sbatch script before its submission line
+    assert main([str(spec_path), "--out", str(tmp_path / "dry"), "--launcher", "slurm", "--dry-run",
+                 "--verbose"]) == 0
+    text = capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
     assert text.count("#!/bin/bash") == len(all_runs)
     for r in all_runs:
         var = "JOB_" + r.dir_name.replace("-", "_")
@@ -358,6 +544,7 @@ overrides:
   - checkpoint.interval=0
   - kernels.backend=torch
   - "data.valid={web_v: data/web, math_v: data/math}"
+eval: {tasks: [data/math], limit: 4}
 stages:
   - stage: pretrain
     overrides: ["data.train=[data/web]"]
@@ -367,7 +554,6 @@ stages:
         values:
           - {value: 0.0, set: ["data.train=[1.0, data/math]"]}
           - {value: 0.25, set: ["data.train=[0.75, data/math, 0.25, data/web]"]}
-    eval: {tasks: [data/math], limit: 4}
 """
     spec_path = write_spec(tmp_path, spec)
     start = time.time()
@@ -375,12 +561,15 @@ stages:
                           "sys.exit(main(sys.argv[1:]))", str(spec_path), "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
+    # each run's progress under its TRAIN line: its first and its last step line
+    assert len(re.findall(r"^TRAIN   \S+ .*\n        step +1/3 .*\n(?:.*\n)*?        step +3/3 ", res.stdout,
+                          re.M)) == 3, res.stdout
     rows = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["stage"] for r in rows] == ["pretrain", "cpt", "cpt"]
     assert {r["axes"]["replay"] for r in rows[1:]} == {0.0, 0.25}
     for r in rows:
         assert r["metrics"]["steps/pretrain"] == 3 and np.isfinite(r["metrics"]["loss/math_v"])
-    assert all(any(k.startswith("math/") for k in r["metrics"]) for r in rows[1:])
+    assert all(any(k.startswith("math/") for k in r["metrics"]) for r in rows)  # the suite's eval: every run
     # a rerun trains nothing
     res = subprocess.run([sys.executable, "-c", "import sys; from megaevo.suite import main; "
                           "sys.exit(main(sys.argv[1:]))", str(spec_path), "--out", str(tmp_path / "out")],
@@ -566,3 +755,17 @@ stages:
     rows = json.loads((out / "results.json").read_text())
     assert [r["run"] for r in rows] == [c.dir_name for c in stable.children]
     assert sorted(r["metrics"]["steps/pretrain"] for r in rows) == [10, 14]
+
+
+def test_the_example_suites_dry_run_is_a_short_listing_and_a_summary(capsys):
+    example = Path(__file__).resolve().parent.parent / "examples" / "suite-evolm-1b.yaml"
+    runs = expand(load_spec(example))
+    assert main([str(example), "--dry-run"]) == 0
+    listing, summary = capsys.readouterr().out.split("\n\n", 1)
+    assert len(listing.splitlines()) == len(runs)
+    assert summary.startswith(f"{len(runs)} runs: pretrain 5, cpt 5, sft 30, rl 150\n")
+    # the example's data paths are placeholders: each one is named once, with the stages using it
+    warning = summary[summary.index("warning: "):].splitlines()
+    assert "relative to " + str(example.parent) in warning[0]
+    assert any(line.split()[:2] == ["data.tokenizer", "tokenizers/spm32k.model"] for line in warning[1:])
+    assert any(line.split()[:2] == ["rl.prompts", "data/rl/math-problems.jsonl"] for line in warning[1:])

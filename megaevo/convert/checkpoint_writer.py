@@ -12,6 +12,12 @@ importer (Hugging Face) and a resharder (checkpoint to checkpoint) differ only i
 logical tensors come from. File names, the metadata record, the checksums (computed as the
 bytes go out) and the atomic commit are the trainer's own (:mod:`megaevo.training.checkpoint`),
 so both writers produce one format.
+
+Tensors of a kind that holds no model tensor (PPO's critic, named ``critic.NAME``) are companions:
+one named ``PREFIX.NAME`` after a model tensor of the same shape (the critic's embedding, layers and
+final norm) is cut as that tensor is; any other (the critic's value head) is stored whole in the
+first rank's file. Checkpoints load in any layout, so where a block lies only decides which ranks
+read which file.
 """
 from __future__ import annotations
 
@@ -27,7 +33,6 @@ import torch
 from tqdm import tqdm
 
 from megaevo.configio import errors_message
-from megaevo.errors import UserError
 from megaevo.model.args import ModelArgs, layout_errors, shape_errors
 from megaevo.model.llama import build_chunks
 from megaevo.parallel.state import ParallelState
@@ -35,11 +40,8 @@ from megaevo.training.checkpoint import (CHECKSUM, FORMAT_VERSION, LATEST, Check
                                          RunningChecksum, StoredFragment, TensorEntry, commit_checkpoint, dtype_name,
                                          iteration_dir, model_file, temp_dir)
 
+from .errors import ConvertError
 from .safetensors_io import StreamingWriter
-
-
-class ConvertError(UserError):
-    """Input that cannot be converted: unsupported, inconsistent, or in the way of the output."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ def write_checkpoint(root: str | os.PathLike, sources: Iterable[TensorSource], a
     sources = list(sources)
     blocks, shapes = target_blocks(args, tp, pp, pp_layers, virtual_pp)
     _check_sources(sources, shapes)
+    blocks.update({s.name: _companion_blocks(s, blocks, shapes) for s in sources if s.name not in shapes})
 
     per_file: dict[str, list] = {model_file(t, p): [] for p in range(pp) for t in range(tp)}
     entries: dict[str, dict[str, TensorEntry]] = {}
@@ -186,7 +189,19 @@ def _copy_file(src: str | os.PathLike, dst: Path, chunk_bytes: int = 16 << 20) -
     return FileRecord(size, CHECKSUM, checksum.hexdigest())
 
 
+def _companion_blocks(src: TensorSource, blocks: dict[str, list[Block]],
+                      shapes: dict[str, tuple[int, ...]]) -> list[Block]:
+    """Where a companion tensor (see the module's doc) goes: the blocks of the model tensor it is named
+    after, or the whole tensor in the first rank's file."""
+    _, _, name = src.name.partition(".")
+    if name in shapes and shapes[name] == tuple(src.shape):
+        return blocks[name]
+    return [Block(model_file(0, 0), 0, (0,) * len(src.shape), tuple(src.shape))]
+
+
 def _check_sources(sources: list[TensorSource], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every kind that holds model tensors (the weights, their optimizer state) holds all of them, in
+    their shapes; a companion kind (no model tensor) is written as given."""
     by_kind: dict[str, dict[str, TensorSource]] = {}
     for s in sources:
         if s.name in by_kind.setdefault(s.kind, {}):
@@ -195,6 +210,8 @@ def _check_sources(sources: list[TensorSource], shapes: dict[str, tuple[int, ...
     if "model" not in by_kind:
         raise ConvertError("no model weights to write")
     for kind, named in by_kind.items():
+        if kind != "model" and not set(named) & set(shapes):
+            continue
         missing = sorted(set(shapes) - set(named))
         extra = sorted(set(named) - set(shapes))
         if missing or extra:

@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from megaevo.config import (CheckpointConfig, Config, ConfigError, DataConfig, ParallelConfig,
                             config_from_dict, config_to_dict, save_config, validate)
+from megaevo.data.tokenizer_files import TOKENIZER_FILES, find_tokenizer, not_found_message, tokenizer_candidates
+from megaevo.log import get_logger
 from megaevo.model.args import ModelArgs
 from megaevo.model.llama import fuse_qkv, split_qkv
 from megaevo.training.checkpoint import (LATEST, CheckpointMeta, LoadedCheckpoint, SavedLayout, iteration_dir,
@@ -33,12 +35,10 @@ from .hf_tokenizer import generation_config, special_token_ids, write_spm_tokeni
 from .safetensors_io import DTYPES, StreamingWriter, TensorInfo, parse_size, read_header
 
 # Files besides the weights that describe how to use the model; copied both ways when present.
-SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-              "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-              "generation_config.json")
-TOKENIZER_FILES = SIDE_FILES[:-1]
+SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers recomputed from the config
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+logger = get_logger(__name__)
 _DTYPES_BY_NAME = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -139,10 +139,7 @@ def hf_tensors(src: Path) -> dict[str, TensorInfo]:
         path = src / name
         if not path.is_file():
             raise ConvertError(f"{path}: shard listed in {index.name} is missing")
-        try:
-            header, _ = read_header(path)
-        except ValueError as e:
-            raise ConvertError(str(e)) from None
+        header, _ = read_header(path)
         for key, info in header.items():
             if key in out:
                 raise ConvertError(f"{src}: tensor {key!r} is in both {out[key].file.name} and {name}")
@@ -285,7 +282,9 @@ def export_hf(load: str | os.PathLike, out: str | os.PathLike, *, architecture: 
     The architecture is the imported one when the checkpoint came from Hugging Face, else
     ``Qwen2ForCausalLM`` for a model with q/k/v biases and ``LlamaForCausalLM`` otherwise.
     Tokenizer files come from ``tokenizer`` (a file or directory), else those the checkpoint
-    carries, else the run's ``data.tokenizer`` when it exists. A bare SentencePiece model also
+    carries, else the run's copy or its ``data.tokenizer``
+    (:func:`megaevo.data.tokenizer_files.tokenizer_candidates`); without any, a warning says where
+    they were looked for. A bare SentencePiece model also
     gets ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``; the
     tokenizer's bos/eos/pad ids go into ``config.json`` and a ``generation_config.json`` (unless
     the checkpoint carries one), so that ``generate()`` stops at eos. Returns a summary.
@@ -391,7 +390,7 @@ def _padded_vocab(name: str, stored, logical) -> bool:
 
 def _copy_tokenizer(dst: Path, ckpt: Path, hf_meta: dict, cfg: Config, explicit) -> list[str]:
     """Copy tokenizer files into ``dst`` from the first source that has them; their names."""
-    def from_path(p: Path, strict: bool) -> dict[str, Path]:
+    def from_path(p: Path) -> dict[str, Path]:
         if p.is_dir():
             return {n: p / n for n in SIDE_FILES if (p / n).is_file()}
         if p.is_file():
@@ -399,20 +398,22 @@ def _copy_tokenizer(dst: Path, ckpt: Path, hf_meta: dict, cfg: Config, explicit)
                 return {p.name: p}
             if p.suffix in (".json", ".model"):
                 return {"tokenizer" + p.suffix: p}
-        if strict:
-            raise ConvertError(f"--tokenizer {p}: not a tokenizer file (tokenizer.json, *.model) or a directory "
-                               f"holding tokenizer files")
-        return {}
+        raise ConvertError(f"--tokenizer {p}: not a tokenizer file (tokenizer.json, *.model) or a directory "
+                           f"holding tokenizer files")
 
     if explicit is not None:
-        found = from_path(Path(explicit), strict=True)
+        found = from_path(Path(explicit))
         if not found:
             raise ConvertError(f"--tokenizer {explicit}: no tokenizer files found there")
     else:
         found = {n: ckpt / n for n in hf_meta.get("files", []) if _PLAIN_NAME.match(n) and n in SIDE_FILES
                  and (ckpt / n).is_file()}
-        if not found and cfg.data.tokenizer:
-            found = from_path(Path(cfg.data.tokenizer), strict=False)
+        if not found:
+            candidates = tokenizer_candidates(ckpt, cfg.data.tokenizer)
+            found = find_tokenizer(candidates)
+            if not found:
+                logger.warning(f"{not_found_message(str(ckpt), candidates)}: the exported model has no tokenizer; "
+                               f"give one with --tokenizer PATH")
     for name, p in found.items():
         shutil.copyfile(p, dst / name)
     return sorted(found)

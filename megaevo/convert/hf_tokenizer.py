@@ -37,6 +37,8 @@ from pathlib import Path
 
 from megaevo.log import get_logger
 
+from .errors import ConvertError
+
 logger = get_logger(__name__)
 
 # SentencePiece piece types (ModelProto.SentencePiece.Type) and model types (TrainerSpec.ModelType).
@@ -46,7 +48,7 @@ _SPACE = "\u2581"  # ▁, SentencePiece's visible space
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-class UnsupportedTokenizer(ValueError):
+class UnsupportedTokenizer(ConvertError):
     """A SentencePiece model that tokenizer.json cannot reproduce."""
 
 

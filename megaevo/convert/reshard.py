@@ -7,7 +7,10 @@ are cut for the target layout, so that each rank of the new run reads only its o
 first stage's, for an output head tied to the embedding). Every logical tensor, weights and
 optimizer state (fp32 master weights, both Adam moments), is copied exactly: same dtype, same
 bits. Iteration, consumed samples, optimizer step and the run's config carry over, the config's
-layout set to the target one.
+layout set to the target one. PPO's critic (kinds ``critic`` and ``critic_*`` optimizer state, see
+:mod:`megaevo.stages.rl.critic`) is carried like the model: its body cut as the model's layers are,
+its value head stored once. The checkpoint's tokenizer (its own files, else the run's copy or its
+recorded ``data.tokenizer``) is put into the new checkpoint, so that it is self-contained.
 """
 from __future__ import annotations
 
@@ -17,16 +20,21 @@ import os
 from pathlib import Path
 
 from megaevo.config import ConfigError, config_from_dict, config_to_dict
-from megaevo.training.checkpoint import KINDS, LoadedCheckpoint, SavedLayout, resolve_checkpoint
+from megaevo.data.tokenizer_files import MAIN_FILES, find_tokenizer, not_found_message, tokenizer_candidates
+from megaevo.log import get_logger
+from megaevo.training.checkpoint import CheckpointMeta, LoadedCheckpoint, SavedLayout, resolve_checkpoint
+from megaevo.training.optimizer import STATE_KINDS
 
 from .checkpoint_writer import ConvertError, TensorSource, check_layout, write_checkpoint
+
+logger = get_logger(__name__)
 
 
 def reshard(load: str | os.PathLike, save: str | os.PathLike, *, tp: int = 1, pp: int = 1, virtual_pp: int = 1,
             pp_layers: list[int] | None = None, optimizer: bool = True, progress: bool = True) -> Path:
     """Write checkpoint ``load`` (a checkpoint, a checkpoints folder or a run) under ``save`` for the
-    target layout; ``optimizer=False`` keeps only the weights. Returns the new checkpoint directory
-    (``save/iter_NNNNNNN``, with ``save/latest`` pointing at it)."""
+    target layout; ``optimizer=False`` keeps only the weights (the model's and a critic's). Returns the
+    new checkpoint directory (``save/iter_NNNNNNN``, with ``save/latest`` pointing at it)."""
     path = resolve_checkpoint(load)
     ck = LoadedCheckpoint(path)
     record = ck.record
@@ -39,7 +47,7 @@ def reshard(load: str | os.PathLike, save: str | os.PathLike, *, tp: int = 1, pp
         raise ConvertError(str(e)) from None
     args = cfg.model
     check_layout(args, tp, pp, pp_layers, virtual_pp)
-    kinds = [k for k in KINDS if ck.has(k) and (optimizer or k == "model")]
+    kinds = _kinds(record, optimizer, path)
     if "model" not in kinds:
         raise ConvertError(f"{path}: the checkpoint holds no model weights")
     sources = []
@@ -56,6 +64,34 @@ def reshard(load: str | os.PathLike, save: str | os.PathLike, *, tp: int = 1, pp
                                                "layout": dataclasses.asdict(source_layout) if source_layout else {}})
     side = (record.hf or {}).get("files", [])
     files = {name: path / name for name in side if isinstance(name, str) and "/" not in name and (path / name).is_file()}
+    if not set(files) & set(MAIN_FILES):
+        files.update(_tokenizer(path, record))
     return write_checkpoint(save, sources, args, tp=tp, pp=pp, pp_layers=pp_layers, virtual_pp=virtual_pp,
                             metadata=meta, files=files, progress=progress,
                             desc=f"reshard to tp{tp} pp{pp}" + (f" vpp{virtual_pp}" if virtual_pp > 1 else ""))
+
+
+def _kinds(record: CheckpointMeta, optimizer: bool, path: Path) -> list[str]:
+    """The tensor kinds to write: the weights (the model's, a critic's) and with ``optimizer`` their
+    optimizer state. A kind this does not know is refused rather than left out."""
+    from megaevo.stages.rl.critic import STATE_KIND_PREFIX, WEIGHTS_KIND
+
+    weights = ("model", WEIGHTS_KIND)
+    states = STATE_KINDS + tuple(STATE_KIND_PREFIX + k for k in STATE_KINDS)
+    unknown = sorted(set(record.tensors) - set(weights) - set(states))
+    if unknown:
+        raise ConvertError(f"{path}: holds tensors of kind(s) {', '.join(unknown)}, which resharding does not know; "
+                           f"not resharded rather than written without them")
+    return [k for k in record.tensors if k in weights or (optimizer and k in states)]
+
+
+def _tokenizer(path: Path, record: CheckpointMeta) -> dict[str, Path]:
+    """The tokenizer files of the checkpoint at ``path`` (see megaevo.data.tokenizer_files), to copy
+    into the new one; none, with a warning, when its config names a tokenizer that is nowhere."""
+    recorded = ((record.config or {}).get("data") or {}).get("tokenizer")
+    recorded = recorded if isinstance(recorded, str) else None
+    candidates = tokenizer_candidates(path, recorded)
+    found = find_tokenizer(candidates)
+    if not found and recorded:
+        logger.warning(f"{not_found_message(str(path), candidates)}: the resharded checkpoint carries none")
+    return found

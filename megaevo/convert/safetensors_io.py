@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConvertError
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -51,7 +53,7 @@ def element_size(dtype: str) -> int:
         return torch.empty((), dtype=DTYPES[dtype]).element_size()
     sizes = {"F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
     if dtype not in sizes:
-        raise ValueError(f"unknown safetensors dtype {dtype!r}")
+        raise ConvertError(f"unknown safetensors dtype {dtype!r}")
     return sizes[dtype]
 
 
@@ -61,23 +63,23 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
     with open(path, "rb") as f:
         raw_len = f.read(8)
         if len(raw_len) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise ConvertError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw_len)
         if n > _MAX_HEADER or n > path.stat().st_size - 8:
-            raise ValueError(f"{path}: not a safetensors file (header length {n} does not fit the file)")
+            raise ConvertError(f"{path}: not a safetensors file (header length {n} does not fit the file)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+            raise ConvertError(f"{path}: not a safetensors file (unreadable header: {e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+        raise ConvertError(f"{path}: not a safetensors file (header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
     out = {}
     for name, entry in header.items():
         try:
             out[name] = TensorInfo(name, tuple(int(s) for s in entry["shape"]), str(entry["dtype"]), path)
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: malformed header entry for tensor {name!r}") from None
+            raise ConvertError(f"{path}: malformed header entry for tensor {name!r}") from None
     return out, meta
 
 
@@ -97,9 +99,9 @@ def parse_size(text: str | int) -> int:
     try:
         value = float(number) * mult
     except ValueError:
-        raise ValueError(f"cannot read {text!r} as a size (e.g. 2GB, 500MB, 64KiB)") from None
+        raise ConvertError(f"cannot read {text!r} as a size (e.g. 2GB, 500MB, 64KiB)") from None
     if value < 1:
-        raise ValueError(f"size {text!r} must be positive")
+        raise ConvertError(f"size {text!r} must be positive")
     return int(value)
 
 

@@ -5,12 +5,16 @@ each only when it is absent, so a user edits them and reruns. `run_life_cycle` t
 suite's tree into DIR/suite/ (finished runs are skipped on a rerun), writes DIR/suite/results.{json,csv,md}
 and the plots in DIR/plots/, and returns the rows with a short table of the dynamics:
 
-* pretrain on general+math; evaluated on rg:gcd (the base model's accuracy);
+* pretrain on general+math (the base model's accuracy);
 * cpt on math, axis ``replay`` (the fraction of general text replayed): ``loss/math`` falls, and replay
   limits the rise of ``loss/general`` (general text at weight 0 without replay: its held-out split is
   still measured, the same documents as in pre-training);
 * sft on reasoning-gym GCD worked solutions (DIR/data/sft); accuracy on rg:gcd rises;
 * rl (GRPO) on other GCD problems; the mean reward rises (first vs last steps of the run).
+
+Every run is evaluated on the suite's downstream task, rg:gcd (the spec's top-level ``eval``), so each
+row's accuracy can be compared with its parent's. While a run trains, its step lines are shown every few
+seconds (megaevo.suite.progress).
 
 SFT and RL continue from the last CPT run only (with replay), to fit the time; `all_chains=True` (and
 `megaevo suite DIR/suite.yaml`) trains them after every CPT run.
@@ -90,12 +94,13 @@ def suite_settings(sizes: LifeCycleSizes | None = None) -> dict:
 
     spec = {
         "out": SUITE_OUT,
+        "eval": ev,  # the suite's downstream task: every run of every stage
         "stages": [
-            {"stage": "pretrain", "config": "configs/pretrain.yaml", "eval": ev},
+            {"stage": "pretrain", "config": "configs/pretrain.yaml"},
             {"stage": "cpt", "config": "configs/cpt.yaml",
              "axes": [{"name": "replay", "values": [replay(r) for r in s.replay]}]},
-            {"stage": "sft", "config": "configs/sft.yaml", "eval": ev},
-            {"stage": "rl", "config": "configs/rl.yaml", "eval": ev},
+            {"stage": "sft", "config": "configs/sft.yaml"},
+            {"stage": "rl", "config": "configs/rl.yaml"},
         ],
     }
     if s.overrides:
@@ -195,6 +200,7 @@ def run_life_cycle(root: str | os.PathLike, log=print, show=print, all_chains: b
     import time
 
     from megaevo.suite import collect, expand, load_spec, run_local, write_results
+    from megaevo.suite.launch import progress_runner
     from megaevo.suite.report import report
 
     start = time.perf_counter()
@@ -207,7 +213,7 @@ def run_life_cycle(root: str | os.PathLike, log=print, show=print, all_chains: b
     if saved is None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
     try:
-        outcome = run_local(spec, runs, out, echo=log)
+        outcome = run_local(spec, runs, out, runner=progress_runner(log), echo=log)
     finally:
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)

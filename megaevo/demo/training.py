@@ -29,7 +29,7 @@ def train_settings(
 ) -> dict:
     """The config the demo trains with, as a YAML file holds it, with paths under `directory`.
 
-    examples/tiny-cpu.yaml is `train_settings("megaevo-demo")`. Warmup and the log, eval and
+    examples/tiny-cpu.yaml is `train_settings("../megaevo-demo")`. Warmup and the log, eval and
     checkpoint intervals follow `iters`, so a short run still warms up, logs, evaluates and saves.
     """
 
@@ -67,7 +67,7 @@ def sft_settings(directory: str | os.PathLike = "megaevo-demo", vocab_size: int 
     """The config that fine-tunes the demo's model on DIR/data/sft (written by `megaevo preprocess --sft`
     from DIR/corpus/sft.jsonl): two epochs of packed conversations, from the demo run's last checkpoint.
 
-    examples/demo-sft.yaml is `sft_settings("megaevo-demo")`."""
+    examples/demo-sft.yaml is `sft_settings("../megaevo-demo")`."""
 
     def path(*parts: str) -> str:
         return Path(directory, *parts).as_posix()
@@ -90,7 +90,7 @@ def grpo_settings(directory: str | os.PathLike = "megaevo-demo", vocab_size: int
     """The config that continues the demo's SFT model (DIR/sft-run) with GRPO on reasoning-gym GCD
     problems (another seed than the SFT conversations'), rewarded by reasoning-gym's own scorer.
 
-    examples/demo-grpo.yaml is `grpo_settings("megaevo-demo")`."""
+    examples/demo-grpo.yaml is `grpo_settings("../megaevo-demo")`."""
 
     def path(*parts: str) -> str:
         return Path(directory, *parts).as_posix()

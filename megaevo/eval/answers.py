@@ -1,22 +1,22 @@
 """Final-answer extraction from a model's completion (EvoLM's protocol).
 
-The answer is the content of the last ``\\boxed{...}`` (braces balanced, nesting allowed), else the text
-after the last "answer is" (after a ``:`` if one follows), else the text after the last GSM8K-style
-``####``. Sets whose reference solutions are bare answers (CRUXEval, TabMWP, ...) also accept a bare
-final line as the answer (``bare=True``).
+The answer is the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, ``\\framebox{...}``; braces
+balanced, nesting allowed), else the text after the last "answer is" (after a ``:`` if one follows), else
+the text after the last GSM8K-style ``####``. Sets whose reference solutions are bare answers (CRUXEval,
+TabMWP, ...) also accept a bare final line as the answer (``bare=True``).
 """
 from __future__ import annotations
 
 import re
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+_BOXED = re.compile(r"\\(?:boxed|fbox|framebox)\s*(?:\[[^\]]*\]\s*)*")
 _ANSWER_IS = re.compile(r"answer\s+is", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
 
 
 def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces; None if none
-    closes. ``\\boxed 5`` (no braces) gives ``5``."""
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, ``\\framebox[...]{...}``) with balanced
+    braces; None if none closes. ``\\boxed 5`` (no braces) gives ``5``."""
     for m in reversed(list(_BOXED.finditer(text))):
         start = m.end()
         if start < len(text) and text[start] == "{":
@@ -86,3 +86,19 @@ def extract_answer(text: str | None, bare: bool = False) -> str | None:
 def tail(text: str | None, chars: int = 128) -> str | None:
     """The last ``chars`` characters (the span majority voting extracts answers from)."""
     return None if text is None else text[-chars:]
+
+
+def marked_answer(text: str | None) -> str | None:
+    """The final answer that ``text`` marks (boxed, "answer is" or ``####``), or None."""
+    return extract_answer(text, bare=False)
+
+
+def vote_answer(text: str | None, bare: bool = False, chars: int = 128) -> str | None:
+    """The answer a completion votes with in a majority vote: the answer marked in its last ``chars``
+    characters; with ``bare``, its last line when it marks no answer anywhere (that line is then its final
+    answer). None (the completion abstains) when it states no final answer there: a completion whose
+    marked answer lies before its last ``chars`` characters does not vote with a line after it."""
+    answer = marked_answer(tail(text, chars))
+    if answer is None and bare and text and marked_answer(text) is None:
+        answer = last_line(text)
+    return answer

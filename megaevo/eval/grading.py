@@ -2,9 +2,12 @@
 
 Graders by kind:
 
-- ``math``: math-verify (``parse`` + ``verify``) in both directions, gold vs prediction and prediction vs
-  gold, correct if either holds; answers math-verify cannot parse (words such as "yes" or "nonlinear")
-  are compared as normalised strings.
+- ``math``: equal normalised strings (see :func:`normalize_text`), else math-verify (``parse`` +
+  ``verify``) in both directions, gold vs prediction and prediction vs gold, correct if either holds.
+  math-verify sees only mathematics: words (``yes``, ``nonlinear``, ``make clear``) are compared as
+  normalised strings alone (math-verify would read them as products of symbols, ``heart`` = ``earth``).
+  A prediction in prose is read by its final number or expression (``it is 204, no, 205`` is 205); a gold
+  in prose by its number when only units follow it (``118 dollars``), else as a string.
 - ``choice``: a closed label set (True/False/Uncertain): the last label word named in the answer, with
   yes/no, proved/disproved and unknown read as True/False/Uncertain.
 - ``literal``: Python literals (``ast.literal_eval`` of both, compared), else stripped string equality.
@@ -26,7 +29,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from megaevo.eval.answers import extract_answer, tail
+from megaevo.eval.answers import extract_answer, vote_answer
 
 DEFAULT_TIMEOUT = 4.0
 
@@ -36,12 +39,103 @@ class _Timeout(BaseException):
     library swallows it)."""
 
 
+# Wrappers that only format their argument (math-verify sees the argument) and those that hold text.
+FORMAT_WRAPPERS = ("textbf", "textit", "emph", "underline", "mathbf", "boxed", "fbox", "framebox")
+TEXT_WRAPPERS = ("text", "textrm", "textnormal", "mathrm", "mbox")
+
+
+def unwrap(answer: str, names: Sequence[str] = FORMAT_WRAPPERS + TEXT_WRAPPERS) -> str:
+    """``answer`` with every ``\\NAME{...}`` (optional ``[...]`` arguments, nested braces) of ``names``
+    replaced by its argument."""
+    pattern = re.compile(r"\\(?:%s)(?![A-Za-z])\s*(?:\[[^\]]*\]\s*)*\{" % "|".join(names))
+    while (m := pattern.search(answer)) is not None:
+        depth, end = 0, None
+        for i in range(m.end() - 1, len(answer)):
+            depth += {"{": 1, "}": -1}.get(answer[i], 0)
+            if depth == 0:
+                end = i
+                break
+        if end is None:  # unclosed: drop the command, keep the rest
+            answer = answer[:m.start()] + answer[m.end():]
+        else:
+            answer = answer[:m.start()] + answer[m.end():end] + answer[end + 1:]
+    return answer
+
+
+_LABEL = re.compile(r"\(([a-z0-9]+)\)")
+
+
 def normalize_text(answer: str) -> str:
-    """Lower case, ``\\text{}`` and ``$`` removed, whitespace collapsed, no trailing period."""
-    s = answer.strip()
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
-    s = s.replace("$", "").strip().rstrip(".").strip()
-    return " ".join(s.lower().split())
+    """Lower case, ``\\text{}``, ``\\textbf{}``, ``\\framebox{}`` (and the other wrappers) and ``$`` removed,
+    whitespace collapsed, no trailing period, a label in parentheses bare (``(073)`` is ``073``)."""
+    s = unwrap(answer).replace("\\$", "").replace("$", "").strip().rstrip(".").strip()
+    s = " ".join(s.lower().split())
+    label = _LABEL.fullmatch(s)
+    return label.group(1) if label else s
+
+
+# Words that are mathematics where they stand alone (a function or constant), not prose.
+MATH_NAMES = frozenset("sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln exp sqrt pi "
+                       "infty inf max min gcd lcm mod det lim".split())
+_PROSE = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*")
+_EDGE = "\"'.,;:!?()"
+_ENDING = ".,;:!? "
+
+
+def _is_word(token: str) -> bool:
+    word = token.strip(_EDGE)
+    return _PROSE.fullmatch(word) is not None and len(word) > 1 and word.lower() not in MATH_NAMES
+
+
+@dataclass
+class Reading:
+    """An answer read as prose and mathematics: the maximal runs of mathematical tokens, in order
+    (``and`` between two of them lists them in one run), whether it has prose words, and whether one
+    comes before its first run."""
+
+    runs: list[str]
+    prose: bool
+    prose_first: bool
+
+
+def read_answer(answer: str) -> Reading:
+    """The :class:`Reading` of ``answer``: its tokens (split at whitespace, wrappers and ``$`` removed) are
+    words (two or more letters, not a :data:`MATH_NAMES` name) or mathematics."""
+    tokens = unwrap(answer).replace("\\$", " ").replace("$", " ").split()
+    prose = [_is_word(t) for t in tokens]
+    if any(prose):  # "a" and "I" are words in a sentence, symbols on their own
+        prose = [p or t.strip(_EDGE) in ("a", "A", "I") for t, p in zip(tokens, prose)]
+    runs: list[list[str]] = []
+    prose_first = False
+    for i, token in enumerate(tokens):
+        if prose[i]:
+            prose_first = prose_first or not runs
+        elif i > 0 and not prose[i - 1]:
+            runs[-1].append(token)
+        elif i > 1 and tokens[i - 1].lower() == "and" and not prose[i - 2]:  # "12 and 13": one list
+            runs[-1][-1] = runs[-1][-1].rstrip(",") + ","
+            runs[-1].append(token)
+        else:
+            runs.append([token])
+    return Reading([" ".join(r).rstrip(_ENDING) for r in runs], any(prose), prose_first)
+
+
+def final_value(pred: str) -> str | None:
+    """The mathematics math-verify compares in a predicted answer: all of it when it has no prose, else its
+    last run (the final answer it states); None for words."""
+    r = read_answer(pred)
+    if not r.prose:
+        return unwrap(pred, FORMAT_WRAPPERS)
+    return r.runs[-1] if r.runs else None
+
+
+def gold_value(gold: str) -> str | None:
+    """The mathematics math-verify compares in a gold answer: all of it when it has no prose, its number
+    when only words (units) follow it, else None (words, or a phrase: compared as strings)."""
+    r = read_answer(gold)
+    if not r.prose:
+        return unwrap(gold, FORMAT_WRAPPERS)
+    return r.runs[0] if len(r.runs) == 1 and not r.prose_first else None
 
 
 def _quiet_math_verify() -> None:
@@ -62,13 +156,18 @@ def _parse(answer: str):
     return parsed or parse(answer, parsing_timeout=None)
 
 
-def math_equal(pred: str, gold: str) -> bool:
-    """Equivalence by math-verify in both directions; normalised string equality where it cannot parse."""
+def math_equal(pred: str, gold: str, reference: bool = True) -> bool:
+    """Normalised string equality, else math-verify in both directions on the mathematics of each answer
+    (:func:`final_value` of the prediction, :func:`gold_value` of the gold, or its :func:`final_value`
+    without ``reference``: two predictions); words only as strings."""
     if normalize_text(pred) == normalize_text(gold):
         return True
+    pred_math, gold_math = final_value(pred), (gold_value if reference else final_value)(gold)
+    if pred_math is None or gold_math is None:
+        return False
     from math_verify import verify
 
-    p, g = _parse(pred), _parse(gold)
+    p, g = _parse(pred_math), _parse(gold_math)
     if not p or not g:
         return False
     return bool(verify(g, p, timeout_seconds=None) or verify(p, g, timeout_seconds=None))
@@ -126,6 +225,10 @@ class Grader:
             return literal_equal(pred, gold)
         return normalize_text(pred) == normalize_text(gold)
 
+    def same(self, a: str, b: str) -> bool:
+        """Whether two predicted answers are the same answer (the clusters of a majority vote)."""
+        return math_equal(a, b, reference=False) if self.kind == "math" else self.equal(a, b)
+
     def describe(self) -> dict:
         return {"kind": self.kind, **({"labels": list(self.labels)} if self.labels else {})}
 
@@ -177,11 +280,12 @@ class _Clock:
 
 def grade_job(grader: Grader, job: Job, majority: bool = False, timeout: float | None = DEFAULT_TIMEOUT,
               equal_fn: Callable[[str, str], bool] | None = None) -> Graded:
-    """Extract and grade each completion of one problem; with ``majority``, also vote among the answers
-    extracted from each completion's last 128 characters (clusters of equivalent answers; the largest
-    wins, ties to the earliest) and grade the winner."""
+    """Extract and grade each completion of one problem; with ``majority``, also vote among the final answers
+    stated in each completion's last 128 characters (:func:`~megaevo.eval.answers.vote_answer`; a
+    completion stating none there abstains; clusters of equivalent answers, the largest wins, ties to the
+    earliest) and grade the winner."""
     clock = _Clock(timeout)
-    equal = equal_fn or grader.equal
+    equal, same = equal_fn or grader.equal, equal_fn or grader.same
     gold = job.gold
 
     def score(answer: str | None) -> float:
@@ -196,11 +300,11 @@ def grade_job(grader: Grader, job: Job, majority: bool = False, timeout: float |
     out = Graded(answers, scores, [s >= 1.0 for s in scores])
     if majority:
         clusters: list[list[str]] = []
-        for answer in (extract_answer(tail(c), bare=grader.bare) for c in job.completions):
+        for answer in (vote_answer(c, bare=grader.bare) for c in job.completions):
             if answer is None:
                 continue
             for cluster in clusters:
-                if clock.call(equal, answer, cluster[0]):
+                if clock.call(same, answer, cluster[0]):
                     cluster.append(answer)
                     break
             else:

@@ -110,10 +110,13 @@ class MultipleChoiceTask:
     questions: list[Question] = field(default_factory=list)
 
     def run(self, model, batch_size: int = 8, progress: bool = True) -> dict:
+        from megaevo.data.tokenizer_files import require_tokenizer
+
+        tokenizer = require_tokenizer(model, f"multiple-choice task {self.name}")
         requests, owners = [], []
         for q_idx, q in enumerate(self.questions):
             for c_idx, choice in enumerate(q.choices):
-                requests.append(encode_pair(model.tokenizer, q.context, TARGET_DELIMITER + choice))
+                requests.append(encode_pair(tokenizer, q.context, TARGET_DELIMITER + choice))
                 owners.append((q_idx, c_idx))
         scores = score_requests(model, requests, batch_size=batch_size, progress=progress, desc=self.name)
         lls: list[list[float]] = [[0.0] * len(q.choices) for q in self.questions]

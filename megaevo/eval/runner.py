@@ -15,12 +15,14 @@ from megaevo.eval.generative import MAX_LENGTH, grade_completions, prompt_templa
 from megaevo.eval.tasks import EvalError, GenerativeTask, Problem, read_jsonl, resolve_task
 
 
-def _load_model(path: str, tp: int | None, device: str | None, dtype: str | None):
+def _load_model(path: str, tp: int | None, device: str | None, dtype: str | None, tasks: Sequence = ()):
     import megaevo
+    from megaevo.eval.lm_loss import LossTask
 
     if not hasattr(megaevo, "load"):
         raise EvalError("evaluating a model needs megaevo.load (megaevo.inference), which this installation lacks")
-    return megaevo.load(path, tp=tp, device=device, dtype=dtype)
+    text = any(not isinstance(t, LossTask) for t in tasks)  # generative and multiple-choice tasks encode text
+    return megaevo.load(path, tp=tp, device=device, dtype=dtype, require_tokenizer=text)
 
 
 def read_predictions(path: str | Path, task: GenerativeTask) -> tuple[list[Problem], list[list[str]]]:
@@ -126,7 +128,7 @@ def run_eval(tasks: Sequence[str], out: str | Path, load: str | None = None, pre
         results["tasks"][name], all_samples[name], domains[name] = out_["metrics"], out_["samples"], task.domain
     else:
         if model is None:
-            model = _load_model(load, tp, device, dtype)
+            model = _load_model(load, tp, device, dtype, resolved)
         for task in resolved:
             if isinstance(task, GenerativeTask):
                 res = task.run(model, batch_size=batch_size, progress=progress, samples=samples, template=template,

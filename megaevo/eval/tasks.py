@@ -3,8 +3,9 @@
 A task has a ``name`` and ``run(model, batch_size=8, progress=True) -> {"metrics": {...}, "samples": [...]}``.
 :func:`resolve_task` understands:
 
-- an EvoLM generative set: a jsonl file with ``id``, ``problem``, ``gt_solution``, ``gt_answer`` (a path,
-  or a set's name looked up as ``NAME.jsonl`` in ``data_dir`` or ``$MEGAEVO_EVAL_DIR``);
+- an EvoLM generative set: a jsonl file with ``problem`` and ``gt_answer`` or ``gt_solution`` (``id``
+  optional: the line number) (a path, or a set's name looked up as ``NAME.jsonl`` in ``data_dir`` or
+  ``$MEGAEVO_EVAL_DIR``);
 - ``rg:NAME[:COUNT[:SEED]]``: a reasoning-gym task generated offline (COUNT 100 and SEED 0 by default);
 - a multiple-choice jsonl (``context``, ``choices``, ``gold``), loaded by ``megaevo.eval.multiple_choice``;
 - an indexed dataset prefix (``PREFIX.idx`` exists), whose loss ``megaevo.eval.lm_loss`` measures.
@@ -46,7 +47,6 @@ EVOLM_SETS: dict[str, tuple[str, Grader]] = {
     "TabMWP": ("ood", Grader("math", bare=True)),
     "StrategyQA500": ("ood", Grader("choice", ("True", "False"), bare=True)),
 }
-GENERATIVE_FIELDS = ("id", "problem", "gt_solution", "gt_answer")
 
 
 @dataclass
@@ -158,7 +158,7 @@ def _first_row(path: Path) -> dict:
 
 def load_generative(path: str | os.PathLike, limit: int | None = None) -> GenerativeTask:
     """An EvoLM-format jsonl set (the first ``limit`` problems). The gold answer is ``gt_answer``, or when
-    that is null the answer in ``gt_solution`` (GSM8K's ``####``, MATH's last ``\\boxed{}``)."""
+    that is null or absent the answer in ``gt_solution`` (GSM8K's ``####``, MATH's last ``\\boxed{}``)."""
     path = Path(path)
     name = path.stem
     domain, grader = EVOLM_SETS.get(name, (None, None))
@@ -167,20 +167,22 @@ def load_generative(path: str | os.PathLike, limit: int | None = None) -> Genera
     for line_no, row in read_jsonl(path):
         if limit is not None and len(problems) >= limit:
             break
-        missing = [k for k in GENERATIVE_FIELDS if k not in row]
+        missing = [] if "problem" in row else ["problem"]
+        if "gt_answer" not in row and "gt_solution" not in row:
+            missing.append("gt_answer or gt_solution")
         if missing:
             raise EvalError(f"{path}:{line_no}: missing field(s) {', '.join(missing)} (a generative set has "
-                            f"{', '.join(GENERATIVE_FIELDS)})")
+                            f"problem and gt_answer or gt_solution; id is optional)")
         if not isinstance(row["problem"], str):
             raise EvalError(f"{path}:{line_no}: field problem must be a string")
-        gold = row["gt_answer"]
+        gold = row.get("gt_answer")
         if gold is None:
             bare_gold = False
-            gold = extract_answer(row["gt_solution"] or "")
+            gold = extract_answer(row.get("gt_solution") or "")
             if gold is None:
-                raise EvalError(f"{path}:{line_no}: gt_answer is null and gt_solution states no answer "
+                raise EvalError(f"{path}:{line_no}: gt_answer is missing or null and gt_solution states no answer "
                                 f"(no \\boxed{{}}, 'answer is' or ####)")
-        problems.append(Problem(row["id"], row["problem"], str(gold), row["gt_solution"]))
+        problems.append(Problem(row.get("id", line_no), row["problem"], str(gold), row.get("gt_solution")))
     if not problems:
         raise EvalError(f"{path}: no problems in the file")
     if grader is None:

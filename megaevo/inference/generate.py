@@ -7,13 +7,16 @@ logits of the last position, samples on every TP rank and broadcasts TP rank 0's
 ranks of a TP group continue with the same tokens. Finished rows stay in the batch (their tokens
 are computed and never read, so the batch keeps its size and the cache is not copied) until half
 of them have finished; then they leave the batch and the cache. On one rank the decode steps run
-through :mod:`megaevo.inference.decode` (inference-only packed weights on the CPU).
+through :mod:`megaevo.inference.decode` (inference-only packed weights on the CPU). A prompt that
+leaves no room under ``model.max_seq_len`` (or ``max_length``) gets no tokens (finish ``length``), with
+a warning that names its row and length.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from megaevo.log import get_logger
 from megaevo.model.llama import LlamaStage
 from megaevo.parallel.layers import gather_vocab_logits
 from megaevo.parallel.state import ParallelState
@@ -21,6 +24,8 @@ from megaevo.parallel.state import ParallelState
 from .decode import decode_step
 from .kv_cache import KVCache
 from .sampling import Completion, SamplingParams, sample
+
+log = get_logger(__name__)
 
 
 class _Row:
@@ -44,6 +49,8 @@ def generate_rows(stage: LlamaStage, state: ParallelState, prompts: list[list[in
     for r in rows:
         if r.budget == 0:
             r.finish, r.text = "length", ""
+    if params.max_new_tokens > 0 and len(active) < len(rows) and state.tp_rank == 0:
+        _warn_no_room(rows, cap, "max_length" if cap < args.max_seq_len else "model.max_seq_len")
     if active:
         _run(stage, state, rows, active, params, tokenizer, stop_ids, generator)
     return [Completion(r.prompt, r.tokens, r.text if r.text is not None else _decode(tokenizer, r.tokens),
@@ -141,6 +148,13 @@ def _run(stage, state, rows, active, params, tokenizer, stop_ids, generator):
         else:
             logits = stage(batch_tokens[:, None], position_ids=pos, kv_cache=cache)[:, -1]
         pos = (pos + 1).clamp_(max=last_pos)  # a finished row kept in the batch may run past its length
+
+
+def _warn_no_room(rows: list[_Row], cap: int, limit: str) -> None:
+    full = [(i, len(r.prompt)) for i, r in enumerate(rows) if r.budget == 0]
+    shown = ", ".join(f"row {i}: {n} tokens" for i, n in full[:3]) + (", ..." if len(full) > 3 else "")
+    log.warning(f"generate: {len(full)} of {len(rows)} prompt(s) leave no room to generate within {limit}={cap} "
+                f"({shown}); they get 0 tokens (finish 'length')")
 
 
 def seen_of(seen: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:

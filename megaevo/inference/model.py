@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megaevo.data.tokenizer_files import (TokenizerNotFound, not_found_message, require_tokenizer, tokenizer_candidates,
+                                          tokenizer_files)
+from megaevo.errors import UserError
 from megaevo.model.args import ModelArgs
 from megaevo.model.llama import LlamaStage, fuse_qkv
 from megaevo.parallel.layers import gather_vocab_logits
@@ -33,7 +36,8 @@ MAX_BATCH_ROWS = 256  # rows generated together; more prompts x n run in several
 @dataclass
 class Model:
     """A loaded model on this rank: ``stage`` (the whole decoder, this rank's TP shard), its shape
-    ``args``, ``state``, ``device``, ``dtype``, and ``tokenizer`` (None when none was found)."""
+    ``args``, ``state``, ``device``, ``dtype``, and ``tokenizer`` (None when none was found;
+    ``tokenizer_error`` then says where it was looked for)."""
 
     stage: LlamaStage
     args: ModelArgs
@@ -44,6 +48,7 @@ class Model:
     eos_ids: tuple[int, ...] = ()  # the default stop tokens: the tokenizer's EOS (and generation_config.json's)
     path: Path | None = None
     max_batch_rows: int = field(default=MAX_BATCH_ROWS)
+    tokenizer_error: str | None = None
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,8 +74,8 @@ class Model:
             raise TypeError("Model.generate: prompts must be a list of prompts (strings or lists of token ids)")
         encoded = [self._encode(p, params) for p in prompts]
         stop_ids = set(self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("Model.generate: stop strings need a tokenizer, and none was loaded with the model")
+        if params.stop:
+            require_tokenizer(self, "a stop string")
         generator = None
         if params.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -94,10 +99,7 @@ class Model:
 
     def _encode(self, prompt, params: SamplingParams) -> list[int]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("Model.generate: text prompts need a tokenizer, and none was loaded with the "
-                                 "model; pass token ids")
-            ids = list(self.tokenizer.encode(prompt))
+            ids = list(require_tokenizer(self, "a text prompt (or give token ids)").encode(prompt))
             if params.add_bos:
                 if self.tokenizer.bos_id is None:
                     raise ValueError("SamplingParams.add_bos: the tokenizer has no BOS token")
@@ -126,21 +128,33 @@ def _to(t, device):
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load(path: str | os.PathLike, *, tp: int | None = None, device=None, dtype=None, pp: int = 1) -> Model:
+def load(path: str | os.PathLike, *, tp: int | None = None, device=None, dtype=None, pp: int = 1,
+         require_tokenizer: bool = False) -> Model:
     """The model in ``path``: a megaevo checkpoint (a run directory, its checkpoints folder or one
     ``iter_`` directory) or a Hugging Face Llama/Mistral/Qwen2 directory (safetensors).
 
     ``dtype`` defaults to the stored weights' dtype on a GPU and float32 on the CPU. ``tp`` > 1
-    needs that many processes per model (``torchrun --nproc_per_node``)."""
+    needs that many processes per model (``torchrun --nproc_per_node``).
+
+    The tokenizer is the checkpoint's own copy or the one its run recorded (see
+    :mod:`megaevo.data.tokenizer_files`), or a Hugging Face directory's files. When a checkpoint's
+    recorded tokenizer is nowhere, a warning names the places tried and the model takes token ids
+    only; with ``require_tokenizer`` that is a :class:`~megaevo.data.tokenizer_files.TokenizerNotFound`
+    instead."""
     from megaevo.convert.hf import is_hf_dir
 
     if pp != 1:
-        raise ValueError(f"megaevo.load: pipeline parallelism (pp={pp}) is not supported for inference; "
-                         "use tensor parallelism (tp) and data parallelism instead")
+        raise UserError(f"megaevo.load: pipeline parallelism (pp={pp}) is not supported for inference; "
+                        "use tensor parallelism (tp) and data parallelism instead")
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist (give a run, its checkpoints folder, an iter_ directory or a "
+                        f"Hugging Face model directory)")
     state, default_device = _parallel_state(tp)
     device = torch.device(device) if device is not None else default_device
-    path = Path(path)
     source = _hf_source(path) if is_hf_dir(path) else _checkpoint_source(path)
+    tokenizer, missing = _load_tokenizer(source["tokenizers"], source["path"], require_tokenizer,
+                                         warn=source.get("recorded", False))
     args = source["args"].replace(recompute="none")
     args.validate(state.tp_size)
     if dtype is None:
@@ -150,11 +164,11 @@ def load(path: str | os.PathLike, *, tp: int | None = None, device=None, dtype=N
     with torch.no_grad():
         source["fill"](stage)
     stage.requires_grad_(False).eval()
-    tokenizer = _load_tokenizer(source["tokenizers"])
     eos = list(source.get("eos", []))
     if tokenizer is not None and tokenizer.eos_id is not None:
         eos.insert(0, tokenizer.eos_id)
-    return Model(stage, args, state, device, dtype, tokenizer, tuple(dict.fromkeys(eos)), source["path"])
+    return Model(stage, args, state, device, dtype, tokenizer, tuple(dict.fromkeys(eos)), source["path"],
+                 tokenizer_error=missing)
 
 
 def _empty_stage(args: ModelArgs, state: ParallelState, device: torch.device, dtype: torch.dtype) -> LlamaStage:
@@ -177,11 +191,11 @@ def _parallel_state(tp: int | None) -> tuple[ParallelState, torch.device]:
         _, world, device = init_distributed()
         tp = world if tp is None else tp
         if not isinstance(tp, int) or tp < 1 or world % tp:
-            raise ValueError(f"megaevo.load: tp={tp} must divide the world size {world}")
+            raise UserError(f"megaevo.load: tp={tp} must divide the world size {world}")
         return init_parallel_state(tp=tp, dp=world // tp, pp=1), device
     if tp not in (None, 1):
-        raise ValueError(f"megaevo.load: tp={tp} needs {tp} processes; launch with "
-                         f"torchrun --nproc_per_node {tp} (one process runs tp=1)")
+        raise UserError(f"megaevo.load: tp={tp} needs {tp} processes; launch with "
+                        f"torchrun --nproc_per_node {tp} (one process runs tp=1)")
     return ParallelState.single(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -191,7 +205,7 @@ def _torch_dtype(dtype) -> torch.dtype:
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if str(dtype).removeprefix("torch.") not in names:
-        raise ValueError(f"megaevo.load: unknown dtype {dtype!r} (use one of {', '.join(names)})")
+        raise UserError(f"megaevo.load: unknown dtype {dtype!r} (use one of {', '.join(names)})")
     return names[str(dtype).removeprefix("torch.")]
 
 
@@ -209,8 +223,9 @@ def _checkpoint_source(path: Path) -> dict:
         load_local_weights(ck, {n: p for n, p, _ in named}, {n: m for n, _, m in named})
 
     data = (ck.record.config or {}).get("data") or {}
-    tokenizers = [ck.path] + ([Path(data["tokenizer"])] if isinstance(data.get("tokenizer"), str) else [])
-    return {"args": args, "dtype": stored, "fill": fill, "tokenizers": tokenizers, "path": ck.path}
+    recorded = data.get("tokenizer") if isinstance(data.get("tokenizer"), str) else None
+    return {"args": args, "dtype": stored, "fill": fill, "tokenizers": tokenizer_candidates(ck.path, recorded),
+            "path": ck.path, "recorded": recorded is not None}
 
 
 def _hf_source(path: Path) -> dict:
@@ -226,7 +241,12 @@ def _hf_source(path: Path) -> dict:
     links = tensor_links(args)
     missing = [k for _, names, _ in links for k in names if k not in tensors]
     if missing:
-        raise ValueError(f"{path}: tensor(s) missing for the model config.json describes: {', '.join(missing[:6])}")
+        raise UserError(f"{path}: tensor(s) missing for the model config.json describes: {', '.join(missing[:6])}")
+    kinds = {tensors[k].dtype for _, names, _ in links for k in names}
+    unreadable = sorted(d for d in kinds if d not in DTYPES or not DTYPES[d].is_floating_point)
+    if unreadable:
+        raise UserError(f"{path}: weights of dtype {', '.join(unreadable)} cannot be loaded (expected floating-point "
+                        f"weights: F32, BF16, F16)")
     stored = DTYPES[tensors[links[0][1][0]].dtype]
 
     def fill(stage: LlamaStage) -> None:
@@ -248,8 +268,8 @@ def _hf_source(path: Path) -> dict:
                     full = torch.cat(parts, dim=0) if how == "gate_up" else parts[0]
                 param, meta = params[name]
                 if tuple(full.shape) != tuple(meta.logical_shape):
-                    raise ValueError(f"{tensors[hf_names[0]].file}: {hf_names[0]} has shape {list(full.shape)}, "
-                                     f"config.json implies {list(meta.logical_shape)}")
+                    raise UserError(f"{tensors[hf_names[0]].file}: {hf_names[0]} has shape {list(full.shape)}, "
+                                    f"config.json implies {list(meta.logical_shape)}")
                 local = meta.layout.shard(full, meta.tp_rank, meta.tp_size)
                 param.zero_()  # padded vocab rows stay 0
                 param[tuple(slice(0, n) for n in local.shape)].copy_(local.to(param.dtype))
@@ -262,16 +282,22 @@ def _hf_source(path: Path) -> dict:
     return {"args": args, "dtype": stored, "fill": fill, "tokenizers": [path], "path": path, "eos": eos}
 
 
-def _load_tokenizer(candidates: list[Path]):
+def _load_tokenizer(candidates: list[Path], source: Path, required: bool, warn: bool):
+    """(the first candidate's tokenizer, None), or (None, a line saying where it was looked for): raised
+    when ``required``, said as a warning when ``warn`` (the checkpoint recorded a tokenizer that is now
+    nowhere)."""
     from megaevo.data.tokenizers import load_tokenizer
 
     for c in candidates:
-        if c.is_dir() and not any((c / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-            continue
-        if not c.exists():
+        if not tokenizer_files(c):
             continue
         try:
-            return load_tokenizer(c)
+            return load_tokenizer(c), None
         except (ImportError, OSError, ValueError) as e:
             logger.warning("megaevo.load: tokenizer %s could not be read (%s)", c, e)
-    return None
+    message = not_found_message(str(source), candidates)
+    if required:
+        raise TokenizerNotFound(message)
+    if warn:
+        logger.warning("megaevo.load: %s; text prompts will not work (token ids do)", message)
+    return None, message

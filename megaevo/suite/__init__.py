@@ -1,10 +1,11 @@
 """Suites: a grid of runs over the stages of a model's life (pretrain -> cpt -> sft -> rl), trained as a tree
 with an evaluation after each stage, collected into one results table.
 
-    megaevo suite SPEC.yaml [--out DIR] [--dry-run] [--launcher local|slurm] [--only NAME...]
+    megaevo suite SPEC.yaml [--out DIR] [--dry-run [--verbose]] [--launcher local|slurm] [--only NAME...]
 
 The spec format: :mod:`megaevo.suite.spec`; the run tree: :mod:`megaevo.suite.tree`; launchers:
-:mod:`megaevo.suite.launch`; the table: :mod:`megaevo.suite.results`.
+:mod:`megaevo.suite.launch` (a child's progress: :mod:`megaevo.suite.progress`; the dry run's summary:
+:mod:`megaevo.suite.plan`); the table: :mod:`megaevo.suite.results`.
 """
 from megaevo.suite.launch import main, run_local, run_slurm
 from megaevo.suite.results import collect, write_results

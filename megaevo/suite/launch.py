@@ -5,12 +5,19 @@ Launchers:
 * ``local`` runs the tree here, one run after another (parents first) as subprocesses:
   ``python -m megaevo.train --config OUT/runs/STAGE-ID/train.yaml`` (``torchrun --nproc_per_node N`` when
   the stage gives ``nproc``), logging to ``train.log``, then ``megaevo eval`` into ``OUT/runs/STAGE-ID/eval/``
-  (``eval.log``). A run's ``DONE`` marker (its config hash) is written last, so a rerun skips what finished
-  and resumes what was stopped (the run's own checkpoints: ``checkpoint.load`` resumes them first). A
+  (``eval.log``); while a child runs, its step lines are shown every few seconds, and a line when it is
+  quiet for long (:mod:`megaevo.suite.progress`). A run's ``DONE`` marker (its config hash) is written
+  last, so a rerun skips what finished and resumes what was stopped (the run's own checkpoints:
+  ``checkpoint.load`` resumes them first). A
   failed run is reported with its log and its descendants are skipped; other runs go on. Ctrl-C stops the
   child (it saves a checkpoint on the signal) and the suite, leaving no marker.
 * ``slurm`` writes ``OUT/slurm/STAGE-ID.sbatch`` per run and submits them in tree order with
-  ``sbatch --parsable --dependency=afterok:PARENT_JOB``; with ``--dry-run`` it prints them instead.
+  ``sbatch --parsable --dependency=afterok:PARENT_JOB``; with ``--dry-run`` it prints the submission lines
+  instead (``--verbose``: each script before its line).
+
+``--dry-run`` lists the runs, one line each (``--verbose``: with their commands, or for slurm the sbatch
+scripts), and ends with a summary (:mod:`megaevo.suite.plan`): runs per stage, what is left to train and
+evaluate, the training tokens and FLOPs, and the input paths that do not exist (placeholders).
 
 A WSD / Inf-Cos stage's budgets run under their shared stable run (megaevo.suite.tree): the stable run
 trains and saves first, each budget resumes its checkpoint (local: parents first; slurm: afterok on the
@@ -33,6 +40,7 @@ from typing import Callable
 
 import yaml
 
+from megaevo.suite.progress import POLL_S, Progress
 from megaevo.suite.spec import SpecError, SuiteSpec, load_spec
 from megaevo.suite.tree import Run, _digest, expand, select
 
@@ -128,17 +136,32 @@ def write_run_config(run: Run, out: Path) -> Path:
 # ------------------------------------------------------------------------------------ local
 
 
-def subprocess_runner(cmd: list, log_path: Path, cwd: Path, env: dict) -> int:
-    """Run `cmd` with stdout and stderr appended to `log_path`. On Ctrl-C the child is sent SIGTERM and
-    given STOP_GRACE_S seconds to save its checkpoint and exit, then killed; KeyboardInterrupt goes on."""
+def subprocess_runner(cmd: list, log_path: Path, cwd: Path, env: dict, progress: Progress | None = None,
+                      poll: float = POLL_S) -> int:
+    """Run `cmd` with stdout and stderr appended to `log_path`, feeding what it writes to `progress` every
+    `poll` seconds. On Ctrl-C the child is sent SIGTERM and given STOP_GRACE_S seconds to save its
+    checkpoint and exit, then killed; KeyboardInterrupt goes on."""
     with open(log_path, "ab") as log:
         log.write(f"\n$ {shlex.join(map(str, cmd))}\n".encode())
         log.flush()
+        start = log.tell()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         try:
-            return proc.wait()
+            if progress is None:
+                return proc.wait()
+            with open(log_path, "rb") as tail:
+                tail.seek(start)
+                while True:
+                    try:
+                        rc = proc.wait(timeout=poll)
+                    except subprocess.TimeoutExpired:
+                        progress.feed_bytes(tail.read())
+                        progress.tick()
+                        continue
+                    progress.feed_bytes(tail.read(), final=True)
+                    return rc
         except KeyboardInterrupt:
-            # SIGTERM, not a second SIGINT (which stops a train run at once, unsaved): it saves and exits
+            # a stop request for a child the terminal's SIGINT did not reach; one that had it waits for its save
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=STOP_GRACE_S)
@@ -146,6 +169,16 @@ def subprocess_runner(cmd: list, log_path: Path, cwd: Path, env: dict) -> int:
                 proc.kill()
                 proc.wait()
             raise
+
+
+def progress_runner(echo: Callable[[str], None], **settings) -> Runner:
+    """A runner that shows each child's progress through `echo` (see megaevo.suite.progress; `settings`:
+    Progress's `every`, `quiet`)."""
+
+    def run(cmd: list, log_path: Path, cwd: Path, env: dict) -> int:
+        return subprocess_runner(cmd, log_path, cwd, env, progress=Progress(echo, **settings))
+
+    return run
 
 
 @dataclass
@@ -262,9 +295,11 @@ def sbatch_script(run: Run, out: Path, root: Path, python: str = sys.executable)
 
 
 def run_slurm(spec: SuiteSpec, runs: list[Run], out: Path, dry_run: bool = False,
-              submit: Callable[[list[str]], str] | None = None, echo: Callable[[str], None] = print) -> dict[str, str]:
+              submit: Callable[[list[str]], str] | None = None, echo: Callable[[str], None] = print,
+              verbose: bool = False) -> dict[str, str]:
     """Write OUT/slurm/STAGE-ID.sbatch per unfinished run and submit them in tree order, each after its
-    parent's job (afterok). Returns {run dir name: job id} (placeholders with dry_run)."""
+    parent's job (afterok). Returns {run dir name: job id} (placeholders with dry_run, which prints one
+    submission line per run, each script before its line with `verbose`)."""
     out = Path(out).resolve()
     submit = submit or _sbatch
     jobs: dict[str, str] = {}
@@ -286,9 +321,10 @@ def run_slurm(spec: SuiteSpec, runs: list[Run], out: Path, dry_run: bool = False
         cmd.append(str(path))
         if dry_run:
             jobs[run.dir_name] = f"${{JOB_{run.dir_name.replace('-', '_')}}}"
-            echo(f"# ---- {path}\n{script}")
+            if verbose:
+                echo(f"# ---- {path}\n{script}")
             shown = " ".join(a if a.startswith("--dependency=") else shlex.quote(a) for a in cmd)
-            echo(f"{jobs[run.dir_name][2:-1]}=$({shown})")
+            echo(f"{jobs[run.dir_name][2:-1]}=$({shown})  # {run.name}")
         else:
             jobs[run.dir_name] = submit(cmd)
             echo(f"submitted {run.dir_name} as job {jobs[run.dir_name]}"
@@ -310,7 +346,9 @@ def _sbatch(cmd: list[str]) -> str:
 # ------------------------------------------------------------------------------------ the command
 
 
-def describe(runs: list[Run], out: Path, commands: bool = True) -> str:
+def describe(runs: list[Run], out: Path, commands: bool = False) -> str:
+    """The run tree, one line per run (indented by depth); `commands`: each with its train and eval
+    commands below it."""
     lines = []
     for run in runs:
         depth = len(run.chain) - 1
@@ -337,30 +375,58 @@ def build_parser() -> argparse.ArgumentParser:
                                 "stages of a model's life (see megaevo/suite/spec.py for the spec format)")
     p.add_argument("spec", help="the suite spec (YAML)")
     p.add_argument("--out", default=None, help="output directory (default: the spec's `out`, else SPEC-out beside it)")
-    p.add_argument("--dry-run", action="store_true", help="print the tree and the commands (slurm: the scripts "
-                                                          "and the submission order); run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the run tree, one line per run (slurm: the "
+                   "submission order), and a summary: runs per stage, what is left to do, training tokens, input "
+                   "paths that do not exist; run nothing")
+    p.add_argument("--verbose", action="store_true", help="with --dry-run: each run's train and eval commands "
+                                                          "(slurm: the sbatch scripts)")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local")
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these runs (id, STAGE-ID or run name) and "
                                                              "their ancestors")
     return p
 
 
-def main(argv: list[str] | None = None, runner: Runner = subprocess_runner) -> int:
+def dry_run(spec: SuiteSpec, runs: list[Run], out: Path, launcher: str, verbose: bool = False,
+            echo: Callable[[str], None] = print) -> None:
+    """Print the runs (local: the tree; slurm: the submission order) and the summary; run nothing."""
+    from megaevo.suite.plan import make_plan
+
+    if launcher == "slurm":
+        run_slurm(spec, runs, out, dry_run=True, echo=echo, verbose=verbose)
+    else:
+        echo(describe(runs, out, commands=verbose))
+    echo("")
+    for line in make_plan(spec, runs, out).lines():
+        echo(line)
+
+
+def user_error(e: BaseException, command: str) -> int:
+    """Print a mistake in the user's input as one line (`error: megaevo COMMAND: ...`) and return exit code
+    2; re-raise anything else (a bug keeps its traceback, as every error does with MEGAEVO_DEBUG=1)."""
+    from megaevo.cli import user_error_message
+
+    message = user_error_message(e)
+    if message is None or os.environ.get("MEGAEVO_DEBUG"):
+        raise e
+    print(f"error: megaevo {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         spec = load_spec(args.spec)
         out = Path(args.out).resolve() if args.out else (spec.out or spec.path.with_name(spec.path.stem + "-out"))
         runs = select(expand(spec), args.only)
-        if args.launcher == "slurm":
-            run_slurm(spec, runs, out, dry_run=args.dry_run)
-            return 0
         if args.dry_run:
-            print(describe(runs, out))
+            dry_run(spec, runs, out, args.launcher, args.verbose)
             return 0
-        outcome = run_local(spec, runs, out, runner=runner)
-    except (SpecError, OSError) as e:
-        print(f"megaevo suite: {e}", file=sys.stderr)
-        return 2
+        if args.launcher == "slurm":
+            run_slurm(spec, runs, out)
+            return 0
+        outcome = run_local(spec, runs, out, runner=runner or progress_runner(print))
+    except (ValueError, OSError) as e:
+        return user_error(e, "suite")
     from megaevo.suite.results import collect, write_results
 
     rows = collect(runs, out)

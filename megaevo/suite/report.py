@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -527,17 +526,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``megaevo report``: print the files written, one a line; a UserError is one line on stderr, exit 2."""
+    """``megaevo report``: print the files written, one a line; a mistake in the input (a UserError, a
+    path that cannot be read or written) is one line on stderr, ``error: megaevo report: ...``, exit 2."""
     from megaevo.log import configured, setup_logging
+    from megaevo.suite.launch import user_error
 
     args = build_parser().parse_args(argv)
     if not configured():
         setup_logging()
     try:
         files = report(args.dirs, args.out)
-    except UserError as e:
-        print(f"megaevo report: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, ImportError) as e:
+        return user_error(e, "report")
     for f in files:
         print(f)
     return 0

@@ -5,6 +5,7 @@ The spec is one YAML file::
     out: suite-out                   # default for --out (relative to this file); default: <spec name>-out
     overrides:                       # applied to every stage (after its config file), e.g. the model shape
       - model.preset=evolm-1b
+    eval: {tasks: [gsm8k_platinum], limit: 200}   # the suite's downstream tasks: evaluated after every stage
     stages:                          # in order: an increasing subsequence of pretrain, cpt, sft, rl
       - stage: pretrain
         config: configs/pretrain.yaml    # a megaevo train config, relative to this file (optional)
@@ -40,10 +41,15 @@ on the command line). A stage's config is: its config file, then the top-level `
 stage's `overrides`, then its axes' overrides (axes in name order; two axes of one stage may not set
 the same key, so the order of axes in the file never matters). Axis names are unique over the spec.
 
-`stage` is set by the suite (cpt is a `stage: pretrain` run). Relative paths inside the configs (data
-prefixes, tokenizers) are relative to the spec's directory: every run starts there. `eval` takes the
+`stage` is set by the suite (cpt is a `stage: pretrain` run). Relative paths inside the configs and the
+overrides (data prefixes, tokenizers) are relative to the spec's directory, where every run starts; a
+run's train.yaml records them absolute (its id does not depend on where the spec is). `eval` takes the
 `megaevo eval` options: `tasks`, `limit`, `samples`, `template`, and also `data_dir`, `max_length`,
-`batch_size`, `seed`. `out_dir` and `checkpoint.load` are the suite's: a run writes OUT/runs/STAGE-ID
+`batch_size`, `seed`. The top-level `eval` holds the suite's downstream tasks: every run of every stage
+is evaluated on them, so each row of the results can be compared with its parent's. A stage's own
+`eval` adds its tasks to those, and its other keys replace the top-level ones for that stage's runs
+(one `megaevo eval` per run); without a top-level `eval`, only the stages with an `eval` of their own
+are evaluated. `out_dir` and `checkpoint.load` are the suite's: a run writes OUT/runs/STAGE-ID
 and a stage after the first starts from its parent's final checkpoint, weights only.
 
 With ``optim.schedule`` ``wsd`` or ``inf-cos``, a pretrain / cpt stage's grid points that differ only in
@@ -66,7 +72,7 @@ TRAIN_STAGE = {"pretrain": "pretrain", "cpt": "pretrain", "sft": "sft", "rl": "r
 EVAL_KEYS = {"tasks", "limit", "samples", "template", "data_dir", "max_length", "batch_size", "seed"}
 SLURM_KEYS = {"nodes", "gpus_per_node", "time", "partition", "sbatch"}
 STAGE_KEYS = {"stage", "config", "overrides", "axes", "eval", "nproc", "slurm"}
-TOP_KEYS = {"out", "overrides", "stages", "name"}
+TOP_KEYS = {"out", "overrides", "stages", "name", "eval"}
 # keys the suite sets itself
 RESERVED = ("stage", "out_dir", "checkpoint.load", "checkpoint.finetune")
 
@@ -111,6 +117,7 @@ class StageSpec:
     eval: EvalSpec | None
     nproc: int = 1
     slurm: dict = field(default_factory=dict)
+    root: Path | None = None         # the spec's directory: relative paths in the configs are relative to it
 
 
 @dataclass
@@ -119,6 +126,7 @@ class SuiteSpec:
     root: Path                       # the spec's directory: runs start there
     out: Path | None
     stages: list[StageSpec]
+    eval: EvalSpec | None = None     # the suite's downstream tasks (top-level `eval`), in every stage's eval
 
 
 def _override_text(key: str, value: Any) -> str:
@@ -221,9 +229,10 @@ def _axes(raw: Any, where: str) -> list[Axis]:
     return sorted(axes, key=lambda a: a.name)
 
 
-def _eval(raw: Any, where: str) -> EvalSpec | None:
+def _eval_dict(raw: Any, where: str) -> dict:
+    """An `eval` entry as a mapping with `tasks` a list of strings ({} for none)."""
     if raw is None:
-        return None
+        return {}
     if isinstance(raw, list):
         raw = {"tasks": raw}
     if not isinstance(raw, dict):
@@ -234,16 +243,29 @@ def _eval(raw: Any, where: str) -> EvalSpec | None:
     tasks = raw.get("tasks") or []
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not tasks:
-        return None
-    return EvalSpec(**{**raw, "tasks": [str(t) for t in tasks]})
+    return {**raw, "tasks": [str(t) for t in tasks]}
+
+
+def _eval(raw: dict) -> EvalSpec | None:
+    return EvalSpec(**raw) if raw.get("tasks") else None
+
+
+def merge_eval(suite: dict, stage: dict) -> dict:
+    """A stage's evaluation: the suite's tasks then the stage's own; the stage's other keys win."""
+    tasks = list(dict.fromkeys(suite.get("tasks", []) + stage.get("tasks", [])))
+    return {**suite, **stage, "tasks": tasks}
 
 
 def load_spec(path: str | Path) -> SuiteSpec:
     """Read and check a suite spec (see the module docstring)."""
     path = Path(path).resolve()
+    if not path.is_file():
+        raise SpecError(f"{path}: suite spec not found" if not path.exists() else
+                        f"{path}: not a file (give the suite spec, a YAML file)")
     try:
         raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the suite spec: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
     return spec_from_dict(raw, path)
@@ -259,6 +281,7 @@ def spec_from_dict(raw: Any, path: str | Path) -> SuiteSpec:
         raise SpecError(f"{path}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(TOP_KEYS))})")
     common = overrides_list(raw.get("overrides"), f"{path.name}: overrides")
     _check_reserved(common, f"{path.name}: overrides")
+    suite_eval = _eval_dict(raw.get("eval"), f"{path.name}: eval")
     stages, last, seen_axes = [], -1, set()
     for i, s in enumerate(raw["stages"]):
         where = f"{path.name}: stages[{i}]"
@@ -290,7 +313,7 @@ def spec_from_dict(raw: Any, path: str | Path) -> SuiteSpec:
         nproc = int(s.get("nproc") or 1)
         if nproc < 1:
             raise SpecError(f"{where}: nproc must be >= 1")
-        stages.append(StageSpec(name, config, common + own, axes, _eval(s.get("eval"), f"{where}.eval"),
-                                nproc, dict(slurm)))
+        ev = merge_eval(suite_eval, _eval_dict(s.get("eval"), f"{where}.eval"))
+        stages.append(StageSpec(name, config, common + own, axes, _eval(ev), nproc, dict(slurm), root))
     out = raw.get("out")
-    return SuiteSpec(path, root, (root / str(out)).resolve() if out else None, stages)
+    return SuiteSpec(path, root, (root / str(out)).resolve() if out else None, stages, _eval(suite_eval))

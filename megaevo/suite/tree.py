@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megaevo.config import OptimConfig, config_to_dict, load_config
+from megaevo.config import OptimConfig, absolute_paths, config_to_dict, load_config
 from megaevo.suite.spec import TRAIN_STAGE, EvalSpec, SpecError, StageSpec, SuiteSpec
 
 ID_LEN = 10
@@ -104,8 +104,8 @@ class Run:
         """The run's config as its training reads it: out_dir OUT/runs/STAGE-ID; the first stage resumes
         its own checkpoints (checkpoint.load=auto) or starts from the base config's checkpoint.load
         (weights only); a later stage starts from its parent's run, weights only, and resumes its own
-        checkpoints once it has some."""
-        cfg = copy.deepcopy(self.config)
+        checkpoints once it has some. Relative paths (relative to the spec's directory) become absolute."""
+        cfg = absolute_paths(copy.deepcopy(self.config), self.stage_spec.root)
         cfg["out_dir"] = str(Path(out).resolve() / "runs" / self.dir_name)
         if self.branch == "decay":  # resume the stable run's checkpoint, or its own once it has some
             own = (self.run_dir(out) / "checkpoints" / "latest").is_file()
@@ -131,7 +131,7 @@ def stage_configs(stage: StageSpec) -> list[tuple[dict, dict]]:
         point = {a.name: v.label for a, v in zip(stage.axes, combo)}
         overrides = [f"stage={TRAIN_STAGE[stage.name]}"] + stage.overrides + [o for v in combo for o in v.overrides]
         try:
-            cfg = load_config(stage.config, overrides)
+            cfg = load_config(stage.config, overrides, resolve_paths=False)  # relative to the spec's directory
         except ValueError as e:
             where = ", ".join(f"{k}={_label(v)}" for k, v in point.items())
             raise SpecError(f"stage {stage.name}{f' ({where})' if where else ''}: {e}") from None

@@ -32,8 +32,9 @@ computed while the file is written, from the bytes as they go out, and recorded 
 metadata.json when it opens a checkpoint and each file's size and checksum the first time it opens
 that file, and refuses unreadable fragments and non-finite values (NaN/Inf) in what it reads, each
 with one line naming the file and the tensor. :func:`verify_checkpoint` reads and checks a whole
-checkpoint; :func:`last_verified_checkpoint` finds the newest one that passes. Checkpoints written
-before checksums were recorded load unverified.
+checkpoint; :func:`last_verified_checkpoint` finds the newest one that passes, and
+:func:`with_intact_alternative` names it in the error of a damaged checkpoint that a run tried to
+load. Checkpoints written before checksums were recorded load unverified.
 """
 from __future__ import annotations
 
@@ -994,22 +995,62 @@ def verify_checkpoint(path: str | os.PathLike, *, progress: bool = False) -> dic
             "seconds": round(time.perf_counter() - start, 3)}
 
 
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """The checkpoints (``iter_*`` with metadata.json) under the checkpoints folder `root`, newest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if _ITER_DIR.match(p.name) and (p / METADATA).is_file()),
+                  key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def _first_verified(paths: list[Path]) -> tuple[Path | None, list[tuple[Path, CheckpointError]]]:
+    """The first of `paths` that passes :func:`verify_checkpoint` (None if none does), and the problems
+    of those before it."""
+    failed = []
+    for path in paths:
+        try:
+            verify_checkpoint(path)
+            return path, failed
+        except CheckpointError as e:
+            failed.append((path, e))
+    return None, failed
+
+
 def last_verified_checkpoint(root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint (``iter_*`` with metadata.json) under the checkpoints folder
     `root` that passes :func:`verify_checkpoint`, or None. Each newer one that fails is logged as a
     warning with its problem. Reads whole checkpoints: meant for after a failure, not every step."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    done = sorted((p for p in root.iterdir() if _ITER_DIR.match(p.name) and (p / METADATA).is_file()),
-                  key=lambda p: int(p.name[5:]), reverse=True)
-    for path in done:
-        try:
-            verify_checkpoint(path)
-            return path
-        except CheckpointError as e:
-            log.warning(f"checkpoint {path.name} does not verify: {e}")
-    return None
+    good, failed = _first_verified(_complete_checkpoints(Path(root)))
+    for path, e in failed:
+        log.warning(f"checkpoint {path.name} does not verify: {e}")
+    return good
+
+
+def with_intact_alternative(error: CheckpointError, path: str | os.PathLike,
+                            how: str = "resume with") -> CheckpointError:
+    """`error`, raised loading checkpoint `path`, with the checkpoint to use instead: when `path` is an
+    ``iter_*`` checkpoint that is damaged or incomplete (it fails :func:`verify_checkpoint`), the
+    newest other one in its folder that verifies is named, as ``checkpoint.load=...``. `error` is
+    returned as it is for an intact checkpoint (e.g. one that does not fit the model) or a path that
+    is not in a checkpoints folder. Reads whole checkpoints: meant for after a failure."""
+    path = Path(path)
+    if not _ITER_DIR.match(path.name) or not path.parent.is_dir():
+        return error
+    try:
+        verify_checkpoint(path)
+        return error  # intact: the problem is elsewhere (the model, the layout)
+    except CheckpointError:
+        pass
+    good, failed = _first_verified([p for p in _complete_checkpoints(path.parent) if p.name != path.name])
+    others = ", ".join(p.name for p, _ in failed)
+    if good is not None:
+        also = f" ({others} {'does' if len(failed) == 1 else 'do'} not verify either)" if failed else ""
+        hint = f"the newest intact checkpoint is {good}{also}: {how} checkpoint.load={good}"
+    elif failed:
+        hint = f"no other checkpoint in {path.parent} verifies ({others})"
+    else:
+        hint = f"there is no other checkpoint in {path.parent}"
+    return CheckpointError(f"{error}; {hint}")
 
 
 # ------------------------------------------------------------------------------------------------ helpers

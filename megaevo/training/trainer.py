@@ -32,6 +32,7 @@ stage, megaevo.stages.rl.stage, uses all three; pre-training and SFT have none):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -47,9 +48,11 @@ import torch
 import torch.distributed as dist
 
 from megaevo import kernels
-from megaevo.config import (Config, ConfigError, Layout, config_to_dict, resolve_dtype, save_config, validate,
-                            with_iters, with_rl_batch)
+from megaevo.config import (CHECKPOINT_KEYWORDS, Config, ConfigError, Layout, absolute_paths, config_to_dict,
+                            resolve_dtype, save_config, validate, with_iters, with_rl_batch)
+from megaevo.data.tokenizer_files import keep_tokenizer
 from megaevo.errors import UserError
+from megaevo.inference.decode import weights_changed
 from megaevo.log import get_logger, setup_logging
 from megaevo.model.llama import LlamaStage, build_chunks
 from megaevo.parallel import compat
@@ -59,9 +62,9 @@ from megaevo.parallel.layout import ParamMeta
 from megaevo.parallel.pipeline import PipelineEngine, StepStats
 from megaevo.parallel.state import ParallelState, init_parallel_state
 from megaevo.stages import Batch, LossFunction, Stage
-from megaevo.training.checkpoint import (Checkpointer, CheckpointMeta, LoadedCheckpoint, SavedLayout, build_save_plan,
-                                         last_verified_checkpoint, load_local_weights, read_local_state,
-                                         set_rng_state)
+from megaevo.training.checkpoint import (Checkpointer, CheckpointError, CheckpointMeta, LoadedCheckpoint, SavedLayout,
+                                         build_save_plan, last_verified_checkpoint, load_local_weights,
+                                         read_local_state, set_rng_state, with_intact_alternative)
 from megaevo.training.metrics import MetricsWriter, flops_per_token, memory_gb, peak_flops
 from megaevo.training.optimizer import STATE_KINDS, DistributedAdamW, StepResult
 from megaevo.training.schedules import lr_at
@@ -163,7 +166,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, build_stage: Callable[[Config, Layout, ParallelState, torch.device], Stage]
                  | None = None):
-        self.cfg = cfg = with_rl_batch(cfg)  # stage rl: the global batch is the rollout batch
+        # paths made absolute (a run records them so); stage rl: the global batch is the rollout batch
+        self.cfg = cfg = with_rl_batch(absolute_paths(cfg))
         self.rank, self.world_size, self.device = init_distributed()
         self.layout = validate(cfg, self.world_size)
         kernels.set_backend(cfg.kernels.backend)
@@ -267,7 +271,9 @@ class Trainer:
             compat.all_reduce(p.main_grad, group=self.state.embedding_group)
         self.buffers.finish_grad_sync()
         allreduce_sequence_parallel_grads(self.params.values(), self.state, grad_attr="main_grad")
-        return value, (self.optimizer.step(lr) if math.isfinite(value) else None)
+        result = self.optimizer.step(lr) if math.isfinite(value) else None
+        weights_changed(*self.chunks)  # cached inference copies of the weights are out of date
+        return value, result
 
     def train_step(self) -> dict:
         lr = lr_at(self.run.iteration, self.cfg.optim, self.cfg.train.iters)
@@ -365,24 +371,39 @@ class Trainer:
     def load_weights(self, path: Path) -> LoadedCheckpoint:
         """Take the weights (and master weights) of checkpoint ``path``, saved in any layout; the
         optimizer starts fresh and the run stays at iteration 0 (fine-tuning, CPT)."""
-        return self._load(path, with_optimizer=False)
+        with self._naming_intact(path, "load it with"):
+            return self._load(path, with_optimizer=False)
 
     def resume(self, path: Path) -> None:
         """Continue the run saved in ``path`` (any layout): weights, optimizer, iteration, data position,
         and the random states when the layout is the same."""
-        ck = self._load(path, with_optimizer=True)
-        rec = ck.record
-        self.run = RunState(rec.iteration, rec.consumed_samples, rec.skipped_steps)
-        self.stage.train.load_state_dict(rec.extra.get("data") or {"consumed_samples": rec.consumed_samples})
-        s = self.state
-        rng = ck.rng(self.rank) if rec.saved_with(self.world_size, s.tp_size, s.pp_size, len(self.chunks)) else None
+        with self._naming_intact(path, "resume with"):
+            ck = self._load(path, with_optimizer=True)
+            rec = ck.record
+            self.run = RunState(rec.iteration, rec.consumed_samples, rec.skipped_steps)
+            self.stage.train.load_state_dict(rec.extra.get("data") or {"consumed_samples": rec.consumed_samples})
+            s = self.state
+            rng = ck.rng(self.rank) if rec.saved_with(self.world_size, s.tp_size, s.pp_size, len(self.chunks)) \
+                else None
         if rng is not None:
             set_rng_state(rng)
+
+    @contextlib.contextmanager
+    def _naming_intact(self, path: Path, how: str):
+        """A CheckpointError of damaged or incomplete checkpoint ``path`` names the newest intact one beside
+        it (rank 0 looks, and reports the error for the job)."""
+        try:
+            yield
+        except CheckpointError as e:
+            if self.rank != 0:
+                raise
+            raise with_intact_alternative(e, path, how) from None
 
     def _load(self, path: Path, with_optimizer: bool) -> LoadedCheckpoint:
         ck = LoadedCheckpoint(path)
         self._warn_on_model_changes(ck)
         load_local_weights(ck, self.params, self.metas)
+        weights_changed(*self.chunks)
         if not ck.has("master"):  # e.g. an imported model: master weights start from the weights
             self.optimizer.reset_master()
         else:
@@ -414,6 +435,8 @@ class Trainer:
             self.resume(own)
             log.info(f"resumed from {own} at iteration {self.run.iteration}")
         elif c.load:
+            if c.load not in CHECKPOINT_KEYWORDS and not Path(c.load).exists():
+                raise ConfigError(f"checkpoint.load: {c.load} does not exist")
             path = self.checkpointer.resolve(c.load)
             if path is not None and c.finetune:
                 self.load_weights(path)
@@ -428,9 +451,10 @@ class Trainer:
         self.restore()
         if self.rank == 0:
             save_config(cfg, self.out_dir / "config.yaml")
+            keep_tokenizer(cfg.data.tokenizer, self.out_dir)  # OUT_DIR/tokenizer: the run's own copy
         writer = MetricsWriter(self.out_dir, t.iters, enabled=self.rank == 0)
         records, clock = [], _Throughput(self.run.consumed_samples * self.stage.tokens_per_sample)
-        with _StopSignals(cfg.checkpoint.save_on_signal) as self._signals:
+        with _StopSignals(cfg.checkpoint.save_on_signal, cfg.checkpoint.save, self.rank) as self._signals:
             signals = self._signals
             try:
                 while self.run.iteration < t.iters:
@@ -446,10 +470,11 @@ class Trainer:
                         raise TrainingStopped(f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient norm "
                                               f"(last at iteration {it}); stopping. {self._last_good()} Lower "
                                               f"optim.lr or check the data.")
-                    if self._should_save(it) or (self.stop_requested and cfg.checkpoint.save):
+                    stop = self._stop_now()
+                    if self._should_save(it) or (stop and cfg.checkpoint.save):
                         self.save()
-                    if self.stop_requested:
-                        self.checkpointer.wait()
+                    if stop:
+                        self.checkpointer.wait()  # committed before the run says it stopped
                         saved = f"saved {self.checkpointer.root / f'iter_{it:07d}'}" if cfg.checkpoint.save \
                             else "checkpoint.save is off, nothing saved"
                         by = signals.name if signals.received is not None else "a signal to another rank"
@@ -459,10 +484,30 @@ class Trainer:
                 if self.run.bad_in_a_row:
                     raise TrainingStopped(f"the run ended on {self.run.bad_in_a_row} step(s) with a non-finite loss or "
                                           f"gradient norm, so their state was not saved. {self._last_good()}")
+            except BaseException:
+                self._finish_background_save()
+                raise
             finally:
                 writer.close()
                 self._signals = None
         return records
+
+    def _stop_now(self) -> bool:
+        """Whether the run stops at this step boundary. A single process stops at the end of the step in
+        which its signal arrived; the ranks of a job agree on the step through the loss-count all-reduce
+        (:meth:`_global_count`), which may be the next one."""
+        if self.world_size == 1 and self._signals is not None and self._signals.received is not None:
+            self.stop_requested = True
+        return self.stop_requested
+
+    def _finish_background_save(self) -> None:
+        """On the way out of a run that failed or was interrupted: a checkpoint being written in the
+        background is committed first (the daemon thread writing it would die with the process); a
+        failure of that save is logged and the run's own error goes on."""
+        try:
+            self.checkpointer.wait()
+        except Exception as e:  # noqa: BLE001
+            log.warning(f"the checkpoint being saved in the background failed as well: {e}")
 
     def _should_save(self, it: int) -> bool:
         c = self.cfg.checkpoint
@@ -514,14 +559,18 @@ class TrainingStopped(RuntimeError):
 
 
 class _StopSignals:
-    """Turns SIGTERM, SIGINT and SIGUSR1 into a request to save and stop at the next step boundary
-    (when ``active``); a second SIGINT interrupts at once. Handlers are only installed in the main
-    thread, and the previous ones come back on exit."""
+    """Turns SIGTERM, SIGINT and SIGUSR1 into a request to save and stop at the end of the current step
+    (when ``active``; ``saving``: checkpoint.save). The first signal is acknowledged at once with one
+    line. Later ones never interrupt: the run still commits its checkpoint (a background save
+    included) and stops, and each says so; only SIGKILL ends it sooner, which leaves the checkpoints
+    already committed as they are. Rank 0 speaks at WARNING, the other ranks at INFO. Handlers are
+    only installed in the main thread, and the previous ones come back on exit."""
 
     SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
-    def __init__(self, active: bool):
+    def __init__(self, active: bool, saving: bool = True, rank: int = 0):
         self.active = active and threading.current_thread() is threading.main_thread()
+        self.saving, self.rank = saving, rank
         self.received: int | None = None
         self._previous: dict = {}
 
@@ -530,9 +579,19 @@ class _StopSignals:
         return signal.Signals(self.received).name if self.received is not None else "nothing"
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            self._say(f"{name} received: saving a checkpoint at the end of this step, then stopping (a second "
+                      f"Ctrl-C waits for the save)" if self.saving else
+                      f"{name} received: stopping at the end of this step (checkpoint.save is off: nothing is saved)")
+        else:
+            self._say(f"{name} received: already stopping; waiting for the checkpoint to be committed (kill -9 "
+                      f"{os.getpid()} ends the run now, without it)" if self.saving else
+                      f"{name} received: already stopping at the end of this step")
+
+    def _say(self, message: str) -> None:
+        (log.warning if self.rank == 0 else log.info)(message)
 
     def __enter__(self) -> "_StopSignals":
         if self.active:
@@ -581,7 +640,7 @@ def _report(message: str, rank: int) -> None:
             seen = store.get("megaevo/error").decode()
         except RuntimeError:  # rank 0 reported nothing in time (DistStoreError is a RuntimeError)
             seen = None
-    if seen != message:
+    if seen is None or not seen.startswith(message):  # rank 0's may say more (e.g. where to resume from)
         log.error(message)
 
 
@@ -594,7 +653,9 @@ sft, rl, and out_dir. Give them in the YAML file and/or as dotted overrides (opt
 def main(argv: list[str] | None = None) -> int:
     """`megaevo train` and `python -m megaevo.train` (also under torchrun). A mistake in the config,
     the data or a checkpoint is one line on rank 0 and exit code 2 on every rank; a run stopped by
-    non-finite steps exits with 3; a stop by signal after saving exits with 0."""
+    non-finite steps exits with 3; a stop by signal after saving exits with 0 (however many signals came:
+    the checkpoint is committed first). An interrupt before training starts, or with
+    checkpoint.save_on_signal off, exits with 130 without saving."""
     import argparse
 
     import yaml
@@ -628,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error(str(e))
         return 3
     except KeyboardInterrupt:
-        _report("interrupted", rank)
+        _report("interrupted, without saving (the checkpoints already committed are intact)", rank)
         return 130
     finally:
         if dist.is_initialized():

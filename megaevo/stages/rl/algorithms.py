@@ -31,7 +31,9 @@ Conventions chosen here:
 * ``clipfrac`` counts the tokens whose clipped surrogate was the larger (so the one used), i.e. the tokens
   whose gradient the clip removed; ties (ratio inside the range) are not clipped;
 * log-ratios are clamped to ±20 before ``exp`` in :func:`policy_loss` and the k3 estimator, so one extreme
-  token gives a large finite number instead of ``inf``.
+  token gives a large finite number instead of ``inf``; k3 itself is clamped to at most 10 per token (as
+  verl and NeMo-RL do), so a token the reference finds far less likely cannot outweigh the rest of the
+  batch (such a token then adds no gradient to a KL loss term).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ import torch
 from megaevo.parallel import compat
 
 LOG_RATIO_CLAMP = 20.0
+K3_CLAMP = 10.0  # the most one token's k3 estimate counts
 AGGREGATION_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -191,8 +194,8 @@ def token_level_rewards(scores: torch.Tensor, response_mask: torch.Tensor) -> to
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(policy ‖ reference) from tokens sampled from the policy (no mask applied:
     weigh it with the response mask). With ``d = logp − ref_logp``: ``k1 = d`` (unbiased, can be negative);
-    ``k2 = ½ d²``; ``k3 = exp(−d) + d − 1`` (unbiased, never negative, low variance; ``d`` clamped to ±20).
-    All three are 0 where the policy equals the reference."""
+    ``k2 = ½ d²``; ``k3 = exp(−d) + d − 1`` (unbiased, never negative, low variance; ``d`` clamped to ±20
+    and the estimate to at most :data:`K3_CLAMP`). All three are 0 where the policy equals the reference."""
     d = logp - ref_logp
     if estimator == "k1":
         return d
@@ -200,7 +203,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
         return 0.5 * d.square()
     if estimator == "k3":
         neg = (-d).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # log(ref / policy)
-        return (torch.expm1(neg) - neg).clamp(min=0.0)
+        return (torch.expm1(neg) - neg).clamp(0.0, K3_CLAMP)
     raise ValueError(f"unknown KL estimator {estimator!r}: use one of {', '.join(KL_ESTIMATORS)}")
 
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaevo.config import Config, OptimConfig
+from megaevo.inference.decode import weights_changed
 from megaevo.model.llama import LlamaStage, RMSNorm
 from megaevo.parallel.data_parallel import GradBuffers
 from megaevo.parallel.layers import allreduce_sequence_parallel_grads, tag_param
@@ -119,7 +120,9 @@ class Critic:
         value = trainer.forward_backward(batches, loss, pipeline=self.pipeline, buffers=self.buffers)
         self.buffers.finish_grad_sync()
         allreduce_sequence_parallel_grads(self.params.values(), self.state, grad_attr="main_grad")
-        return value, (self.optimizer.step(lr) if math.isfinite(value) else None)
+        result = self.optimizer.step(lr) if math.isfinite(value) else None
+        weights_changed(self.model)  # as the engine does for the actor
+        return value, result
 
     # -- checkpoints -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -3,10 +3,10 @@
 A prompt record is a plain dict made by :func:`load_prompts` from the evaluation task loaders
 (:mod:`megaevo.eval.tasks`):
 
-* from an EvoLM-format jsonl set (``id, problem, gt_solution, gt_answer``; a path or a set's name in the
-  evaluation data directory): ``{"id", "problem", "answer", "grader", "source"}``, where ``answer`` is the
-  gold answer (``gt_answer``, or the answer stated in ``gt_solution`` when that is null) and ``grader``
-  is ``{"kind", "labels", "bare"}``, the set's grader as evaluation uses it;
+* from an EvoLM-format jsonl set (``problem`` with ``gt_answer`` or ``gt_solution``, ``id`` optional; a path
+  or a set's name in ``rl.prompts_data_dir``): ``{"id", "problem", "answer", "grader", "source"}``, where
+  ``answer`` is the gold answer (``gt_answer``, or the answer stated in ``gt_solution`` when there is no
+  ``gt_answer``) and ``grader`` is ``{"kind", "labels", "bare"}``, the set's grader as evaluation uses it;
 * from ``rg:NAME[:COUNT[:SEED]]``: ``{"id", "problem", "entry", "task", "source"}``, where ``entry`` is the
   reasoning-gym entry (``question``, ``answer``, ``metadata``) and ``task`` its dataset's name.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from megaevo.errors import UserError
@@ -216,13 +217,19 @@ def load_prompts(specs: str | Sequence[str], data_dir: str | None = None, limit:
     set (a path, or a set's name in ``data_dir`` / ``$MEGAEVO_EVAL_DIR``) or ``rg:NAME[:COUNT[:SEED]]``;
     ``limit`` caps the problems taken from each. A :class:`UserError` for a spec that names no
     problem/answer set (e.g. a multiple-choice set)."""
-    from megaevo.eval.tasks import GenerativeTask, resolve_task
+    from megaevo.eval.tasks import EvalError, GenerativeTask, resolve_task
 
     if isinstance(specs, str):
         specs = [specs]
     records: list[dict] = []
     for spec in specs:
-        task = resolve_task(str(spec), data_dir, limit=limit)
+        try:
+            task = resolve_task(str(spec), data_dir, limit=limit)
+        except EvalError:
+            missing = _missing_set(str(spec), data_dir)
+            if missing:
+                raise UserError(missing) from None
+            raise
         if not isinstance(task, GenerativeTask):
             raise UserError(f"rl.prompts: {spec!r} is not a set of problems with answers (an EvoLM-format jsonl "
                             f"with problem and gt_answer/gt_solution, or rg:NAME[:COUNT[:SEED]])")
@@ -240,6 +247,27 @@ def load_prompts(specs: str | Sequence[str], data_dir: str | None = None, limit:
                 records.append({"id": p.id, "problem": p.problem, "answer": p.gold, "grader": dict(grader),
                                 "source": task.name})
     return records
+
+
+def _missing_set(spec: str, data_dir: str | None) -> str | None:
+    """What is wrong when ``spec`` names no prompt file: the message in the terms of the run's settings
+    (``rl.prompts``, ``rl.prompts_data_dir``); None when the spec names something that exists."""
+    from megaevo.eval.tasks import ENV_DATA_DIR, data_dir as eval_data_dir, known_tasks
+
+    if spec.startswith("rg:") or Path(spec).is_file():
+        return None
+    if Path(spec).suffix == ".jsonl":
+        return f"rl.prompts: {spec}: no such file"
+    d = eval_data_dir(data_dir)
+    if d is not None and (d / f"{spec}.jsonl").is_file():
+        return None
+    head = f"rl.prompts: {spec!r} is not a file"
+    if d is None:
+        return (f"{head} (a set's name is looked up as NAME.jsonl in rl.prompts_data_dir or ${ENV_DATA_DIR}, and "
+                f"neither is set)")
+    where = f"rl.prompts_data_dir={d}" if data_dir else f"${ENV_DATA_DIR}={d}"
+    known = known_tasks(d)
+    return f"{head}, and {where} has no {spec}.jsonl" + (f" (it has {', '.join(known)})" if known else "")
 
 
 __all__ = ["CustomReward", "RewardFunction", "RewardResult", "VerifiableReward", "build_reward", "load_callable",

@@ -10,11 +10,13 @@ One engine iteration is one rollout batch (the engine's ``run_iteration`` hook, 
 3. **Log-probabilities.** The training forward, without gradients, over the step's micro-batches: the
    policy's ``old_logp`` and entropy (``token_mult_prob_error`` compares ``old_logp`` with the sampler's
    log-probabilities), the frozen reference's ``ref_logp`` when ``rl.kl_coef`` > 0, the critic's values
-   for PPO.
+   for PPO. A ``token_mult_prob_error`` over ``1 + rl.max_prob_error`` (the whole step's, every DP rank)
+   stops the run here, before any update: the rollouts were not sampled from the policy being trained.
 4. **Advantages.** GRPO: each group's scores centred (and divided by the group's std unless
    ``rl.normalize_std`` is off), the same for every response token. PPO: the score on the last response
-   token (minus ``kl_coef`` x KL per token with ``rl.kl_in_reward``), GAE(``gamma``, ``lam``) over the
-   critic's values, whitened over the whole global batch (every DP rank) with ``rl.whiten_advantages``.
+   token (minus ``kl_coef`` x KL per token by ``rl.kl_reward_estimator``, k1 by default, with
+   ``rl.kl_in_reward``), GAE(``gamma``, ``lam``) over the critic's values, whitened over the whole global
+   batch (every DP rank) with ``rl.whiten_advantages``.
 5. **Updates.** ``rl.epochs`` passes over ``rl.mini_batches`` mini-batches, one optimizer update of the
    actor each through the engine (``Trainer.update``: forward/backward normalised by the aggregation's
    global count, gradient reduction, clipping, AdamW), and for PPO one of the critic on the same
@@ -49,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from megaevo.config import Config, ConfigError, Layout, RLConfig, resolve_dtype
+from megaevo.inference.decode import weights_changed
 from megaevo.log import get_logger
 from megaevo.model.llama import build_chunks
 from megaevo.parallel import compat
@@ -62,6 +65,7 @@ from megaevo.stages.rl.critic import Critic
 from megaevo.stages.rl.rewards import build_reward
 from megaevo.stages.rl.rollout import PromptStream, load_prompt_set, rollout_tensors, sample_responses
 from megaevo.training.checkpoint import LoadedCheckpoint, load_local_weights, resolve_checkpoint
+from megaevo.training.trainer import TrainingStopped
 
 log = get_logger(__name__)
 
@@ -210,10 +214,11 @@ class RLRun:
             raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens, more than "
                               f"model.vocab_size={cfg.model.vocab_size}")
         self.decodable = self.tokenizer.vocab_size if self.tokenizer.vocab_size < cfg.model.vocab_size else None
-        self.prompts = load_prompt_set(r.prompts, self.tokenizer, r.template, r.max_prompt_len, r.prompts_data_dir)
+        prompt_len = r.prompt_len(cfg.model.max_seq_len)
+        self.prompts = load_prompt_set(r.prompts, self.tokenizer, r.template, prompt_len, r.prompts_data_dir)
         if state.tp_rank == state.dp_rank == 0:
             log.info(f"RL prompts: {len(self.prompts):,} from {', '.join(map(str, r.prompts))}"
-                     + (f"; {self.prompts.dropped:,} longer than rl.max_prompt_len={r.max_prompt_len} left out"
+                     + (f"; {self.prompts.dropped:,} longer than rl.max_prompt_len={prompt_len} left out"
                         if self.prompts.dropped else "")
                      + f"; {r.prompts_per_step} prompts x {r.n} samples per step ({r.algorithm})")
         self.source = RLSource(PromptStream(len(self.prompts), t.seed, r.prompts_per_step, state))
@@ -232,6 +237,8 @@ class RLRun:
             self.reference = build_chunks(cfg.model, state, seed=t.seed, device=device, dtype=self.dtype)[0]
             self.reference.requires_grad_(False).eval()
         self.critic = Critic(cfg, state, device, self.dtype) if r.algorithm == "ppo" else None
+        # The `kl` metric: the rollout policy's KL to the reference by the estimator of the run's KL term.
+        self.kl_shown = r.kl_reward_estimator if r.kl_in_reward else r.kl_estimator
         self.policy_loss = PolicyLoss(r, state, self.decodable)
         self.value_loss = ValueLoss(r)
         self.pad_to = state.tp_size if state.sequence_parallel_active else 1
@@ -271,6 +278,7 @@ class RLRun:
         named = self.reference.named_parameters_with_meta()
         with torch.no_grad():
             load_local_weights(ck, {n: p for n, p, _ in named}, {n: m for n, _, m in named})
+        weights_changed(self.reference)
         if self.state.tp_rank == self.state.dp_rank == 0:
             log.info(f"reference policy: {ck.path}")
 
@@ -300,6 +308,7 @@ class RLRun:
         lengths = data.pop("lengths")
         plan = self._plan(lengths)
         entropy = self._forward_passes(chunk, data, plan)
+        self._check_on_policy(data, it)
         clock.lap("logprob")
         extra = self._advantages(data, scores)
 
@@ -380,6 +389,26 @@ class RLRun:
             data["old_values"] = values * mask
         return entropy
 
+    def _check_on_policy(self, data: dict, iteration: int) -> None:
+        """Stop the run (on every rank alike) when the step's ``token_mult_prob_error`` is over
+        ``1 + rl.max_prob_error``: the sampler's log-probabilities are not the policy's."""
+        r, s = self.cfg.rl, self.state
+        if r.max_prob_error is None or r.temperature != 1.0:
+            return
+        err = token_mult_prob_error(data["rollout_logp"], data["old_logp"], data["mask"])
+        both = torch.stack([err.total, err.count]).to(device=self.device, dtype=torch.float64)
+        if s.dp_group is not None:
+            compat.all_reduce(both, group=s.dp_group)
+        value = SumCount(both[0], both[1]).mean()  # nan without response tokens, and then not judged
+        bad = torch.tensor([float(value - 1.0 > r.max_prob_error)], device=self.device)
+        if s.tp_group is not None:  # TP ranks' forwards may round differently: one decision for all
+            compat.all_reduce(bad, op=dist.ReduceOp.MAX, group=s.tp_group)
+        if bad.item():
+            raise TrainingStopped(f"iteration {iteration + 1}: token_mult_prob_error={value:.4g} is more than "
+                                  f"rl.max_prob_error={r.max_prob_error:g} away from 1: the rollouts were not sampled "
+                                  f"from the policy being trained (the sampler's log-probabilities differ from the "
+                                  f"training forward's); stopping before this step's updates")
+
     def _advantages(self, data: dict, scores: torch.Tensor) -> dict:
         """Fill ``advantages`` (and PPO's ``returns``); returns the statistics they give."""
         r, s = self.cfg.rl, self.state
@@ -390,7 +419,7 @@ class RLRun:
             return extra
         rewards = token_level_rewards(scores, mask)
         if r.kl_in_reward and self.reference is not None:
-            rewards = rewards - r.kl_coef * kl_penalty(data["old_logp"], data["ref_logp"], r.kl_estimator) * mask
+            rewards = rewards - r.kl_coef * kl_penalty(data["old_logp"], data["ref_logp"], r.kl_reward_estimator) * mask
         advantages, returns = gae(rewards, data["old_values"], mask, r.gamma, r.lam)
         if r.whiten_advantages:
             advantages = masked_whiten(advantages, mask, group=s.dp_group)
@@ -418,7 +447,7 @@ class RLRun:
         if r.temperature == 1.0:
             sums["token_mult_prob_error"] = token_mult_prob_error(data["rollout_logp"], data["old_logp"], mask)
         if self.reference is not None:
-            sums["kl"] = _sum_count(kl_penalty(data["old_logp"], data["ref_logp"], r.kl_estimator), mask)
+            sums["kl"] = _sum_count(kl_penalty(data["old_logp"], data["ref_logp"], self.kl_shown), mask)
         for k in ("values", "returns"):
             if k in extra:
                 sums[k] = extra[k]
@@ -452,6 +481,8 @@ class RLRun:
         for k in ("token_mult_prob_error", "kl", "kl_loss"):
             if k in mean:
                 out[k] = mean[k]
+        if "kl" in out:
+            out["kl_estimator"] = self.kl_shown
         if "explained_variance" in extra:
             out.update(explained_variance=extra["explained_variance"], values_mean=mean["values"],
                        returns_mean=mean["returns"])
@@ -476,5 +507,5 @@ def _mean(values: list[float]) -> float:
 def rl_stage(cfg: Config, layout: Layout, state: ParallelState, device: torch.device) -> RLStage:
     """The RL stage of ``cfg`` (see the module's doc)."""
     run = RLRun(cfg, layout, state, device)
-    return RLStage("rl", run.source, run.policy_loss, tokens_per_sample=cfg.rl.max_prompt_len + cfg.rl.max_new_tokens,
-                   run=run)
+    tokens_per_sample = cfg.rl.prompt_len(cfg.model.max_seq_len) + cfg.rl.max_new_tokens
+    return RLStage("rl", run.source, run.policy_loss, tokens_per_sample=tokens_per_sample, run=run)
