@@ -32,8 +32,8 @@ def _tokenizer_train(args) -> int:
 def _preprocess(args) -> int:
     if args.sft:
         if args.json_key is not None:
-            raise UserError("--json-key does not apply with --sft: conversations are read from 'messages', "
-                            "'prompt'/'response' or 'problem'/'gt_solution'")
+            raise UserError("--json-key does not apply with --sft (nor --key): conversations are read by "
+                            "--format, or from the columns --columns names")
         if args.append_eod:
             raise UserError("--append-eod does not apply with --sft: the --template decides where EOS goes")
         from megaevo.data.sft import preprocess_sft
@@ -46,10 +46,14 @@ def _preprocess(args) -> int:
             workers=args.workers,
             on_error=args.on_error,
             progress=not args.quiet,
+            fmt=args.format or "auto",
+            columns=args.columns,
+            shard=args.shard,
         )
     else:
-        if args.template is not None:
-            raise UserError("--template applies only with --sft (conversations with a chat template)")
+        for flag, value in (("--template", args.template), ("--format", args.format), ("--columns", args.columns)):
+            if value is not None:
+                raise UserError(f"{flag} applies only with --sft (conversations with a chat template)")
         from megaevo.data.preprocess import preprocess
 
         summary = preprocess(
@@ -61,6 +65,7 @@ def _preprocess(args) -> int:
             append_eod=args.append_eod,
             on_error=args.on_error,
             progress=not args.quiet,
+            shard=args.shard,
         )
     print(json.dumps(summary.as_dict()) if args.json else summary.describe())
     return 0
@@ -203,7 +208,17 @@ def _convert(args) -> int:
 
 def _merge(args) -> int:
     from megaevo.data.indexed import merge_datasets
+    from megaevo.data.sft import is_sft_dataset, merge_sft
 
+    sft = [is_sft_dataset(p) for p in args.input]
+    if any(sft) and not all(sft):
+        listing = ", ".join(f"{p} ({'SFT' if s else 'text'})" for p, s in zip(args.input, sft))
+        raise UserError(f"cannot merge SFT datasets (with a loss mask) with text datasets: {listing}")
+    if all(sft):
+        merged = merge_sft(args.input, args.output_prefix)
+        print(f"wrote {merged.prefix}.bin/.idx, .loss_mask.bin and .sft.json: {len(merged):,} conversations, "
+              f"{merged.num_tokens:,} tokens")
+        return 0
     merged = merge_datasets(args.input, args.output_prefix)
     print(f"wrote {merged.prefix}.bin/.idx: {merged.num_documents:,} documents, {len(merged):,} sequences, "
           f"{merged.num_tokens:,} tokens ({merged.dtype})")
@@ -320,26 +335,41 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=1234, help="seed of the line sample (default: %(default)s)")
     t.set_defaults(func=_tokenizer_train)
 
-    pp = sub.add_parser("preprocess", help="tokenize jsonl text into an indexed dataset (.bin/.idx); with --sft, "
+    pp = sub.add_parser("preprocess", help="tokenize text (jsonl, .jsonl.gz, .jsonl.zst, parquet, Hugging Face "
+                                           "dataset folders) into an indexed dataset (.bin/.idx); with --sft, "
                                            "conversations with a chat template and a loss mask")
-    pp.add_argument("--input", nargs="+", required=True, help="jsonl or jsonl.gz files")
-    pp.add_argument("--json-key", default=None, help="field of each jsonl line that holds the document text "
-                                                     "(default: text; not with --sft)")
+    pp.add_argument("--input", nargs="+", required=True,
+                    help="files (jsonl, .jsonl.gz, .jsonl.zst/.zst, .parquet, .arrow), directories (a save_to_disk "
+                         "folder, or every such file under it, sorted by path) or glob patterns (matches sorted)")
+    pp.add_argument("--json-key", "--key", dest="json_key", default=None,
+                    help="jsonl key or parquet/arrow column that holds the document text (default: text; not "
+                         "with --sft)")
     pp.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")
     pp.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx (Megatron-LM's format); "
                                                            "with --sft also PREFIX.loss_mask.bin and PREFIX.sft.json")
     pp.add_argument("--sft", action="store_true",
                     help="SFT conversations: each line holds 'messages' (system/user/assistant), 'prompt' and "
-                         "'response', or 'problem' and 'gt_solution'; one sequence per conversation plus its loss "
-                         "mask (assistant answers)")
+                         "'response', or 'problem' and 'gt_solution' (or see --format, --columns); one sequence per "
+                         "conversation plus its loss mask (assistant answers)")
+    pp.add_argument("--format", choices=("auto", "messages", "alpaca", "sharegpt"), default=None,
+                    help="conversation format with --sft: messages (OpenAI role/content), alpaca (instruction, "
+                         "input, output, system, history), sharegpt (conversations of from/value); auto (default) "
+                         "recognises each line by its keys and refuses a line that fits several")
+    pp.add_argument("--columns", default=None, metavar="prompt=COL,response=COL[,system=COL]",
+                    help="with --sft: one turn from these columns, e.g. prompt=query,response=response "
+                         "(MetaMathQA) or prompt=problem,response=generated_solution (OpenMathInstruct-2)")
+    pp.add_argument("--shard", default=None, metavar="I/N",
+                    help="process only shard I (from 0) of N: a contiguous 1/N of the inputs, cut by file, parquet "
+                         "row group or jsonl byte range; `megaevo merge` of the N outputs in order equals one job "
+                         "over all inputs")
     pp.add_argument("--template", choices=("evolm", "chat", "hf", "raw"), default=None,
                     help="chat template with --sft: evolm (EvoLM's 'Human: ...\\nAssistant:'), chat (megaevo's "
                          "<|user|> tokens), hf (the tokenizer's chat_template), raw (default: evolm)")
     pp.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: %(default)s)")
     pp.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
     pp.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                    help="malformed lines: fail at the first one, naming file and line, writing nothing; or skip "
-                         "and count them (default: %(default)s)")
+                    help="malformed lines or rows: fail at the first one, naming file and line (parquet: row "
+                         "group and row), writing nothing; or skip and count them (default: %(default)s)")
     pp.add_argument("--quiet", action="store_true", help="no progress bar")
     pp.add_argument("--json", action="store_true", help="print the summary as JSON")
     pp.set_defaults(func=_preprocess)
@@ -386,9 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--json", action="store_true", help="print the result as JSON")
     cv.set_defaults(func=_convert)
 
-    mg = sub.add_parser("merge", help="concatenate indexed datasets of one dtype into one")
-    mg.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in order")
-    mg.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    mg = sub.add_parser("merge", help="concatenate indexed datasets of one dtype (or SFT datasets) into one, e.g. "
+                                      "the shards of `preprocess --shard I/N`")
+    mg.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in order (shards: 0 to N-1)")
+    mg.add_argument("--output-prefix", required=True,
+                    help="writes PREFIX.bin and PREFIX.idx (SFT inputs: also PREFIX.loss_mask.bin, PREFIX.sft.json)")
     mg.set_defaults(func=_merge)
 
     d = sub.add_parser("demo", help="build the embedded demo data (no download) and run the tiny model's life "
@@ -472,6 +504,8 @@ OPTIONAL_PACKAGES = {
     "transformers": "pip install transformers",
     "triton": "pip install triton",
     "apex": "see https://github.com/NVIDIA/apex",
+    "pyarrow": "pip install 'megaevo[parquet]'",
+    "zstandard": "pip install 'megaevo[zstd]'",
 }
 
 # OSErrors about a path the user gave (a missing input, an existing output, no permission).

@@ -206,11 +206,13 @@ def test_inputs_are_checked_before_any_work(tmp_path, spm_model, corpus_texts):
     good = write_jsonl(tmp_path / "good.jsonl", corpus_texts[:5])
     with pytest.raises(PreprocessError, match="missing.jsonl: input file not found"):
         preprocess([good, tmp_path / "missing.jsonl"], tmp_path / "sub" / "out", spm_model, progress=False)
-    with pytest.raises(PreprocessError, match="not a file"):
-        preprocess([tmp_path], tmp_path / "sub" / "out", spm_model, progress=False)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.md").write_text("no data here\n")
+    with pytest.raises(PreprocessError, match="docs: no input files in the directory"):
+        preprocess([tmp_path / "docs"], tmp_path / "sub" / "out", spm_model, progress=False)
     with pytest.raises(FileNotFoundError, match="nope.model"):
         preprocess([good], tmp_path / "sub" / "out", tmp_path / "nope.model", progress=False)
-    assert files(tmp_path) == ["good.jsonl"]
+    assert files(tmp_path) == ["docs", "good.jsonl"]
 
 
 def test_hf_tokenizer_through_the_worker_pool(tmp_path, corpus_texts):

@@ -464,3 +464,111 @@ def test_evaluation_renders_hf_prompts_with_the_tokenizers_chat_template(hf_tok,
     with pytest.raises(EvalError, match="--template hf .* needs the model's tokenizer"):
         run_generative(task, type("Bare", (), {"generate": Model.generate, "calls": []})(), progress=False,
                        template="hf", workers=0)
+
+
+# -- formats: alpaca, sharegpt, column maps; shards ----------------------------------------------
+
+def _sft_files(prefix: Path) -> list[bytes]:
+    return [Path(str(prefix) + s).read_bytes() for s in (".bin", ".idx", ".loss_mask.bin")]
+
+
+def _write_lines(path: Path, objects) -> Path:
+    path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects), encoding="utf-8")
+    return path
+
+
+# (messages, alpaca, sharegpt, column-map row) of the same conversations
+FORMAT_CASES = [
+    ([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Add these.\n2 and 3"},
+      {"role": "assistant", "content": "5"}],
+     {"instruction": "Add these.", "input": "2 and 3", "output": "5", "system": SYSTEM},
+     {"system": SYSTEM, "conversations": [{"from": "human", "value": "Add these.\n2 and 3"},
+                                          {"from": "gpt", "value": "5"}]},
+     {"query": "Add these.\n2 and 3", "answer": "5", "sys": SYSTEM}),
+    ([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+      {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6 — naïve café."}],
+     {"instruction": "And 3+3?", "input": "", "output": "6 — naïve café.", "history": [["What is 2+2?", "4"]]},
+     {"conversations": [{"from": "user", "value": "What is 2+2?"}, {"from": "assistant", "value": "4"},
+                        {"from": "human", "value": "And 3+3?"}, {"from": "gpt", "value": "6 — naïve café."}]},
+     None),
+    ([{"role": "user", "content": PROBLEMS[2]}, {"role": "assistant", "content": PROBLEMS[1]}],
+     {"instruction": PROBLEMS[2], "output": PROBLEMS[1]},
+     {"conversations": [{"from": "human", "value": PROBLEMS[2]}, {"from": "gpt", "value": PROBLEMS[1]}]},
+     {"query": PROBLEMS[2], "answer": PROBLEMS[1], "sys": None}),
+]
+
+
+@pytest.mark.parametrize("template", ["evolm", "chat"])
+def test_alpaca_sharegpt_and_column_maps_match_messages(tmp_path, spm_model, template):
+    tok = str(spm_model)
+    run = lambda name, rows, **kw: preprocess_sft([_write_lines(tmp_path / f"{name}.jsonl", rows)], tmp_path / name,
+                                                  tok, template, progress=False, **kw)
+    run("messages", [{"messages": m} for m, *_ in FORMAT_CASES], fmt="messages")
+    want = _sft_files(tmp_path / "messages")
+    run("alpaca", [a for _, a, _, _ in FORMAT_CASES], fmt="alpaca")
+    run("alpaca_auto", [a for _, a, _, _ in FORMAT_CASES])
+    run("sharegpt", [s for _, _, s, _ in FORMAT_CASES], fmt="sharegpt")
+    for name in ("alpaca", "alpaca_auto", "sharegpt"):
+        assert _sft_files(tmp_path / name) == want, name
+    # a column map covers single-turn rows (cases 0 and 2), here from a parquet file
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    single = [FORMAT_CASES[0], FORMAT_CASES[2]]
+    run("messages1", [{"messages": m} for m, *_ in single])
+    pq.write_table(pa.Table.from_pylist([c for *_, c in single]), tmp_path / "metamath.parquet", row_group_size=1)
+    preprocess_sft([tmp_path / "metamath.parquet"], tmp_path / "cols", tok, template, progress=False,
+                   columns="prompt=query,response=answer,system=sys")
+    assert _sft_files(tmp_path / "cols") == _sft_files(tmp_path / "messages1")
+
+
+def test_format_errors_name_the_problem(tmp_path, spm_model):
+    with pytest.raises(ConversationError, match="ambiguous line: it could be messages or prompt/response"):
+        conversation_of({"messages": [], "prompt": "a", "response": "b"})
+    with pytest.raises(ConversationError, match="could be prompt/response or alpaca"):
+        conversation_of({"instruction": "a", "output": "b", "response": "c"})
+    assert conversation_of({"instruction": "a", "output": "b", "response": "c"}, "alpaca")[-1]["content"] == "b"
+    with pytest.raises(ConversationError, match="role 'observation' \\(a tool turn\\) is not supported"):
+        conversation_of({"conversations": [{"from": "observation", "value": "x"}]}, "sharegpt")
+    with pytest.raises(ConversationError, match="key 'conversations' missing"):
+        conversation_of({"messages": []}, "sharegpt")
+    tool = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}, {"role": "assistant", "content": "ok"}]
+    src = _write_lines(tmp_path / "tool.jsonl", [{"messages": tool}])
+    with pytest.raises(PreprocessError, match=r"tool\.jsonl:1: messages\[1\]: role 'tool' \(a tool result\) is not "
+                                              r"supported"):
+        preprocess_sft([src], tmp_path / "out", str(spm_model), progress=False)
+    for columns, match in (("prompt=q", "needs response=COLUMN"), ("prompt=q,answer=a,response=r", "unknown role"),
+                           ("prompt", "not ROLE=COLUMN")):
+        with pytest.raises(PreprocessError, match=match):
+            preprocess_sft([src], tmp_path / "out", str(spm_model), columns=columns, progress=False)
+    with pytest.raises(PreprocessError, match="exclusive"):
+        preprocess_sft([src], tmp_path / "out", str(spm_model), fmt="alpaca", columns="prompt=q,response=r",
+                       progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tool.jsonl"]
+
+
+def test_cli_sft_formats_shards_and_merge(monkeypatch, tmp_path, spm_model, capsys):
+    monkeypatch.setattr("megaevo.data.readers.PIECE_BYTES", 300)  # the file is cut into byte ranges
+    rows = [a for _, a, _, _ in FORMAT_CASES] * 4
+    src = _write_lines(tmp_path / "alpaca.jsonl", rows)
+    base = ["preprocess", "--sft", "--template", "chat", "--tokenizer", str(spm_model), "--input", str(src),
+            "--format", "alpaca", "--quiet"]
+    assert cli.main(base + ["--output-prefix", str(tmp_path / "whole")]) == 0
+    for i in range(3):
+        assert cli.main(base + ["--output-prefix", str(tmp_path / f"s{i}"), "--shard", f"{i}/3"]) == 0
+    capsys.readouterr()
+    assert cli.main(["merge", "--input", *(str(tmp_path / f"s{i}") for i in range(3)),
+                     "--output-prefix", str(tmp_path / "merged")]) == 0
+    assert "12 conversations" in capsys.readouterr().out
+    assert all(len(SFTDataset(tmp_path / f"s{i}")) for i in range(3))
+    assert _sft_files(tmp_path / "merged") == _sft_files(tmp_path / "whole")
+    whole, merged = (json.loads((tmp_path / f"{n}.sft.json").read_text()) for n in ("whole", "merged"))
+    assert (merged.pop("loss_mask"), whole.pop("loss_mask")) == ("merged.loss_mask.bin", "whole.loss_mask.bin")
+    assert merged == whole
+    preprocess([_write_lines(tmp_path / "text.jsonl", [{"text": "a b c"}])], tmp_path / "plain", str(spm_model),
+               progress=False)
+    assert cli.main(["merge", "--input", str(tmp_path / "whole"), str(tmp_path / "plain"),
+                     "--output-prefix", str(tmp_path / "m2")]) == 2
+    assert "cannot merge SFT datasets (with a loss mask) with text datasets" in capsys.readouterr().err
+    assert cli.main(["preprocess", "--tokenizer", str(spm_model), "--input", str(src), "--output-prefix",
+                     str(tmp_path / "t"), "--format", "alpaca"]) == 2
+    assert "--format applies only with --sft" in capsys.readouterr().err

@@ -1,12 +1,18 @@
-"""Tokenize jsonl(.gz) documents into an indexed dataset (`prefix.bin` + `prefix.idx`) with a worker pool.
+"""Tokenize documents into an indexed dataset (`prefix.bin` + `prefix.idx`) with a worker pool.
 
-The main process reads lines and writes tokens; workers parse JSON and tokenize chunks of lines.
-Results are consumed in input order, so the output is the same for any number of workers. The
-dataset appears under its final name only when every input has been read without error.
+Inputs are read by :mod:`megaevo.data.readers` (jsonl, .jsonl.gz, .jsonl.zst, parquet, arrow and
+Hugging Face dataset folders, directories and globs). The main process reads records and writes tokens;
+workers parse JSON and tokenize chunks of records. Results are consumed in input order, so the output is
+the same for any number of workers, and the same texts give the same bytes whatever container holds
+them. With ``shard=(i, n)`` the job reads only the i-th of n contiguous runs of the inputs' pieces (see
+:func:`megaevo.data.readers.shard_pieces`); ``megaevo merge`` of the n outputs in order equals the
+unsharded job's output. The dataset appears under its final name only when every input has been read
+without error.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -15,12 +21,12 @@ import os
 import signal
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from megaevo.data import readers
 from megaevo.data.indexed import IndexedDatasetWriter, token_dtype
 from megaevo.data.tokenizers import Tokenizer, load_tokenizer
 from megaevo.errors import UserError
@@ -39,6 +45,28 @@ class PreprocessError(UserError):
     """An input is missing, unreadable or malformed."""
 
 
+@contextlib.contextmanager
+def _input_errors():
+    """A reader's InputError as a PreprocessError (same message)."""
+    try:
+        yield
+    except readers.InputError as e:
+        raise PreprocessError(str(e)) from None
+
+
+def parse_shard(spec) -> tuple[int, int] | None:
+    """``"I/N"`` (I from 0 to N-1) as (I, N); None stays None."""
+    if spec is None or isinstance(spec, tuple):
+        return spec
+    try:
+        i, n = (int(x) for x in str(spec).split("/"))
+    except ValueError:
+        raise PreprocessError(f"--shard {spec!r}: expected I/N, e.g. 0/8 (shards numbered from 0)") from None
+    if n < 1 or not 0 <= i < n:
+        raise PreprocessError(f"--shard {spec}: I must be in 0..N-1 and N at least 1")
+    return i, n
+
+
 @dataclasses.dataclass
 class PreprocessSummary:
     inputs: list[str]
@@ -54,13 +82,15 @@ class PreprocessSummary:
     tokens_per_s: float
     dtype: str
     workers: int
+    shard: str | None = None  # "I/N" for a sharded job
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
+        part = f", shard {self.shard}" if self.shard else ""
         lines = [
-            f"wrote {self.output_prefix}.bin/.idx ({self.dtype}) from {len(self.inputs)} input(s)",
+            f"wrote {self.output_prefix}.bin/.idx ({self.dtype}) from {len(self.inputs)} input(s){part}",
             f"  documents  {self.documents:,}",
             f"  tokens     {self.tokens:,}",
             f"  time       {self.seconds:.2f} s with {self.workers} worker(s): "
@@ -87,23 +117,31 @@ def open_input(path: str | os.PathLike) -> BinaryIO:
 
 
 def check_inputs(inputs) -> list[Path]:
-    """The inputs as paths, after checking that each is a readable file."""
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise PreprocessError("no input files given")
+    """The input files (directories and globs expanded, see :mod:`megaevo.data.readers`), after checking
+    that each is readable."""
+    with _input_errors():
+        paths = readers.expand_inputs(inputs)
     for p in paths:
-        if not p.exists():
-            raise PreprocessError(f"{p}: input file not found")
-        if not p.is_file():
-            raise PreprocessError(f"{p}: not a file")
         try:
-            with open_input(p) as f:
+            with open(p, "rb") as f:
                 f.read(1)
         except OSError as e:
             raise PreprocessError(f"{p}: cannot read ({e.strerror or e})") from None
     return paths
+
+
+def plan_inputs(inputs, column: str | None = None, shard: tuple[int, int] | None = None
+                ) -> tuple[list[Path], list[readers.Piece]]:
+    """The input files and the pieces this job reads (all of them, or one shard's run), each checked for
+    a corrupt or truncated container and a missing ``column`` before any work."""
+    paths = check_inputs(inputs)
+    with _input_errors():
+        pieces = [piece for p in paths for piece in readers.pieces_of(p)]
+        if shard is not None:
+            pieces = readers.shard_pieces(pieces, *shard)
+        for piece in pieces:
+            readers.check_piece(piece, column)
+    return paths, pieces
 
 
 # -- encoding (runs in workers) ------------------------------------------------------------------
@@ -116,8 +154,13 @@ class _Encoded:
     empty: int
 
 
-def _text_of(raw: bytes, json_key: str) -> str:
-    """The document text of one jsonl line, or ValueError with the reason it is malformed."""
+def _text_of(raw, json_key: str) -> str:
+    """The document text of one jsonl line (bytes) or column value (str or None), or ValueError with the
+    reason it is malformed."""
+    if raw is None:
+        raise ValueError(f"{json_key!r} is null")
+    if isinstance(raw, str):
+        return raw
     try:
         obj = json.loads(raw)
     except UnicodeDecodeError:
@@ -135,11 +178,11 @@ def _text_of(raw: bytes, json_key: str) -> str:
     return text
 
 
-def encode_lines(tokenizer: Tokenizer, lines: list[bytes], json_key: str, eod: int | None, dtype) -> _Encoded:
-    """Tokenize the documents of a chunk of jsonl lines; blank lines are ignored."""
+def encode_lines(tokenizer: Tokenizer, lines: list, json_key: str, eod: int | None, dtype) -> _Encoded:
+    """Tokenize the documents of a chunk of jsonl lines or column values; blank lines are ignored."""
     docs, lengths, errors, empty = [], [], [], 0
     for i, raw in enumerate(lines):
-        if not raw.strip():
+        if isinstance(raw, bytes) and not raw.strip():
             continue
         try:
             text = _text_of(raw, json_key)
@@ -179,41 +222,28 @@ def _encode_in_worker(task):
 
 # -- reading and ordering ------------------------------------------------------------------------
 
-def _read_chunks(paths: list[Path]) -> Iterator[tuple[int, int, list[bytes]]]:
-    """(input index, first line number, lines) for chunks of each input in turn."""
-    for index, path in enumerate(paths):
-        lines: list[bytes] = []
-        first, size, lineno = 1, 0, 0
-        try:
-            with open_input(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    lines.append(line)
-                    size += len(line)
-                    if len(lines) >= CHUNK_LINES or size >= CHUNK_BYTES:
-                        yield index, first, lines
-                        lines, first, size = [], lineno + 1, 0
-        except (OSError, EOFError, zlib.error) as e:
-            raise PreprocessError(f"{path}: read failed after line {lineno}: {e}") from None
-        if lines:
-            yield index, first, lines
+def _read_chunks(pieces: list[readers.Piece], column: str | None) -> Iterator[readers.Chunk]:
+    """The chunks of each piece in turn (records: jsonl lines, or ``column``'s values; whole rows if None)."""
+    for piece in pieces:
+        yield from readers.read_chunks(piece, column, CHUNK_LINES)
 
 
 def _encoded_chunks(chunks, encode_args, tokenizer: Tokenizer, pool, window: int, encode=encode_lines):
-    """(input index, first line, encode(tokenizer, lines, *encode_args)) in input order, at most `window`
-    chunks in flight; `encode` is a module-level function (workers receive it by reference)."""
+    """(chunk, encode(tokenizer, chunk.records, *encode_args)) in input order, at most `window` chunks in
+    flight; `encode` is a module-level function (workers receive it by reference)."""
     if pool is None:
-        for index, first, lines in chunks:
-            yield index, first, encode(tokenizer, lines, *encode_args)
+        for chunk in chunks:
+            yield chunk, encode(tokenizer, chunk.records, *encode_args)
         return
     pending: collections.deque = collections.deque()
-    for index, first, lines in chunks:
-        pending.append((index, first, pool.apply_async(_encode_in_worker, ((encode, lines, *encode_args),))))
+    for chunk in chunks:
+        pending.append((chunk, pool.apply_async(_encode_in_worker, ((encode, chunk.records, *encode_args),))))
         if len(pending) >= window:
-            index, first, result = pending.popleft()
-            yield index, first, result.get()
+            chunk, result = pending.popleft()
+            yield chunk, result.get()
     while pending:
-        index, first, result = pending.popleft()
-        yield index, first, result.get()
+        chunk, result = pending.popleft()
+        yield chunk, result.get()
 
 
 def _progress_bar(enabled: bool):
@@ -246,12 +276,13 @@ class JobReport:
     locations: list[str]
 
 
-def encode_inputs(paths: list[Path], tokenizer, tok: Tokenizer, encode_args: tuple, *, workers: int, on_error: str,
-                  progress: bool, consume, encode=encode_lines) -> JobReport:
-    """Encode the jsonl inputs chunk by chunk (in a pool of ``workers`` processes when more than one) and
+def encode_inputs(pieces: list[readers.Piece], tokenizer, tok: Tokenizer, encode_args: tuple, *, workers: int,
+                  on_error: str, progress: bool, consume, encode=encode_lines, column: str | None = None) -> JobReport:
+    """Encode the input pieces chunk by chunk (in a pool of ``workers`` processes when more than one) and
     hand each chunk's result, in input order, to ``consume(enc, bar)``, which writes it and updates the
     progress bar. A malformed line raises PreprocessError naming file and line (``on_error="fail"``) or
-    is counted and its place kept (``"skip"``). The pool is torn down however the job ends."""
+    is counted and its place kept (``"skip"``). ``column`` picks a parquet/arrow column (None: whole rows).
+    The pool is torn down however the job ends."""
     skipped, locations = 0, []
     pool = bar = None
     try:
@@ -259,19 +290,21 @@ def encode_inputs(paths: list[Path], tokenizer, tok: Tokenizer, encode_args: tup
             spec = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok
             pool = multiprocessing.get_context().Pool(workers, _init_worker, (spec,))
         bar = _progress_bar(progress)
-        for index, first, enc in _encoded_chunks(_read_chunks(paths), encode_args, tok, pool, 4 * workers, encode):
-            for offset, reason in enc.errors:
-                where = f"{paths[index]}:{first + offset}: {reason}"
-                if on_error == "fail":
-                    raise PreprocessError(f"{where} (use --on-error skip to skip malformed lines and count them; "
-                                          f"on_error='skip' in Python)")
-                skipped += 1
-                if len(locations) < MAX_LOCATIONS:
-                    locations.append(where)
-                if skipped <= MAX_WARNINGS:
-                    with bar.external_write_mode(file=sys.stderr):  # the line goes above the progress bar
-                        logger.warning("skipping %s", where)
-            consume(enc, bar)
+        chunks = _read_chunks(pieces, column)
+        with _input_errors():
+            for chunk, enc in _encoded_chunks(chunks, encode_args, tok, pool, 4 * workers, encode):
+                for offset, reason in enc.errors:
+                    where = f"{chunk.path}:{chunk.where(offset)}: {reason}"
+                    if on_error == "fail":
+                        raise PreprocessError(f"{where} (use --on-error skip to skip malformed lines and count them; "
+                                              f"on_error='skip' in Python)")
+                    skipped += 1
+                    if len(locations) < MAX_LOCATIONS:
+                        locations.append(where)
+                    if skipped <= MAX_WARNINGS:
+                        with bar.external_write_mode(file=sys.stderr):  # the line goes above the progress bar
+                            logger.warning("skipping %s", where)
+                consume(enc, bar)
         if pool is not None:
             pool.close()
             pool.join()
@@ -298,8 +331,10 @@ def preprocess(
     append_eod: bool = False,
     on_error: str = "fail",
     progress: bool = True,
+    shard: tuple[int, int] | str | None = None,
 ) -> PreprocessSummary:
-    """Tokenize the string under json_key of every line of the jsonl(.gz) inputs, in order, into output_prefix.
+    """Tokenize the string under json_key (a jsonl key, or a parquet/arrow column) of every record of the
+    inputs, in order, into output_prefix; with ``shard=(i, n)`` (or ``"i/n"``) only the i-th of n runs.
 
     One sequence per document (plus the end-of-document token when append_eod). Blank lines are
     ignored. A document that encodes to no tokens is kept as Megatron-LM keeps it: an entry of the
@@ -311,7 +346,8 @@ def preprocess(
         raise PreprocessError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     if workers < 1:
         raise PreprocessError(f"workers (--workers) must be at least 1, got {workers}")
-    paths = check_inputs(inputs)
+    shard = parse_shard(shard)
+    paths, pieces = plan_inputs(inputs, json_key, shard)
     tok = load_tokenizer(tokenizer)
     eod = None
     if append_eod:
@@ -343,8 +379,8 @@ def preprocess(
         bar.set_postfix_str(speed + (f", {empty:,} empty" if empty else ""), refresh=False)
 
     try:
-        report = encode_inputs(paths, tokenizer, tok, encode_args, workers=workers, on_error=on_error,
-                               progress=progress, consume=consume)
+        report = encode_inputs(pieces, tokenizer, tok, encode_args, workers=workers, on_error=on_error,
+                               progress=progress, consume=consume, column=json_key)
         writer.finalize()
     except BaseException:
         writer.abort()
@@ -368,4 +404,5 @@ def preprocess(
         tokens_per_s=round(writer.num_tokens * rate, 1),
         dtype=str(dtype),
         workers=workers,
+        shard=f"{shard[0]}/{shard[1]}" if shard else None,
     )

@@ -135,19 +135,26 @@ def resolve_task(spec: str, data_dir_: str | os.PathLike | None = None, limit: i
 # ---- loaders --------------------------------------------------------------------------------------------
 
 def read_jsonl(path: Path):
-    """(line number, object) for each non-blank line of a jsonl file; an :class:`EvalError` naming
-    ``file:line`` for a line that is not a JSON object."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    """(line number, object) for each non-blank line of a jsonl file (also .jsonl.gz, .jsonl.zst, or
+    parquet/arrow rows, located as ``row group G, row R``; see :mod:`megaevo.data.readers`); an
+    :class:`EvalError` naming ``file:line`` for a line that is not a JSON object."""
+    from megaevo.data.readers import iter_records
+
+    for line_no, line in iter_records(path):
+        if isinstance(line, bytes):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise EvalError(f"{path}:{line_no}: not valid UTF-8") from None
             except json.JSONDecodeError as e:
                 raise EvalError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise EvalError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            yield line_no, row
+        else:
+            row = line
+        if not isinstance(row, dict):
+            raise EvalError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        yield line_no, row
 
 
 def _first_row(path: Path) -> dict:
