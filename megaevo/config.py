@@ -157,16 +157,20 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     """Saving every `interval` iterations (0: only at the end), keeping the last `keep_last`
-    (None: all). `load` is None (start fresh), "auto" (the latest checkpoint under out_dir, if
-    any) or a path (one that does not exist stops the run, naming it). `finetune`: take only the model weights from `load` and start at iteration 0
-    with a fresh optimizer and data position (continued pre-training, SFT); once the run has saved
-    checkpoints of its own, a restart resumes those instead. `async_save` is the YAML key `async`.
+    (None: all). `load`: "auto" (the default; null means the same) resumes the latest checkpoint
+    under out_dir when there is one, so launching the same command again continues the run (a
+    finished run says so and trains nothing); "none" starts fresh at iteration 0 even over existing
+    checkpoints; a path (one that does not exist stops the run, naming it) is where the run starts
+    from until it has checkpoints of its own, which a relaunch then resumes instead (a path to one of
+    the run's own checkpoints resumes exactly that one). `finetune`: take only the model weights from
+    `load` and start at iteration 0 with a fresh optimizer and data position (continued pre-training,
+    SFT). `async_save` is the YAML key `async`.
     `save_on_signal`: on SIGTERM, SIGINT or SIGUSR1 (a scheduler's preemption or time-limit warning),
     save a checkpoint at the next step boundary and exit cleanly."""
 
     interval: int = 1000
     keep_last: Optional[int] = None
-    load: Optional[str] = None
+    load: Optional[str] = "auto"
     finetune: bool = False
     async_save: bool = field(default=False, metadata={"yaml": "async"})
     save: bool = True
@@ -397,12 +401,12 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------- paths
 
 
-CHECKPOINT_KEYWORDS = ("auto",)  # values of checkpoint.load that are not paths
+CHECKPOINT_KEYWORDS = ("auto", "none")  # values of checkpoint.load that are not paths
 _SCHEME = re.compile(r"^[A-Za-z][\w.+-]*:")  # rg:gcd:200 and other task kinds named by a prefix
 
 
 def _checkpoint_path(value, base: str):
-    """A checkpoint to load: a path, or `auto` (this run's latest)."""
+    """A checkpoint to load: a path, `auto` (this run's latest) or `none` (start fresh)."""
     return value if value in CHECKPOINT_KEYWORDS else configio.absolute_path(value, base)
 
 

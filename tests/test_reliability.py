@@ -274,3 +274,68 @@ def test_mistakes_under_torchrun_are_one_line(data, tmp_path, overrides, setting
     lines = [line for line in outputs[0].splitlines() if line.strip()]
     assert lines[0].startswith("error:") and len(lines) <= 6, outputs[0]  # every problem found, one line each
     assert any(setting in line for line in lines) and "Traceback" not in outputs[0], outputs[0]
+
+
+ELASTIC_WORKER = """
+import os, sys, time
+from pathlib import Path
+from megaevo.training import trainer
+step = trainer.Trainer.train_step
+def slow_step(self):
+    time.sleep(0.2)  # time for the test to kill a worker mid-run
+    return step(self)
+trainer.Trainer.train_step = slow_step
+attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+Path(sys.argv[2], f"pid_rank{os.environ['RANK']}_attempt{attempt}").write_text(str(os.getpid()))
+sys.exit(trainer.main(["--config", sys.argv[1]]))
+"""
+
+
+def _records(metrics: Path) -> list[dict]:
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_group_from_the_latest_checkpoint(data, tmp_path):
+    """torchrun --max-restarts 1: one worker SIGKILLed mid-run; the restarted group resumes the latest
+    checkpoint (the default checkpoint.load) and ends with the uninterrupted run's losses, each step once."""
+    settings = {"train.iters": 12, "checkpoint.interval": 2, "train.eval_interval": 0}
+    out = tmp_path / "run"
+    save_config(config(data, out, **settings), tmp_path / "run.yaml")
+    (tmp_path / "worker.py").write_text(ELASTIC_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGAEVO_CHECKPOINT_TIMEOUT": "5",
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5", "PYTHONPATH": str(TESTS.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", "1", str(tmp_path / "worker.py"), str(tmp_path / "run.yaml"), str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = _Lines(proc.stdout)
+    metrics, pid = out / "metrics.jsonl", tmp_path / "pid_rank1_attempt0"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(_records(metrics)) < 5:
+        time.sleep(0.05)
+    killed_at = len(_records(metrics))
+    os.kill(int(pid.read_text()), signal.SIGKILL)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"torchrun did not finish:\n{output.text()}")
+    text = output.text()
+    assert proc.returncode == 0, text
+    assert 5 <= killed_at < 12 and (tmp_path / "pid_rank1_attempt1").exists(), text  # the group was restarted
+    assert re.search(r"resuming from .*iter_\d+ \(the latest checkpoint in out_dir\)", text), text
+    records = _records(metrics)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    whole, _ = fit(config(data, tmp_path / "whole", **settings))
+    assert [r["loss"] for r in records] == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_at_random_and_relaunched_ends_as_an_uninterrupted_one(tmp_path):
+    """benchmarks/soak.py, short: stopped 4 times (SIGKILL, SIGTERM or SIGUSR1 at random moments) and
+    launched again with the same command each time; the same losses and weights, each step logged once."""
+    res = subprocess.run([sys.executable, str(TESTS.parent / "benchmarks" / "soak.py"), "--kills", "4", "--iters", "40",
+                          "--seed", "1", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    result = json.loads(res.stdout)
+    assert res.returncode == 0 and result["ok"], res.stdout + res.stderr
+    assert result["kills"] == 4 and result["each_step_once"] and result["losses_equal"] and result["weights_equal"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -429,32 +430,50 @@ def test_slurm_scripts_chain_jobs_after_their_parents(tmp_path, capsys):
         return str(100 + len(submitted))
 
     jobs = run_slurm(spec, runs, out, submit=submit, echo=lambda s: None)
-    assert [c[-1] for c in submitted] == [str(out.resolve() / "slurm" / f"{r.dir_name}.sbatch") for r in runs]
+    pre, cpt, sft_run = (r.dir_name for r in runs)
+    slurm_dir = out.resolve() / "slurm"
+    # train jobs after their parent's train job; each evaluation in a job of its own after its run's
+    assert [c[-1] for c in submitted] == [str(slurm_dir / name) for name in (
+        f"{pre}.sbatch", f"{pre}.eval.sbatch", f"{cpt}.sbatch", f"{sft_run}.sbatch", f"{sft_run}.eval.sbatch")]
     assert submitted[0][:2] == ["sbatch", "--parsable"] and not any("dependency" in a for a in submitted[0])
-    assert "--dependency=afterok:101" in submitted[1] and "--dependency=afterok:102" in submitted[2]
-    assert jobs == {r.dir_name: str(101 + i) for i, r in enumerate(runs)}
-    sft = (out / "slurm" / f"{runs[2].dir_name}.sbatch").read_text()
+    assert [next((a for a in c if a.startswith("--dependency")), None) for c in submitted[1:]] == [
+        "--dependency=afterok:101", "--dependency=afterok:101", "--dependency=afterok:103",
+        "--dependency=afterok:104"]
+    assert jobs == {pre: "101", f"{pre}.eval": "102", cpt: "103", sft_run: "104", f"{sft_run}.eval": "105"}
+    sft = (slurm_dir / f"{sft_run}.sbatch").read_text()
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --time=01:00:00",
-                 "#SBATCH --partition=gpu", "#SBATCH --account=lm", f"cd {spec.root}"):
+                 "#SBATCH --partition=gpu", "#SBATCH --account=lm", f"cd {spec.root}", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@300", 'scontrol requeue "$SLURM_JOB_ID"'):
         assert line in sft
     assert "srun" in sft and "--nnodes 2 --nproc_per_node 4" in sft and "-m megaevo.train --config" in sft
-    assert "megaevo.cli eval" in sft and "--samples 2" in sft
-    assert sft == sbatch_script(runs[2], out, spec.root)
+    assert "megaevo.cli eval" not in sft and sft == sbatch_script(runs[2], out, spec.root)
+    evaluation = (slurm_dir / f"{sft_run}.eval.sbatch").read_text()
+    for line in ("#SBATCH --nodes=1", "#SBATCH --gpus-per-node=1", "#SBATCH --partition=gpu", "#SBATCH --account=lm"):
+        assert line in evaluation
+    assert "megaevo.cli eval" in evaluation and "--samples 2" in evaluation and "--time" not in evaluation
+    assert "--requeue" not in evaluation and "srun" not in evaluation
     # dry run: the submission order, one line per run, then the summary; nothing written, no sbatch needed
     capsys.readouterr()
     assert main([str(spec_path), "--out", str(tmp_path / "dry"), "--launcher", "slurm", "--dry-run"]) == 0
     text = capsys.readouterr().out
     all_runs = expand(spec)
     listing = text.split("\n\n")[0].splitlines()
-    assert len(listing) == len(all_runs) and "#!/bin/bash" not in text
-    assert all(line.endswith(f"  # {r.name}") for line, r in zip(listing, all_runs))
+    with_eval = [r for r in all_runs if r.eval is not None]
+    assert len(listing) == len(all_runs) + len(with_eval) and "#!/bin/bash" not in text
+    trains = [line.split("  # ")[1] for line in listing if not line.endswith(": evaluation")]
+    assert trains == [r.name for r in all_runs]
     assert f"{len(all_runs)} runs: " in text
+    stages = len({r.stage for r in all_runs})
+    assert (f"slurm: {len(all_runs)} runs, {len(all_runs) + len(with_eval)} jobs ({len(all_runs)} train, "
+            f"{len(with_eval)} eval), {stages} stages; train jobs: SIGUSR1 300 s before --time: save and requeue "
+            f"until the run is complete") in text.splitlines()
     # --verbose: each sbatch script before its submission line
     assert main([str(spec_path), "--out", str(tmp_path / "dry"), "--launcher", "slurm", "--dry-run",
                  "--verbose"]) == 0
     text = capsys.readouterr().out
     assert not (tmp_path / "dry").exists()
-    assert text.count("#!/bin/bash") == len(all_runs)
+    assert text.count("#!/bin/bash") == len(all_runs) + len(with_eval)
+    assert text.count("#SBATCH --signal=B:USR1@300") == text.count("#SBATCH --requeue") == len(all_runs)
     for r in all_runs:
         var = "JOB_" + r.dir_name.replace("-", "_")
         assert f"{var}=$(sbatch --parsable" in text
@@ -769,3 +788,90 @@ def test_the_example_suites_dry_run_is_a_short_listing_and_a_summary(capsys):
     assert "relative to " + str(example.parent) in warning[0]
     assert any(line.split()[:2] == ["data.tokenizer", "tokenizers/spm32k.model"] for line in warning[1:])
     assert any(line.split()[:2] == ["rl.prompts", "data/rl/math-problems.jsonl"] for line in warning[1:])
+
+
+STAND_INS = {  # SLURM's commands, as the generated scripts and `megaevo suite --launcher slurm` use them
+    "sbatch": 'echo "$*" >> "$FAKE_SLURM/sbatch.calls"\nn=$(wc -l < "$FAKE_SLURM/sbatch.calls")\necho "$((700 + n))"\n',
+    "srun": 'while [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n',
+    "scontrol": 'case "$1" in\n  show) echo localhost ;;\n  requeue) echo "$2" >> "$FAKE_SLURM/requeued" ;;\n'
+                '  *) exit 1 ;;\nesac\n',
+}
+
+
+def _fake_slurm(tmp_path: Path) -> dict:
+    import os
+    import socket
+
+    bin_dir = tmp_path / "fake-slurm"
+    bin_dir.mkdir()
+    for name, body in STAND_INS.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM": str(bin_dir), "OMP_NUM_THREADS": "1",
+            "SLURM_JOB_ID": "701", "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(port)}
+
+
+@pytest.mark.slow
+def test_a_slurm_job_saves_on_its_time_limit_signal_and_requeues_until_complete(tmp_path):
+    """`megaevo suite --launcher slurm` with stand-ins for sbatch, srun and scontrol: the train job's batch
+    shell gets SIGUSR1 (as --signal=B:USR1@N sends it) mid-run; the run saves and stops, the job requeues
+    itself; its next start resumes the checkpoint, completes the run and writes DONE; a third start trains
+    nothing. metrics.jsonl holds each step once."""
+    from megaevo.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(2)
+    with IndexedDatasetWriter(tmp_path / "data" / "web", np.uint16) as w:
+        for _ in range(40):
+            w.add_document((rng.integers(0, 250) + np.arange(int(rng.integers(5, 50)))) % 250)
+    iters = 150
+    spec_path = write_spec(tmp_path, f"""
+overrides: [model.num_layers=1, model.hidden_size=32, model.ffn_hidden_size=64, model.num_heads=2,
+            model.num_kv_heads=1, model.vocab_size=256, model.max_seq_len=16, data.seq_len=16, "data.split=100,0,0",
+            data.cache_dir=cache, train.micro_batch_size=2, train.global_batch_size=2, train.log_interval=1,
+            train.eval_interval=0, train.dtype=fp32, checkpoint.interval=0, kernels.backend=torch,
+            "data.train=[data/web]", train.iters={iters}]
+stages:
+  - stage: pretrain
+    slurm: {{time: "00:30:00", signal_before: 120}}
+""")
+    env, out = _fake_slurm(tmp_path), tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "megaevo.cli", "suite", str(spec_path), "--out", str(out),
+                          "--launcher", "slurm"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run,) = expand(load_spec(spec_path))
+    script, d = out / "slurm" / f"{run.dir_name}.sbatch", run.run_dir(out)
+    calls = (tmp_path / "fake-slurm" / "sbatch.calls").read_text().splitlines()
+    assert calls == [f"--parsable {script}"] and "submitted" in res.stdout
+    text = script.read_text()
+    assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text
+
+    def start_job() -> subprocess.Popen:
+        return subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    job = start_job()
+    metrics = d / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and job.poll() is None and (not metrics.exists() or
+                                                              len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # the time limit is near
+    first, _ = job.communicate(timeout=120)
+    assert job.returncode == 0, first + (d / "train.log").read_text()
+    assert "requeueing job 701" in first and (tmp_path / "fake-slurm" / "requeued").read_text() == "701\n"
+    log = (d / "train.log").read_text()
+    stopped = re.findall(r"stopped by SIGUSR1 at iteration (\d+): saved", log)
+    assert len(stopped) == 1 and int(stopped[0]) < iters and not (d / "DONE").exists(), log
+    job = start_job()  # SLURM starts the requeued job again
+    second, _ = job.communicate(timeout=120)
+    assert job.returncode == 0 and (d / "DONE").exists(), second + (d / "train.log").read_text()
+    assert f"resuming from {d / 'checkpoints' / f'iter_{int(stopped[0]):07d}'}" in (d / "train.log").read_text()
+    assert (tmp_path / "fake-slurm" / "requeued").read_text() == "701\n"  # not requeued again
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, iters + 1))
+    job = start_job()
+    third, _ = job.communicate(timeout=60)
+    assert job.returncode == 0 and "already trained" in third

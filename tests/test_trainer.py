@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,59 @@ def test_loading_names_model_settings_the_shapes_cannot_show(data, reference, tm
     fit(config(data, tmp_path / "theta", **{**settings, "model.rope_theta": 500000.0}))
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("megaevo")]
     assert any("model.rope_theta: 10000.0 in the checkpoint, 500000.0 here" in r.getMessage() for r in warnings)
+
+
+def _steps(out) -> list[int]:
+    return [json.loads(line)["step"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_launching_again_continues_or_says_finished(data, reference, tmp_path, caplog):
+    """The same config launched again (no checkpoint.load): a finished run trains nothing; a run whose
+    latest checkpoint is behind its metrics continues from it, and metrics.jsonl holds each step once."""
+    caplog.set_level("INFO", logger="megaevo")
+    out = tmp_path / "run"
+    fit(config(data, out))
+    root = out / "checkpoints"
+    stamps = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    again, trainer = fit(config(data, out))
+    assert again == [] and trainer.run.iteration == 0
+    assert any("is finished: iter_0000006 is at iteration 6 of 6" in r.getMessage() for r in caplog.records)
+    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == stamps and _steps(out) == [1, 2, 3, 4, 5, 6]
+    # killed after logging step 6 but before its save: the relaunch continues at 3, each step logged once
+    shutil.rmtree(root / "iter_0000006")
+    (root / "latest").write_text("iter_0000003\n")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a line cut off by the kill
+    caplog.clear()
+    losses, trainer = fit(config(data, out))
+    assert losses == reference["losses"][3:] and _steps(out) == [1, 2, 3, 4, 5, 6]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming from")] == [
+        f"resuming from {root / 'iter_0000003'} (the latest checkpoint in out_dir) at iteration 3 of 6"]
+
+
+def test_load_none_starts_fresh_over_existing_checkpoints(data, reference, tmp_path):
+    out = tmp_path / "run"
+    fit(config(data, out, **{"train.iters": 4}))
+    losses, trainer = fit(config(data, out, **{"checkpoint.load": "none"}))
+    assert losses == reference["losses"] and trainer.run.iteration == 6
+    assert _steps(out) == [1, 2, 3, 4, 5, 6]
+    assert config(data, out).checkpoint.load == "auto"  # the default
+
+
+def test_a_run_started_from_another_resumes_its_own_checkpoints(data, reference, tmp_path):
+    """checkpoint.load=PATH (a parent run: resume it, or take its weights) is only where the run starts:
+    relaunched, it continues its own checkpoints instead of loading the parent again."""
+    parent = str(reference["out"] / "checkpoints" / "iter_0000003")
+    out = tmp_path / "branch"
+    settings = {"checkpoint.load": parent, "checkpoint.interval": 1}
+    first, _ = fit(config(data, out, **settings))
+    assert first == reference["losses"][3:]
+    root = out / "checkpoints"
+    (root / "latest").write_text("iter_0000004\n")  # as if killed after saving iteration 4
+    for name in ("iter_0000005", "iter_0000006"):
+        shutil.rmtree(root / name)
+    more, trainer = fit(config(data, out, **settings))
+    assert more == reference["losses"][4:] and trainer.run.iteration == 6 and _steps(out) == [4, 5, 6]
+    # a path to one of the run's own checkpoints resumes exactly that one (a roll-back)
+    back, _ = fit(config(data, out, **{**settings, "checkpoint.load": str(root / "iter_0000005")}))
+    assert back == reference["losses"][5:] and _steps(out) == [4, 5, 6]

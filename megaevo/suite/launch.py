@@ -11,9 +11,12 @@ Launchers:
   ``checkpoint.load`` resumes them first). A
   failed run is reported with its log and its descendants are skipped; other runs go on. Ctrl-C stops the
   child (it saves a checkpoint on the signal) and the suite, leaving no marker.
-* ``slurm`` writes ``OUT/slurm/STAGE-ID.sbatch`` per run and submits them in tree order with
-  ``sbatch --parsable --dependency=afterok:PARENT_JOB``; with ``--dry-run`` it prints the submission lines
-  instead (``--verbose``: each script before its line).
+* ``slurm`` writes ``OUT/slurm/STAGE-ID.sbatch`` (training) and ``OUT/slurm/STAGE-ID.eval.sbatch`` (its
+  evaluation, one GPU) per run and submits them in tree order with ``sbatch --parsable
+  --dependency=afterok:JOB`` (a train job after its parent's train job, an evaluation after its run's).
+  A train job gets SIGUSR1 ``slurm.signal_before`` seconds before its time limit, the run saves on it,
+  and the job requeues itself until the run is complete (:func:`sbatch_script`); with ``--dry-run`` it
+  prints the submission lines instead (``--verbose``: each script before its line).
 
 ``--dry-run`` lists the runs, one line each (``--verbose``: with their commands, or for slurm the sbatch
 scripts), and ends with a summary (:mod:`megaevo.suite.plan`): runs per stage, what is left to train and
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -102,10 +106,18 @@ def eval_done(run: Run, out: Path) -> bool:
 
 
 def training_complete(run_dir: Path, iters: int | None) -> bool:
-    """Whether the run's metrics.jsonl reached its last iteration (a train process stopped by a signal
-    exits 0 after saving). Without metrics.jsonl or a fixed length (train.epochs), the exit code decides."""
+    """Whether the run reached its last iteration: its latest checkpoint's (checkpoints/latest) when it
+    has one, else the last step of its metrics.jsonl (a train process stopped by a signal exits 0 after
+    saving). Without either, or without a fixed length (train.epochs), the exit code decides."""
+    if iters is None:
+        return True
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if latest.is_file():
+        name = re.fullmatch(r"iter_(\d+)", latest.read_text().strip())
+        if name is not None:
+            return int(name.group(1)) >= iters
     path = Path(run_dir) / "metrics.jsonl"
-    if iters is None or not path.is_file():
+    if not path.is_file():
         return True
     last = None
     for line in path.read_text().splitlines():
@@ -251,84 +263,152 @@ def run_local(spec: SuiteSpec, runs: list[Run], out: Path, runner: Runner = subp
 # ------------------------------------------------------------------------------------ slurm
 
 
-def sbatch_script(run: Run, out: Path, root: Path, python: str = sys.executable) -> str:
-    """One sbatch script: train (srun torchrun over the nodes), check the run finished, mark it, evaluate."""
-    out = Path(out).resolve()
-    d = run.run_dir(out)
+SIGNAL_BEFORE_S = 300  # default lead of the time-limit signal (slurm.signal_before)
+# torchrun (--signals-to-handle, read from PET_SIGNALS_TO_HANDLE) passes these on to its workers (SIGUSR1:
+# the time-limit warning they save on)
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def _header(run: Run, d: Path, name: str, nodes: int, gpus: int, time: str | None) -> list[str]:
     s = run.stage_spec.slurm
-    nodes = int(s.get("nodes") or 1)
-    gpus = int(s.get("gpus_per_node") or run.stage_spec.nproc)
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=megaevo-{run.dir_name}", f"#SBATCH --nodes={nodes}",
-             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={gpus}", f"#SBATCH --output={d}/slurm-%j.log"]
-    if s.get("time"):
-        lines.append(f"#SBATCH --time={s['time']}")
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1",
+             f"#SBATCH --gpus-per-node={gpus}", f"#SBATCH --output={d}/slurm-%j.log", "#SBATCH --open-mode=append"]
+    if time:
+        lines.append(f"#SBATCH --time={time}")
     if s.get("partition"):
         lines.append(f"#SBATCH --partition={s['partition']}")
     extra = s.get("sbatch") or []
     for line in [extra] if isinstance(extra, str) else extra:
         line = str(line).strip()
         lines.append(line if line.startswith("#SBATCH") else f"#SBATCH {line}")
+    return lines
+
+
+def signal_before(run: Run) -> int:
+    """Seconds before the time limit at which a train job's batch shell gets SIGUSR1 (0: none)."""
+    value = run.stage_spec.slurm.get("signal_before", SIGNAL_BEFORE_S)
+    return int(value or 0)
+
+
+def sbatch_script(run: Run, out: Path, root: Path, python: str = sys.executable) -> str:
+    """The train job of a run: srun torchrun over the nodes; `slurm.signal_before` seconds before the
+    time limit the batch shell gets SIGUSR1 and passes it to the workers, which save a checkpoint and
+    stop; a run stopped before its last iteration requeues the job (``scontrol requeue``: same job id,
+    so the jobs that wait on it keep waiting), and its next start resumes the checkpoint. The job ends
+    successfully once the run is complete, writing its DONE marker."""
+    out = Path(out).resolve()
+    d = run.run_dir(out)
+    s = run.stage_spec.slurm
+    nodes = int(s.get("nodes") or 1)
+    gpus = int(s.get("gpus_per_node") or run.stage_spec.nproc)
+    lead = signal_before(run)
+    lines = _header(run, d, f"megaevo-{run.dir_name}", nodes, gpus, s.get("time"))
+    lines.insert(7, "#SBATCH --requeue")
+    if lead:
+        lines.insert(8, f"#SBATCH --signal=B:USR1@{lead}")
     q = shlex.quote
     cfg = d / "train.yaml"
+    restarts = int(s.get("max_restarts") or 0)
     train = (f"srun --kill-on-bad-exit=1 {q(python)} -m torch.distributed.run --nnodes {nodes} "
-             f"--nproc_per_node {gpus} --rdzv_backend c10d --rdzv_endpoint \"$MASTER_ADDR:29500\" "
-             f"--rdzv_id \"$SLURM_JOB_ID\" -m megaevo.train --config {q(str(cfg))}")
+             f"--nproc_per_node {gpus} --max-restarts {restarts} --rdzv_backend c10d "
+             f"--rdzv_endpoint \"$MASTER_ADDR:${{MASTER_PORT:-29500}}\" --rdzv_id \"$SLURM_JOB_ID\" "
+             f"-m megaevo.train --config {q(str(cfg))}")
     check = (f"{q(python)} -c 'import sys; from megaevo.suite.launch import training_complete; "
              f"sys.exit(0 if training_complete(sys.argv[1], None if sys.argv[2] == \"-\" else int(sys.argv[2])) "
              f"else 1)' {q(str(d))} {_iters(run) if _iters(run) is not None else '-'}")
-    lines += ["", "set -euo pipefail", f"# {run.name}", f"cd {q(str(root))}", "export PYTHONUNBUFFERED=1",
+    done = q(str(d / DONE))
+    lines += ["", "set -uo pipefail", f"# {run.name}", f"cd {q(str(root))}", "export PYTHONUNBUFFERED=1",
+              f"export PET_SIGNALS_TO_HANDLE={TORCHRUN_SIGNALS}",
+              f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={max(lead, 30)}  # time the workers have to save",
+              f"if [ -f {done} ]; then echo 'already trained'; exit 0; fi",
               "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)",
-              f"if [ ! -f {q(str(d / DONE))} ]; then",
-              f"  {train} >> {q(str(d / 'train.log'))} 2>&1",
-              f"  {check} || {{ echo 'training stopped before its last iteration (resubmit to resume)'; exit 1; }}",
-              f"  echo '{json.dumps({'hash': run.hash, 'run': run.id})}' > {q(str(d / DONE))}",
-              "fi"]
-    ev = eval_command(run, out, python)
-    if ev is not None:
-        marker = d / "eval" / DONE
-        lines += [f"if [ ! -f {q(str(marker))} ]; then",
-                  f"  mkdir -p {q(str(d / 'eval'))}",
-                  f"  {shlex.join(ev)} >> {q(str(d / 'eval.log'))} 2>&1",
-                  f"  echo '{json.dumps({'hash': eval_hash(run), 'run': run.id})}' > {q(str(marker))}",
-                  "fi"]
+              "signalled=0 train=''",
+              "trap 'signalled=1; echo \"$(date): SIGUSR1 before the time limit: the run saves and stops\"; "
+              "kill -USR1 \"$train\" 2>/dev/null' USR1",
+              f"{train} >> {q(str(d / 'train.log'))} 2>&1 &",
+              "train=$!",
+              "while true; do wait \"$train\"; rc=$?; kill -0 \"$train\" 2>/dev/null || break; done",
+              f"if {check}; then",
+              f"  echo '{json.dumps({'hash': run.hash, 'run': run.id})}' > {done}",
+              "  exit 0",
+              "fi",
+              "if [ \"$signalled\" = 1 ] || [ \"$rc\" = 0 ]; then",
+              "  echo \"$(date): stopped before its last iteration: requeueing job $SLURM_JOB_ID to resume it\"",
+              "  scontrol requeue \"$SLURM_JOB_ID\" && exit 0",
+              "  echo 'scontrol requeue failed: submit this script again to resume the run'",
+              "  exit 1",
+              "fi",
+              f"echo \"training failed (exit code $rc): see {d / 'train.log'}\"",
+              "exit \"$rc\""]
     return "\n".join(lines) + "\n"
+
+
+def eval_sbatch_script(run: Run, out: Path, root: Path, python: str = sys.executable) -> str | None:
+    """The evaluation job of a run (None without one): one node, one GPU (`slurm.eval_time` its time
+    limit), after the train job; writes the eval DONE marker."""
+    ev = eval_command(run, out, python)
+    if ev is None:
+        return None
+    out = Path(out).resolve()
+    d = run.run_dir(out)
+    q = shlex.quote
+    marker = d / "eval" / DONE
+    lines = _header(run, d, f"megaevo-{run.dir_name}-eval", 1, 1, run.stage_spec.slurm.get("eval_time"))
+    lines += ["", "set -euo pipefail", f"# {run.name}: evaluation", f"cd {q(str(root))}", "export PYTHONUNBUFFERED=1",
+              f"if [ -f {q(str(marker))} ]; then echo 'already evaluated'; exit 0; fi",
+              f"mkdir -p {q(str(d / 'eval'))}",
+              f"{shlex.join(ev)} >> {q(str(d / 'eval.log'))} 2>&1",
+              f"echo '{json.dumps({'hash': eval_hash(run), 'run': run.id})}' > {q(str(marker))}"]
+    return "\n".join(lines) + "\n"
+
+
+def eval_job(dir_name: str) -> str:
+    """The key of a run's evaluation job in run_slurm's result."""
+    return f"{dir_name}.eval"
 
 
 def run_slurm(spec: SuiteSpec, runs: list[Run], out: Path, dry_run: bool = False,
               submit: Callable[[list[str]], str] | None = None, echo: Callable[[str], None] = print,
               verbose: bool = False) -> dict[str, str]:
-    """Write OUT/slurm/STAGE-ID.sbatch per unfinished run and submit them in tree order, each after its
-    parent's job (afterok). Returns {run dir name: job id} (placeholders with dry_run, which prints one
-    submission line per run, each script before its line with `verbose`)."""
+    """Write OUT/slurm/STAGE-ID.sbatch (training) and OUT/slurm/STAGE-ID.eval.sbatch (evaluation) per
+    unfinished run and submit them in tree order: a train job after its parent's train job, an eval job
+    after its run's (afterok). Returns {run dir name: train job id, run dir name + ".eval": eval job id}
+    (placeholders with dry_run, which prints one submission line per job, each script before its line
+    with `verbose`)."""
     out = Path(out).resolve()
     submit = submit or _sbatch
     jobs: dict[str, str] = {}
-    for run in runs:
-        if train_done(run, out) and eval_done(run, out):
-            echo(f"# {run.dir_name}: finished, not submitted")
-            continue
-        path = out / "slurm" / f"{run.dir_name}.sbatch"
-        script = sbatch_script(run, out, spec.root)
+
+    def submit_script(key: str, path: Path, script: str, after: str | None, what: str) -> None:
         if not dry_run:  # a dry run writes nothing
-            write_run_config(run, out)
-            (run.run_dir(out) / "eval").mkdir(parents=True, exist_ok=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(script)
-        cmd = ["sbatch", "--parsable"]
-        parent_job = jobs.get(run.parent.dir_name) if run.parent is not None else None
-        if parent_job is not None:
-            cmd.append(f"--dependency=afterok:{parent_job}")
-        cmd.append(str(path))
+        cmd = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{after}"] if after else []) + [str(path)]
         if dry_run:
-            jobs[run.dir_name] = f"${{JOB_{run.dir_name.replace('-', '_')}}}"
+            jobs[key] = f"${{JOB_{re.sub(r'[^A-Za-z0-9_]', '_', key)}}}"
             if verbose:
                 echo(f"# ---- {path}\n{script}")
             shown = " ".join(a if a.startswith("--dependency=") else shlex.quote(a) for a in cmd)
-            echo(f"{jobs[run.dir_name][2:-1]}=$({shown})  # {run.name}")
+            echo(f"{jobs[key][2:-1]}=$({shown})  # {what}")
         else:
-            jobs[run.dir_name] = submit(cmd)
-            echo(f"submitted {run.dir_name} as job {jobs[run.dir_name]}"
-                 + (f" (after {parent_job})" if parent_job else ""))
+            jobs[key] = submit(cmd)
+            echo(f"submitted {key} as job {jobs[key]}" + (f" (after {after})" if after else ""))
+
+    for run in runs:
+        trained, evaluated = train_done(run, out), eval_done(run, out)
+        if trained and evaluated:
+            echo(f"# {run.dir_name}: finished, not submitted")
+            continue
+        if not dry_run:
+            write_run_config(run, out)
+            (run.run_dir(out) / "eval").mkdir(parents=True, exist_ok=True)
+        if not trained:
+            parent = jobs.get(run.parent.dir_name) if run.parent is not None else None
+            submit_script(run.dir_name, out / "slurm" / f"{run.dir_name}.sbatch", sbatch_script(run, out, spec.root),
+                          parent, run.name)
+        if not evaluated:
+            submit_script(eval_job(run.dir_name), out / "slurm" / f"{run.dir_name}.eval.sbatch",
+                          eval_sbatch_script(run, out, spec.root), jobs.get(run.dir_name), f"{run.name}: evaluation")
     return jobs
 
 
@@ -396,7 +476,7 @@ def dry_run(spec: SuiteSpec, runs: list[Run], out: Path, launcher: str, verbose:
     else:
         echo(describe(runs, out, commands=verbose))
     echo("")
-    for line in make_plan(spec, runs, out).lines():
+    for line in make_plan(spec, runs, out, launcher).lines():
         echo(line)
 
 

@@ -44,6 +44,7 @@ class Plan:
     flops: dict[str, float]                 # stage -> their training FLOPs
     missing: list[MissingPath]
     root: Path
+    slurm: dict[str, int] | None = None     # launcher slurm: train and eval jobs to submit, signal leads (s)
 
     @property
     def total(self) -> int:
@@ -54,6 +55,12 @@ class Plan:
                               for s, n in self.runs.items())
         out = [f"{self.total} runs: {per_stage}",
                f"to train {self.to_train}, to evaluate {self.to_evaluate}, finished {self.finished}"]
+        if self.slurm is not None:
+            j = self.slurm
+            lead = f"SIGUSR1 {j['signal_before']} s before --time: save and requeue" if j["signal_before"] else \
+                "no time-limit signal: resubmit a job that reaches --time"
+            out.append(f"slurm: {self.total} runs, {j['train'] + j['eval']} jobs ({j['train']} train, "
+                       f"{j['eval']} eval), {len(self.runs)} stages; train jobs: {lead} until the run is complete")
         if self.tokens:
             parts = [f"{s} {_tokens(n)}" + (f" ({self.flops[s]:.3g} FLOPs)" if s in self.flops else "")
                      for s, n in self.tokens.items()]
@@ -120,7 +127,7 @@ def input_paths(run: Run) -> list[tuple[str, str, bool]]:
         if rl.get("reference"):
             out.append(("rl.reference", str(rl["reference"]), False))
     load = (c.get("checkpoint") or {}).get("load")
-    if run.parent is None and load not in (None, "auto"):
+    if run.parent is None and load not in (None, "auto", "none"):
         out.append(("checkpoint.load", str(load), False))
     if run.eval is not None and run.eval.data_dir:
         out.append(("eval.data_dir", str(run.eval.data_dir), False))
@@ -152,8 +159,8 @@ def missing_paths(runs: list[Run], root: Path) -> list[MissingPath]:
     return list(found.values())
 
 
-def make_plan(spec: SuiteSpec, runs: list[Run], out: Path) -> Plan:
-    from megaevo.suite.launch import eval_done, train_done
+def make_plan(spec: SuiteSpec, runs: list[Run], out: Path, launcher: str = "local") -> Plan:
+    from megaevo.suite.launch import eval_done, signal_before, train_done
 
     counts: dict[str, int] = {}
     stable: dict[str, int] = {}
@@ -180,5 +187,10 @@ def make_plan(spec: SuiteSpec, runs: list[Run], out: Path) -> Plan:
             flops[run.stage] = flops.get(run.stage, 0.0) + f
     for s in no_flops:
         flops.pop(s, None)
+    slurm = None
+    if launcher == "slurm":
+        pending = [r for r in runs if not train_done(r, out)]
+        slurm = {"train": len(pending), "eval": sum(r.eval is not None and not eval_done(r, out) for r in runs),
+                 "signal_before": max((signal_before(r) for r in pending), default=0)}
     return Plan(counts, stable, finished, to_train, to_evaluate, tokens, flops, missing_paths(runs, spec.root),
-                spec.root)
+                spec.root, slurm)

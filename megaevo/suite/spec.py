@@ -16,7 +16,8 @@ The spec is one YAML file::
             40B: [train.iters=40000]
         eval: {tasks: [hellaswag, arc_easy], limit: 500}
         nproc: 8                     # processes per node (torchrun); default 1
-        slurm: {nodes: 2, gpus_per_node: 8, time: "48:00:00", partition: gpu, sbatch: ["--account=lm"]}
+        slurm: {nodes: 2, gpus_per_node: 8, time: "48:00:00", partition: gpu, sbatch: ["--account=lm"],
+                signal_before: 600, max_restarts: 0, eval_time: "02:00:00"}   # see megaevo/suite/launch.py
       - stage: cpt
         config: configs/cpt.yaml
         axes:
@@ -70,7 +71,7 @@ from megaevo.errors import UserError
 STAGES = ("pretrain", "cpt", "sft", "rl")
 TRAIN_STAGE = {"pretrain": "pretrain", "cpt": "pretrain", "sft": "sft", "rl": "rl"}
 EVAL_KEYS = {"tasks", "limit", "samples", "template", "data_dir", "max_length", "batch_size", "seed"}
-SLURM_KEYS = {"nodes", "gpus_per_node", "time", "partition", "sbatch"}
+SLURM_KEYS = {"nodes", "gpus_per_node", "time", "partition", "sbatch", "signal_before", "max_restarts", "eval_time"}
 STAGE_KEYS = {"stage", "config", "overrides", "axes", "eval", "nproc", "slurm"}
 TOP_KEYS = {"out", "overrides", "stages", "name", "eval"}
 # keys the suite sets itself
@@ -310,6 +311,10 @@ def spec_from_dict(raw: Any, path: str | Path) -> SuiteSpec:
         slurm = s.get("slurm") or {}
         if not isinstance(slurm, dict) or set(slurm) - SLURM_KEYS:
             raise SpecError(f"{where}.slurm: a mapping of {', '.join(sorted(SLURM_KEYS))}")
+        for key in ("signal_before", "max_restarts"):
+            if key in slurm and (isinstance(slurm[key], bool) or not isinstance(slurm[key], int) or slurm[key] < 0):
+                unit = "seconds" if key == "signal_before" else "restarts"
+                raise SpecError(f"{where}.slurm.{key}: a whole number of {unit} >= 0, got {slurm[key]!r}")
         nproc = int(s.get("nproc") or 1)
         if nproc < 1:
             raise SpecError(f"{where}: nproc must be >= 1")

@@ -245,7 +245,7 @@ def expand(spec: SuiteSpec) -> list[Run]:
                 d = copy.deepcopy(d)
                 if parent is None:
                     c = d["checkpoint"]
-                    if c["load"] in (None, "auto"):
+                    if c["load"] in (None, "auto", "none"):
                         c["load"] = "auto"  # resume the run's own checkpoints on a rerun
                     else:
                         c["finetune"] = True  # weights to start from; a rerun resumes the run's own checkpoints

@@ -7,6 +7,7 @@ A record is a flat dict: ``step``, ``consumed_samples``, ``tokens``, ``loss``, `
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -73,13 +74,20 @@ def describe(r: dict, iters: int) -> str:
 
 
 class MetricsWriter:
-    """Appends records to ``out_dir/metrics.jsonl``, TensorBoard (when installed) and the log (rank 0)."""
+    """Appends records to ``out_dir/metrics.jsonl``, TensorBoard (when installed) and the log (rank 0).
 
-    def __init__(self, out_dir: str | Path, iters: int, enabled: bool = True):
+    ``start`` is the iteration the run starts from (0 fresh, else the resumed checkpoint's): records of
+    later steps, written by an earlier launch that got further than its last checkpoint, are dropped
+    first (the file is rewritten atomically; TensorBoard purges them too), so metrics.jsonl holds each
+    step once whatever stopped and relaunched the run."""
+
+    def __init__(self, out_dir: str | Path, iters: int, enabled: bool = True, start: int = 0):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.iters = iters
         self.enabled = enabled
-        self.board = _tensorboard(Path(out_dir) / "tensorboard") if enabled else None
+        if enabled:
+            truncate_metrics(self.path, start)
+        self.board = _tensorboard(Path(out_dir) / "tensorboard", start) if enabled else None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -99,10 +107,36 @@ class MetricsWriter:
             self.board = None
 
 
-def _tensorboard(path: Path):
-    """A TensorBoard writer when the tensorboard package is installed, else None."""
+def truncate_metrics(path: str | Path, start: int) -> int:
+    """Keep only the records of ``path`` up to step ``start`` (and lines that are whole JSON objects: a
+    line cut off by a killed process goes too); rewrites the file atomically when anything is dropped.
+    Returns how many lines were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start:
+            kept.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        log.info(f"{path}: dropped {dropped} record(s) past iteration {start}, where the run continues")
+    return dropped
+
+
+def _tensorboard(path: Path, start: int = 0):
+    """A TensorBoard writer when the tensorboard package is installed, else None; events past step
+    ``start`` are purged."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=start + 1)

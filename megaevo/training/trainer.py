@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from megaevo import kernels
-from megaevo.config import (CHECKPOINT_KEYWORDS, Config, ConfigError, Layout, absolute_paths, config_to_dict,
+from megaevo.config import (Config, ConfigError, Layout, absolute_paths, config_to_dict,
                             resolve_dtype, save_config, validate, with_iters, with_rl_batch)
 from megaevo.data.tokenizer_files import keep_tokenizer
 from megaevo.errors import UserError
@@ -82,7 +82,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process; joins the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if torch.cuda.is_available():
@@ -90,6 +90,21 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def _init_process_group(backend: str) -> None:
+    """init_process_group from torchrun's environment. After an elastic restart
+    (TORCHELASTIC_RESTART_COUNT > 0) the new workers share the agent's store with the keys the failed
+    attempt left there (peer addresses that no longer listen), so each attempt gets a prefix of its own."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0:
+        dist.init_process_group(backend)
+        return
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world = next(rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"megaevo/attempt_{attempt}", store), rank=rank,
+                            world_size=world)
 
 
 @dataclass
@@ -426,33 +441,64 @@ class Trainer:
         if changed and self.rank == 0:
             log.warning(f"{ck.path} was saved with other model settings: " + "; ".join(changed))
 
-    def restore(self) -> None:
-        """Apply `checkpoint.load`: resume this run (``auto``, or a path), or with `checkpoint.finetune`
-        take a checkpoint's weights for a new run — until the run has checkpoints of its own."""
+    def restore(self) -> bool:
+        """Apply `checkpoint.load` (see CheckpointConfig); False when the run is already finished.
+
+        The run's own latest checkpoint (out_dir/checkpoints) wins over a path to start from, so a
+        relaunch with the same command continues where the run stopped; a path to one of its own
+        checkpoints resumes exactly that one; ``none`` starts fresh over whatever is there."""
         c = self.cfg.checkpoint
-        own = self.checkpointer.resolve("auto") if c.load else None
-        if c.finetune and own is not None:
-            self.resume(own)
-            log.info(f"resumed from {own} at iteration {self.run.iteration}")
-        elif c.load:
-            if c.load not in CHECKPOINT_KEYWORDS and not Path(c.load).exists():
-                raise ConfigError(f"checkpoint.load: {c.load} does not exist")
-            path = self.checkpointer.resolve(c.load)
-            if path is not None and c.finetune:
-                self.load_weights(path)
-                log.info(f"loaded the weights of {path}")
-            elif path is not None:
-                self.resume(path)
-                log.info(f"resumed from {path} at iteration {self.run.iteration}")
+        load = c.load or "auto"
+        own = self.checkpointer.resolve("auto")
+        if load == "none":
+            if own is not None and self.rank == 0:
+                log.warning(f"checkpoint.load=none: starting fresh at iteration 0, although "
+                            f"{self.checkpointer.root} holds checkpoints (the latest {own.name}); they are replaced "
+                            f"as the run saves")
+            return True
+        target = None if load == "auto" else self._start_point(load)
+        if target is not None and self._is_own(target):
+            return self._continue(target, "the checkpoint that checkpoint.load names")
+        if own is not None:
+            return self._continue(own, "the latest checkpoint in out_dir")
+        if target is not None and c.finetune:
+            self.load_weights(target)
+            log.info(f"loaded the weights of {target}")
+        elif target is not None:
+            return self._continue(target, "checkpoint.load")
+        return True
+
+    def _start_point(self, load: str) -> Path | None:
+        """The checkpoint `checkpoint.load` names (None when it names an empty run)."""
+        if not Path(load).exists():
+            raise ConfigError(f"checkpoint.load: {load} does not exist")
+        return self.checkpointer.resolve(load)
+
+    def _is_own(self, path: Path) -> bool:
+        return path.resolve().parent == self.checkpointer.root.resolve()
+
+    def _continue(self, path: Path, which: str) -> bool:
+        """Resume ``path`` (one line saying so), or say the run is finished and return False."""
+        iters = self.cfg.train.iters
+        with self._naming_intact(path, "resume with"):
+            done = LoadedCheckpoint(path).iteration
+        if done >= iters:
+            log.info(f"the run in {self.out_dir} is finished: {path.name} is at iteration {done} of {iters}; nothing "
+                     f"to train (raise train.iters to train on, or checkpoint.load=none to start again)")
+            return False
+        self.resume(path)
+        log.info(f"resuming from {path} ({which}) at iteration {self.run.iteration} of {iters}")
+        return True
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         cfg, t = self.cfg, self.cfg.train
-        self.restore()
+        if not self.restore():
+            return []
         if self.rank == 0:
             save_config(cfg, self.out_dir / "config.yaml")
             keep_tokenizer(cfg.data.tokenizer, self.out_dir)  # OUT_DIR/tokenizer: the run's own copy
-        writer = MetricsWriter(self.out_dir, t.iters, enabled=self.rank == 0)
+        writer = MetricsWriter(self.out_dir, t.iters, enabled=self.rank == 0, start=self.run.iteration)
         records, clock = [], _Throughput(self.run.consumed_samples * self.stage.tokens_per_sample)
         with _StopSignals(cfg.checkpoint.save_on_signal, cfg.checkpoint.save, self.rank) as self._signals:
             signals = self._signals
@@ -478,7 +524,7 @@ class Trainer:
                         saved = f"saved {self.checkpointer.root / f'iter_{it:07d}'}" if cfg.checkpoint.save \
                             else "checkpoint.save is off, nothing saved"
                         by = signals.name if signals.received is not None else "a signal to another rank"
-                        log.info(f"stopped by {by} at iteration {it}: {saved}; continue with checkpoint.load=auto")
+                        log.info(f"stopped by {by} at iteration {it}: {saved}; launch the same command again to continue")
                         break
                 self.checkpointer.wait()
                 if self.run.bad_in_a_row:
