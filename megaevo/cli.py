@@ -225,6 +225,12 @@ def _merge(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from megaevo.plan.cli import run
+
+    return run(args)
+
+
 def _train(args) -> int:
     from megaevo.training.trainer import main as train_main
 
@@ -459,6 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, default=None, metavar="N",
                    help="tensor-parallel size (default: the torchrun world size); N > 1 needs torchrun")
     g.set_defaults(func=_generate)
+
+    pl = sub.add_parser("plan", help="rank the parallel layouts (TP x PP x DP, micro-batch, recompute, distributed "
+                                     "optimizer) of a model on a cluster by per-GPU memory and step time")
+    from megaevo.plan.cli import add_arguments
+
+    add_arguments(pl)
+    pl.set_defaults(func=_plan)
 
     # Listed here for `megaevo --help`; main() hands their arguments to their own parsers.
     sub.add_parser("suite", add_help=False, help="run an EvoLM-style grid of stage chains (pretrain, cpt, sft, rl) "

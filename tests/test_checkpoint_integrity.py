@@ -239,6 +239,11 @@ def test_a_damaged_latest_names_the_newest_intact_checkpoint_to_resume_from(data
     _truncated(root / "iter_0000003")  # `latest`
     _metadata_digit(root / "iter_0000002")
     path = save_config(config(data, out, **{**SETTINGS, "checkpoint.load": "auto"}), tmp_path / "run.yaml")
+    assert trainer_module.main(["--config", str(path)]) == 2  # the run looks finished, but its result is cut short
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {root / 'iter_0000003' / MODEL}: truncated: "), errors
+    longer = {**SETTINGS, "checkpoint.load": "auto", "train.iters": ITERS + 1}  # a run to continue
+    path = save_config(config(data, out, **longer), tmp_path / "run.yaml")
     assert trainer_module.main(["--config", str(path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     good = root / "iter_0000001"
@@ -251,15 +256,15 @@ def test_a_damaged_latest_names_the_newest_intact_checkpoint_to_resume_from(data
     shutil.rmtree(root / "iter_0000003")  # `latest` names a checkpoint that is gone
     with pytest.raises(CheckpointError, match=f"iter_0000003: not a megaevo checkpoint .*; the newest intact "
                                               f"checkpoint is {good} "):
-        fit(config(data, out, **{**SETTINGS, "checkpoint.load": "auto"}))
+        fit(config(data, out, **longer))
 
     shutil.rmtree(good)
     with pytest.raises(CheckpointError, match=f"no metadata.json.*; no other checkpoint in {root} verifies "
                                               r"\(iter_0000002\)$"):
-        fit(config(data, out, **{**SETTINGS, "checkpoint.load": "auto"}))
+        fit(config(data, out, **longer))
     shutil.rmtree(root / "iter_0000002")
     with pytest.raises(CheckpointError, match=f"no metadata.json.*; there is no other checkpoint in {root}$"):
-        fit(config(data, out, **{**SETTINGS, "checkpoint.load": "auto"}))
+        fit(config(data, out, **longer))
 
 
 def test_damaged_random_states_name_the_newest_intact_checkpoint_too(data, run, tmp_path):
@@ -269,7 +274,7 @@ def test_damaged_random_states_name_the_newest_intact_checkpoint_too(data, run, 
     good = root / "iter_0000002"
     with pytest.raises(CheckpointError, match=f"{rng_file(0)}: checksum mismatch .*; the newest intact checkpoint "
                                               f"is {good}: resume with checkpoint.load={good}$"):
-        fit(config(data, tmp_path, **{**SETTINGS, "checkpoint.load": "auto"}))
+        fit(config(data, tmp_path, **{**SETTINGS, "checkpoint.load": "auto", "train.iters": ITERS + 1}))
 
 
 def test_an_intact_checkpoint_that_does_not_fit_names_no_other(data, run, tmp_path):

@@ -345,7 +345,7 @@ def test_cli_import_then_train_starts_from_the_imported_weights(hf_models, tmp_p
     # Rerunning the command (longer) resumes the run's own checkpoint, not the import.
     more = [o if o != "train.iters=1" else "train.iters=2" for o in overrides]
     assert cli.main(["train", "--config", str(out / "config.yaml"), *more]) == 0
-    assert "resumed from" in capsys.readouterr().out
+    assert f"resuming from {run / 'checkpoints' / 'iter_0000001'}" in capsys.readouterr().out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and records[1]["consumed_samples"] == 4
 

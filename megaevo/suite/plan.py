@@ -10,6 +10,8 @@
   counting only its own iterations) and their training FLOPs
   (:func:`megaevo.training.metrics.flops_per_token`); SFT and RL are left out (their length depends on
   the data and on generation);
+* per run of those stages, its layout (TP x PP x DP over the stage's GPUs) and the GPU-hours the layout
+  planner (:mod:`megaevo.plan`) estimates for it on H100-80GB, with the compute efficiency it assumed;
 * the input paths of the runs' configs that do not exist: data prefixes (``data.train``,
   ``data.valid``), ``data.tokenizer``, ``rl.prompts`` files, ``rl.reference``, the first stage's
   ``checkpoint.load`` and the evaluation's ``data_dir`` (relative paths against the spec's directory,
@@ -45,6 +47,7 @@ class Plan:
     missing: list[MissingPath]
     root: Path
     slurm: dict[str, int] | None = None     # launcher slurm: train and eval jobs to submit, signal leads (s)
+    estimates: list[str] = field(default_factory=list)  # per fixed-length run: layout, GPU-hours (planner)
 
     @property
     def total(self) -> int:
@@ -65,6 +68,7 @@ class Plan:
             parts = [f"{s} {_tokens(n)}" + (f" ({self.flops[s]:.3g} FLOPs)" if s in self.flops else "")
                      for s, n in self.tokens.items()]
             out.append("training tokens: " + ", ".join(parts))
+        out += self.estimates
         if self.missing:
             out.append(f"warning: {len(self.missing)} input path(s) in the configs do not exist (placeholders to "
                        f"replace before running; relative paths are relative to {self.root}):")
@@ -102,6 +106,31 @@ def _flops(run: Run, tokens: int) -> float | None:
         return flops_per_token(ModelArgs(**run.config["model"]), _seq_len(run.config)) * tokens
     except (ImportError, TypeError, ValueError, KeyError):
         return None
+
+
+def run_estimate(run: Run, tokens: int) -> str | None:
+    """One line: the run's layout and the planner's GPU-hours for its tokens (None when it cannot say)."""
+    try:
+        from megaevo.config import config_from_dict
+        from megaevo.plan import Candidate, Workload, estimate, hardware
+
+        cfg = config_from_dict({k: v for k, v in run.config.items() if v is not None})
+        spec = run.stage_spec
+        gpus = spec.nproc * int((spec.slurm or {}).get("nodes") or 1)
+        p = cfg.parallel
+        dp = gpus // (p.tp * p.pp)
+        w = Workload(cfg.model, cfg.seq_len, cfg.train.global_batch_size, bucket_size_mb=p.bucket_size_mb)
+        c = Candidate(p.tp, p.pp, dp, p.virtual_pp, cfg.train.micro_batch_size, cfg.model.recompute,
+                      p.distributed_optimizer, p.sequence_parallel and p.tp > 1,
+                      tuple(p.pp_layers) if p.pp_layers else None)
+        if dp < 1 or c.gpus != gpus:
+            return None
+        e = estimate(w, c, hardware("h100-80g", gpus_per_node=spec.nproc))
+    except (ImportError, TypeError, ValueError, KeyError, ZeroDivisionError):
+        return None
+    hours = tokens / e.tokens_per_s * gpus / 3600
+    return (f"  {run.dir_name}: tp {p.tp} pp {p.pp} dp {dp} on {gpus} GPU(s): ~{hours:.3g} H100 GPU-hours "
+            f"(planner: {e.mfu:.0%} MFU, compute at {e.efficiency:.0%} of peak, {e.memory_bytes / 2**30:.1f} GB/GPU)")
 
 
 def input_paths(run: Run) -> list[tuple[str, str, bool]]:
@@ -168,6 +197,7 @@ def make_plan(spec: SuiteSpec, runs: list[Run], out: Path, launcher: str = "loca
     flops: dict[str, float] = {}
     finished = to_train = to_evaluate = 0
     no_flops: set[str] = set()
+    estimates: list[str] = []
     for run in runs:
         counts[run.stage] = counts.get(run.stage, 0) + 1
         if run.branch == "stable":
@@ -180,6 +210,9 @@ def make_plan(spec: SuiteSpec, runs: list[Run], out: Path, launcher: str = "loca
         if n is None:
             continue
         tokens[run.stage] = tokens.get(run.stage, 0) + n
+        line = run_estimate(run, n)
+        if line is not None:
+            estimates.append(line)
         f = _flops(run, n)
         if f is None:
             no_flops.add(run.stage)
@@ -192,5 +225,7 @@ def make_plan(spec: SuiteSpec, runs: list[Run], out: Path, launcher: str = "loca
         pending = [r for r in runs if not train_done(r, out)]
         slurm = {"train": len(pending), "eval": sum(r.eval is not None and not eval_done(r, out) for r in runs),
                  "signal_before": max((signal_before(r) for r in pending), default=0)}
+    if estimates:
+        estimates.insert(0, "estimated GPU-hours per run (layout planner, megaevo plan):")
     return Plan(counts, stable, finished, to_train, to_evaluate, tokens, flops, missing_paths(runs, spec.root),
-                spec.root, slurm)
+                spec.root, slurm, estimates)

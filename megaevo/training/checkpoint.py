@@ -768,6 +768,14 @@ class LoadedCheckpoint:
             self._verified.add(name)
         return record
 
+    def check_sizes(self) -> None:
+        """Every file metadata.json lists is there at the size it records (no checksums read: cheap
+        enough for any checkpoint); CheckpointError naming the first that is not."""
+        for name, record in sorted(self.record.files.items()):
+            path = self._path(name)
+            if not path.is_file() or path.stat().st_size != record.size:
+                FileRecord(record.size).check(path)
+
     @property
     def iteration(self) -> int:
         return self.record.iteration

@@ -10,8 +10,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from megaevo.log import get_logger
 
 log = get_logger(__name__)
@@ -23,6 +21,8 @@ _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
+    import torch  # late: the planner reads this module's formulas without loading torch
+
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
 
@@ -40,6 +40,8 @@ def flops_per_token(shape, seq_len: int) -> float:
 def memory_gb(device: torch.device) -> float:
     """Peak memory: allocated on the GPU, else this process's resident set."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**30
     try:
         import resource

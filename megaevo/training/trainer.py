@@ -163,6 +163,40 @@ def build_data(cfg: Config, layout: Layout, state: ParallelState, device: torch.
     return pretrain_stage(cfg, layout, state, device)
 
 
+def device_memory(device: torch.device) -> float | None:
+    """Bytes of memory per device the run may use: MEGAEVO_DEVICE_MEMORY_GB when set (also on the CPU,
+    where it is how a test fakes a small device), else the GPU's total, else None (no check)."""
+    fake = os.environ.get("MEGAEVO_DEVICE_MEMORY_GB")
+    if fake:
+        return float(fake) * 2**30
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return None
+
+
+def check_memory(cfg: Config, layout: Layout, device: torch.device, dtype: torch.dtype,
+                 memory: float | None = None) -> None:
+    """Stop before allocating when the planner's estimate of this layout (megaevo.plan) exceeds the
+    device's memory (``memory`` bytes; default :func:`device_memory`): UserError naming the biggest term
+    and the best layout of this world size that fits."""
+    memory = device_memory(device) if memory is None else memory
+    if memory is None:
+        return
+    from megaevo.plan import Candidate, Workload, check_fits
+
+    p = cfg.parallel
+    backend = kernels.resolve("rms_norm", device, None)
+    w = Workload(cfg.model, cfg.seq_len, cfg.train.global_batch_size, dtype_bytes=torch.finfo(dtype).bits // 8,
+                 kernels="triton" if backend == "triton" else "torch", bucket_size_mb=p.bucket_size_mb)
+    c = Candidate(layout.tp, layout.pp, layout.dp, layout.virtual_pp, cfg.train.micro_batch_size, cfg.model.recompute,
+                  p.distributed_optimizer, p.sequence_parallel and layout.tp > 1,
+                  tuple(p.pp_layers) if p.pp_layers else None)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or min(layout.world_size, 8)
+    fit = check_fits(w, c, memory, per_node)
+    if not fit.estimate.fits:
+        raise UserError(fit.message())
+
+
 @dataclass
 class RunState:
     iteration: int = 0
@@ -190,6 +224,7 @@ class Trainer:
         self.state = init_parallel_state(tp=self.layout.tp, dp=self.layout.dp, pp=self.layout.pp,
                                          device_type=self.device.type, sequence_parallel=cfg.parallel.sequence_parallel)
         self.dtype = _DTYPES[resolve_dtype(cfg.train.dtype, self.device.type)]
+        check_memory(cfg, self.layout, self.device, self.dtype)
         torch.manual_seed(cfg.train.seed)
         self.net = build_model(cfg, self.layout, self.state, self.device, self.dtype)
         self.chunks, self.params, self.metas = self.net.chunks, self.net.params, self.net.metas
@@ -481,7 +516,10 @@ class Trainer:
         """Resume ``path`` (one line saying so), or say the run is finished and return False."""
         iters = self.cfg.train.iters
         with self._naming_intact(path, "resume with"):
-            done = LoadedCheckpoint(path).iteration
+            ck = LoadedCheckpoint(path)
+            done = ck.iteration
+            if done >= iters:  # a finished run's last checkpoint is its result: not one with a file cut short
+                ck.check_sizes()
         if done >= iters:
             log.info(f"the run in {self.out_dir} is finished: {path.name} is at iteration {done} of {iters}; nothing "
                      f"to train (raise train.iters to train on, or checkpoint.load=none to start again)")
