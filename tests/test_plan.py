@@ -53,7 +53,7 @@ def test_cli_prints_a_ranked_table_with_overrides(capsys):
     assert main(["plan", "--model", "evolm-4b", "--seq-len", "2048", "--global-batch", "512", "--gpus", "64",
                  "--gpu", "h100-80g", "--top", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 + 3 and all("parallel.tp=" in x and "parallel.pp=" in x for x in lines[2:])
+    assert len(lines) == 3 + 3 and all("parallel.tp=" in x and "parallel.pp=" in x for x in lines[3:])
 
 
 def test_cli_json_rows(capsys):
