@@ -105,6 +105,10 @@ class TrainConfig:
     first `eval_tasks_limit` problems at every `eval_interval`, greedy with the `evolm` template and
     at most `eval_tasks_max_length` tokens; their metrics are logged as `eval/NAME/METRIC`. Generative
     tasks need `data.tokenizer` and PP = 1.
+
+    `memory_check`: on a GPU, the run first estimates its memory per GPU (megaevo.plan) and stops before
+    allocating when the estimate exceeds the device's memory; false skips the check (an estimate is a
+    model, not a measurement).
     """
 
     micro_batch_size: int = 1
@@ -120,6 +124,7 @@ class TrainConfig:
     eval_tasks_limit: int = 32
     eval_tasks_max_length: int = 512
     eval_tasks_data_dir: Optional[str] = None
+    memory_check: bool = True
 
 
 @dataclass

@@ -104,6 +104,12 @@ def test_train_refuses_a_layout_that_cannot_fit_before_allocating(tmp_path, monk
         trainer.Trainer(cfg)
     message = str(e.value)
     assert "\n" not in message and "biggest term is" in message and "GB per GPU" in message
+    assert message.endswith("(train.memory_check=false runs it anyway)")
+    skipped = config_from_dict({"model": {"preset": "tiny"}, "train": {"micro_batch_size": 4, "global_batch_size": 8,
+                                                                     "memory_check": False},
+                                "data": {"seq_len": 256}, "out_dir": str(tmp_path)})
+    with pytest.raises(AssertionError, match="the model was built"):  # not checked: the run goes on
+        trainer.Trainer(skipped)
     # with enough memory the check passes and the run goes on to build its model
     monkeypatch.setenv("MEGAEVO_DEVICE_MEMORY_GB", "64")
     with pytest.raises(AssertionError, match="the model was built"):
