@@ -343,6 +343,37 @@ def test_run_demo_leaves_a_finished_run_resumes_an_interrupted_one(tmp_path, cap
 
 
 @pytest.mark.slow
+def test_a_stopped_single_run_says_where_it_stopped_and_shows_no_table(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the demo's run: it saves and stops, and the demo says so instead of going on as if
+    the run had finished; a rerun resumes."""
+    import os
+    import signal
+
+    from megaevo.training import trainer as trainer_module
+
+    original = trainer_module.Trainer
+
+    class StoppedAtTwo(original):
+        def train_step(self):
+            record = super().train_step()
+            if self.run.iteration == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return record
+
+    out = tmp_path / "demo"
+    kwargs = dict(seed=5, scale=0.01, vocab_size=600, train_iters=4, train_overrides=SHORT, life_cycle=False)
+    monkeypatch.setattr(trainer_module, "Trainer", StoppedAtTwo)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, **kwargs)
+    printed = capsys.readouterr()
+    assert "stopped at iteration 2, saved: rerun `megaevo demo" in printed.out + printed.err
+    assert (out / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    monkeypatch.setattr(trainer_module, "Trainer", original)
+    resumed = demo.run_demo(out, **kwargs)
+    assert resumed.training.status == "resumed" and resumed.training.iterations == 4
+
+
+@pytest.mark.slow
 def test_train_demo_refuses_a_directory_it_did_not_make(tmp_path):
     demo.run_demo(tmp_path / "demo", seed=5, scale=0.01, vocab_size=600, verbose=False, train=False)
     other = tmp_path / "precious"

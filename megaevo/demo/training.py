@@ -193,12 +193,16 @@ def train_demo(
             with contextlib.ExitStack() as quiet:
                 if not verbose:  # the trainer's progress lines go to stdout (its logger's INFO lines)
                     quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
-                Trainer(cfg).fit()
+                trainer = Trainer(cfg)
+                trainer.fit()
         except KeyboardInterrupt:
             log(f"\ninterrupted: rerun `megaevo demo --dir {root}` to resume from the last checkpoint in {out}")
             raise
         finally:
             torch.set_num_threads(threads)
+        if trainer.stop_requested:  # a signal: the run saved and stopped before its end
+            log(f"\nstopped at iteration {trainer.run.iteration}, saved: rerun `megaevo demo --dir {root}` to resume")
+            raise KeyboardInterrupt
     result = TrainingResult(str(config_path), str(out), _latest_iteration(out) or 0, status,
                             _evals(out / "metrics.jsonl"), round(time.perf_counter() - start, 1))
     show(result.table())
