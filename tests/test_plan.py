@@ -7,7 +7,7 @@ import pytest
 
 from megaevo.cli import main
 from megaevo.model.args import ModelArgs
-from megaevo.plan import Candidate, Workload, check_fits, hardware, plan, row
+from megaevo.plan import Candidate, Workload, check_fits, hardware, plan
 from megaevo.plan.model import in_flight, padded_vocab
 
 ROW_KEYS = {"tp", "pp", "dp", "virtual_pp", "micro_batch_size", "recompute", "distributed_optimizer", "memory_gb",

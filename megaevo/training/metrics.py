@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megaevo.log import get_logger
+
+if TYPE_CHECKING:  # torch loads late: the planner reads this module's formulas without it
+    import torch
 
 log = get_logger(__name__)
 
