@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from megaevo.errors import UserError
+from megaevo.errors import UserError, report_user_error
 from megaevo.log import get_logger, setup_logging
 
 logger = get_logger(__name__)
@@ -510,40 +510,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Optional packages a command may need, and how to install each.
-OPTIONAL_PACKAGES = {
-    "tokenizers": "pip install 'megaevo[hf]'",
-    "reasoning_gym": "pip install 'megaevo[demo]'",
-    "math_verify": "pip install 'megaevo[eval]'",
-    "transformers": "pip install transformers",
-    "triton": "pip install triton",
-    "apex": "see https://github.com/NVIDIA/apex",
-    "pyarrow": "pip install 'megaevo[parquet]'",
-    "zstandard": "pip install 'megaevo[zstd]'",
-}
-
-# OSErrors about a path the user gave (a missing input, an existing output, no permission).
-PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
-def user_error_message(e: BaseException) -> str | None:
-    """The one-line message for an error in the user's input, or None for anything else (a bug,
-    which keeps its traceback): a UserError, an OSError about a given path, a missing optional package."""
-    if isinstance(e, UserError):
-        return str(e)
-    if isinstance(e, PATH_ERRORS):
-        if e.filename is not None and e.strerror:
-            both = f" -> {e.filename2}" if e.filename2 is not None else ""
-            return f"{e.filename}{both}: {e.strerror}"
-        return str(e)
-    if isinstance(e, ImportError):
-        if "pip install" in str(e):  # megaevo's own message for an optional package
-            return str(e)
-        top = (e.name or "").split(".")[0]
-        if isinstance(e, ModuleNotFoundError) and top in OPTIONAL_PACKAGES:
-            return f"this needs the optional package {top!r}, which is not installed: {OPTIONAL_PACKAGES[top]}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Its result (a table, JSON, what was written) is printed to stdout; progress
     and notices are logged through `megaevo.log` (INFO on stdout, warnings and errors on stderr).
@@ -570,11 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head & co.
         return 0
     except (ValueError, OSError, ImportError) as e:
-        message = user_error_message(e)
-        if message is None or os.environ.get("MEGAEVO_DEBUG"):
-            raise
-        logger.error("megaevo %s: %s", args.command, message)
-        return 2
+        return report_user_error(e, args.command)
 
 
 if __name__ == "__main__":

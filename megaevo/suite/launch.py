@@ -44,6 +44,7 @@ from typing import Callable
 
 import yaml
 
+from megaevo.errors import report_user_error
 from megaevo.suite.progress import POLL_S, Progress
 from megaevo.suite.spec import SpecError, SuiteSpec, load_spec
 from megaevo.suite.tree import Run, _digest, expand, select
@@ -480,18 +481,6 @@ def dry_run(spec: SuiteSpec, runs: list[Run], out: Path, launcher: str, verbose:
         echo(line)
 
 
-def user_error(e: BaseException, command: str) -> int:
-    """Print a mistake in the user's input as one line (`error: megaevo COMMAND: ...`) and return exit code
-    2; re-raise anything else (a bug keeps its traceback, as every error does with MEGAEVO_DEBUG=1)."""
-    from megaevo.cli import user_error_message
-
-    message = user_error_message(e)
-    if message is None or os.environ.get("MEGAEVO_DEBUG"):
-        raise e
-    print(f"error: megaevo {command}: {message}", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -506,7 +495,7 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
             return 0
         outcome = run_local(spec, runs, out, runner=runner or progress_runner(print))
     except (ValueError, OSError) as e:
-        return user_error(e, "suite")
+        return report_user_error(e, "suite")
     from megaevo.suite.results import collect, write_results
 
     rows = collect(runs, out)

@@ -528,8 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``megaevo report``: print the files written, one a line; a mistake in the input (a UserError, a
     path that cannot be read or written) is one line on stderr, ``error: megaevo report: ...``, exit 2."""
+    from megaevo.errors import report_user_error
     from megaevo.log import configured, setup_logging
-    from megaevo.suite.launch import user_error
 
     args = build_parser().parse_args(argv)
     if not configured():
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = report(args.dirs, args.out)
     except (ValueError, OSError, ImportError) as e:
-        return user_error(e, "report")
+        return report_user_error(e, "report")
     for f in files:
         print(f)
     return 0
