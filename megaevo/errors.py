@@ -13,6 +13,11 @@ class UserError(ValueError):
     """Input that megaevo cannot use; the message names the setting or the file and what to change."""
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite steps or state, rollouts off the policy); the message says where
+    to continue from. `megaevo train` prints it as one line and exits with 3."""
+
+
 OPTIONAL_PACKAGES = {
     "tokenizers": "pip install 'megaevo[hf]'",
     "reasoning_gym": "pip install 'megaevo[demo]'",

@@ -13,7 +13,8 @@ Packed weights are built for one batch size; a batch of another size runs the pl
 A :class:`DecodeStep` is cached on the stage (see :func:`decode_step`) and rebuilt when another
 batch size is asked for or the weights changed. The stage's *weights generation* says the latter:
 whatever writes the weights in place without autograd's version counters seeing it (the optimizer
-updates the flat parameter buffer the parameters are views of) calls :func:`weights_changed`, as the
+updates the flat parameter buffer the parameters are views of) calls
+:func:`megaevo.model.weights.weights_changed`, as the
 training engine does after every optimizer update and every checkpoint load, and the cache is keyed
 on that generation (and, as a second guard, on each parameter's storage and version counter).
 """
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from megaevo import kernels
+from megaevo.model.weights import weights_generation
 
 MIN_PACK_STEPS = 16  # packing costs a few decode steps; not worth it for shorter generations
 _CACHE_SIZE = 2  # packed weight sets kept per stage (by batch size)
@@ -110,22 +112,6 @@ class DecodeStep:
         return self.head(kernels.rms_norm(h, self.norm, self.norm_eps))
 
 
-_GENERATION = "_weights_generation"
-
-
-def weights_changed(*modules: torch.nn.Module) -> None:
-    """Say that the weights of ``modules`` were written (an optimizer update, a checkpoint load): each
-    module's weights generation goes up by one, so every packed or cached copy of its weights is
-    rebuilt before it is used again."""
-    for module in modules:
-        module.__dict__[_GENERATION] = weights_generation(module) + 1
-
-
-def weights_generation(module: torch.nn.Module) -> int:
-    """How many times :func:`weights_changed` was called on ``module``."""
-    return module.__dict__.get(_GENERATION, 0)
-
-
 def _weights_key(stage) -> tuple:
     return weights_generation(stage), tuple((p.data_ptr(), p._version) for p in stage.parameters())
 
@@ -142,7 +128,7 @@ def _packing_fits(stage) -> bool:
 
 def decode_step(stage, rows: int, steps: int) -> DecodeStep | None:
     """The :class:`DecodeStep` for ``rows`` rows and about ``steps`` decode steps, cached on
-    ``stage`` until its weights change (:func:`weights_changed`); None when the stage is not a
+    ``stage`` until its weights change (:func:`megaevo.model.weights.weights_changed`); None when the stage is not a
     whole single-rank model (the stage's own forward is used). Weights are packed on the CPU in
     float32 when MKL is there, the generation is long enough to repay packing (or a packed set for
     ``rows`` is cached) and the memory allows."""

@@ -89,7 +89,7 @@ from megaevo.model.args import RECOMPUTE_MODES, ModelArgs, layout_errors
 from .model import GB, MEMORY_TERMS, Candidate, Estimate, Hardware, Workload, estimate, memory, rank_buffers
 
 __all__ = ["GB", "GPUS", "INTERCONNECTS", "MEMORY_TERMS", "Candidate", "Estimate", "Hardware", "Workload",
-           "candidates", "estimate", "hardware", "memory", "plan", "rank_buffers", "row"]
+           "candidates", "check_fits", "estimate", "hardware", "memory", "of_config", "plan", "rank_buffers", "row"]
 
 # GPU presets: memory (bytes, as torch reports it), dense bf16 peak (FLOP/s), HBM bandwidth (bytes/s).
 GPUS = {
@@ -216,6 +216,18 @@ def row(est: Estimate) -> dict:
             "step_s": round(est.step_s, 4), "tokens_per_s": round(est.tokens_per_s, 1), "mfu": round(est.mfu, 4),
             "efficiency": round(est.efficiency, 4), "time": {k: round(v, 4) for k, v in est.time.items()},
             "overrides": " ".join(c.overrides())}
+
+
+def of_config(cfg, dp: int, *, dtype_bytes: int = 2, kernels: str = "triton") -> tuple[Workload, Candidate]:
+    """The workload and the layout a run's :class:`megaevo.config.Config` describes, at data-parallel
+    size ``dp`` (what its world size leaves beside TP and PP)."""
+    p = cfg.parallel
+    w = Workload(cfg.model, cfg.seq_len, cfg.train.global_batch_size, dtype_bytes=dtype_bytes, kernels=kernels,
+                 bucket_size_mb=p.bucket_size_mb)
+    c = Candidate(p.tp, p.pp, dp, p.virtual_pp, cfg.train.micro_batch_size, cfg.model.recompute,
+                  p.distributed_optimizer, p.sequence_parallel and p.tp > 1,
+                  tuple(p.pp_layers) if p.pp_layers else None)
+    return w, c
 
 
 @dataclass(frozen=True)

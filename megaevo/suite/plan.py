@@ -112,17 +112,14 @@ def run_estimate(run: Run, tokens: int) -> str | None:
     """One line: the run's layout and the planner's GPU-hours for its tokens (None when it cannot say)."""
     try:
         from megaevo.config import config_from_dict
-        from megaevo.plan import Candidate, Workload, estimate, hardware
+        from megaevo.plan import estimate, hardware, of_config
 
         cfg = config_from_dict({k: v for k, v in run.config.items() if v is not None})
         spec = run.stage_spec
         gpus = spec.nproc * int((spec.slurm or {}).get("nodes") or 1)
         p = cfg.parallel
         dp = gpus // (p.tp * p.pp)
-        w = Workload(cfg.model, cfg.seq_len, cfg.train.global_batch_size, bucket_size_mb=p.bucket_size_mb)
-        c = Candidate(p.tp, p.pp, dp, p.virtual_pp, cfg.train.micro_batch_size, cfg.model.recompute,
-                      p.distributed_optimizer, p.sequence_parallel and p.tp > 1,
-                      tuple(p.pp_layers) if p.pp_layers else None)
+        w, c = of_config(cfg, dp)
         if dp < 1 or c.gpus != gpus:
             return None
         e = estimate(w, c, hardware("h100-80g", gpus_per_node=spec.nproc))

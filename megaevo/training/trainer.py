@@ -51,10 +51,10 @@ from megaevo import kernels
 from megaevo.config import (Config, ConfigError, Layout, absolute_paths, config_to_dict,
                             resolve_dtype, save_config, validate, with_iters, with_rl_batch)
 from megaevo.data.tokenizer_files import keep_tokenizer
-from megaevo.errors import UserError
-from megaevo.inference.decode import weights_changed
+from megaevo.errors import TrainingStopped, UserError
 from megaevo.log import get_logger, setup_logging
 from megaevo.model.llama import LlamaStage, build_chunks
+from megaevo.model.weights import weights_changed
 from megaevo.parallel import compat
 from megaevo.parallel.data_parallel import GradBuffers
 from megaevo.parallel.layers import allreduce_sequence_parallel_grads
@@ -182,15 +182,11 @@ def check_memory(cfg: Config, layout: Layout, device: torch.device, dtype: torch
     memory = device_memory(device) if memory is None else memory
     if memory is None:
         return
-    from megaevo.plan import Candidate, Workload, check_fits
+    from megaevo.plan import check_fits, of_config
 
-    p = cfg.parallel
     backend = kernels.resolve("rms_norm", device, None)
-    w = Workload(cfg.model, cfg.seq_len, cfg.train.global_batch_size, dtype_bytes=torch.finfo(dtype).bits // 8,
-                 kernels="triton" if backend == "triton" else "torch", bucket_size_mb=p.bucket_size_mb)
-    c = Candidate(layout.tp, layout.pp, layout.dp, layout.virtual_pp, cfg.train.micro_batch_size, cfg.model.recompute,
-                  p.distributed_optimizer, p.sequence_parallel and layout.tp > 1,
-                  tuple(p.pp_layers) if p.pp_layers else None)
+    w, c = of_config(cfg, layout.dp, dtype_bytes=torch.finfo(dtype).bits // 8,
+                     kernels="triton" if backend == "triton" else "torch")
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or min(layout.world_size, 8)
     fit = check_fits(w, c, memory, per_node)
     if not fit.estimate.fits:
@@ -637,10 +633,6 @@ def _eval_tasks(cfg: Config) -> tuple | None:
         raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens, more than "
                           f"model.vocab_size={cfg.model.vocab_size}")
     return tokenizer, tasks
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (non-finite steps or state); the message says where to continue from."""
 
 
 class _StopSignals:

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaevo.config import Config, OptimConfig
-from megaevo.inference.decode import weights_changed
 from megaevo.model.llama import LlamaStage, RMSNorm
+from megaevo.model.weights import weights_changed
 from megaevo.parallel.data_parallel import GradBuffers
 from megaevo.parallel.layers import allreduce_sequence_parallel_grads, tag_param
 from megaevo.parallel.layout import ParamLayout, ParamMeta, param_meta

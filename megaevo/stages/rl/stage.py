@@ -51,9 +51,10 @@ import torch
 import torch.distributed as dist
 
 from megaevo.config import Config, ConfigError, Layout, RLConfig, resolve_dtype
-from megaevo.inference.decode import weights_changed
+from megaevo.errors import TrainingStopped
 from megaevo.log import get_logger
 from megaevo.model.llama import build_chunks
+from megaevo.model.weights import weights_changed
 from megaevo.parallel import compat
 from megaevo.parallel.layers import mask_vocab_padding, vocab_parallel_cross_entropy, vocab_parallel_entropy
 from megaevo.parallel.state import ParallelState
@@ -65,7 +66,6 @@ from megaevo.stages.rl.critic import Critic
 from megaevo.stages.rl.rewards import build_reward
 from megaevo.stages.rl.rollout import PromptStream, load_prompt_set, rollout_tensors, sample_responses
 from megaevo.training.checkpoint import LoadedCheckpoint, load_local_weights, resolve_checkpoint
-from megaevo.training.trainer import TrainingStopped
 
 log = get_logger(__name__)
 
