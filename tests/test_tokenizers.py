@@ -91,6 +91,27 @@ def test_training_from_text_and_gzip_is_atomic_and_deterministic(tmp_path, corpu
     assert SentencePieceTokenizer(tmp_path / "out" / "one.model").vocab_size == 400
 
 
+def test_training_reads_zst_and_parquet_as_it_reads_jsonl(tmp_path, corpus_texts):
+    """Tokenizer training reads its inputs through the same readers as preprocessing: the same texts kept as
+    jsonl, jsonl.zst or parquet train the same tokenizer."""
+    zstandard = pytest.importorskip("zstandard")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = corpus_texts[:150]
+    body = "".join(json.dumps({"body": t}) + "\n" for t in texts).encode()
+    (tmp_path / "c.jsonl").write_bytes(body)
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(body))
+    pq.write_table(pa.table({"body": texts, "other": list(range(len(texts)))}), tmp_path / "c.parquet",
+                   row_group_size=40)
+    vocabs = []
+    for name in ("c.jsonl", "c.jsonl.zst", "c.parquet"):
+        model = train_sentencepiece([str(tmp_path / name)], 400, str(tmp_path / "out" / name), json_key="body",
+                                    max_sentences=500, seed=7)
+        vocabs.append(model.with_suffix(".vocab").read_bytes())
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+
+
 def test_training_errors_name_the_problem(tmp_path, corpus_texts):
     good = tmp_path / "good.txt"
     good.write_text("\n".join(corpus_texts), encoding="utf-8")

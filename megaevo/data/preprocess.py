@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import gzip
 import json
 import multiprocessing
 import os
@@ -22,7 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -34,9 +33,7 @@ from megaevo.log import get_logger
 
 logger = get_logger(__name__)
 
-GZIP_MAGIC = b"\x1f\x8b"
 CHUNK_LINES = 512
-CHUNK_BYTES = 1 << 20
 MAX_LOCATIONS = 10  # skipped-line locations kept in the summary
 MAX_WARNINGS = 5  # skipped-line locations logged as they happen
 
@@ -102,18 +99,6 @@ class PreprocessSummary:
         if self.skipped:
             lines.append(f"  skipped    {self.skipped:,} malformed lines, first: {self.skipped_locations[0]}")
         return "\n".join(lines)
-
-
-def open_input(path: str | os.PathLike) -> BinaryIO:
-    """Open an input for reading bytes, decompressing gzip (recognised by its magic bytes)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == GZIP_MAGIC:
-        return gzip.open(path, "rb")
-    if path.suffix == ".gz":
-        raise PreprocessError(f"{path}: named .gz but not gzip-compressed")
-    return open(path, "rb", buffering=CHUNK_BYTES)
 
 
 def check_inputs(inputs) -> list[Path]:

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from megaevo.data import DataError
+from megaevo.data import DataError, readers
 from megaevo.log import get_logger
 
 logger = get_logger(__name__)
@@ -291,41 +291,40 @@ def split_text(text: str, max_bytes: int = MAX_SENTENCE_BYTES) -> list[str]:
 
 
 def is_jsonl(path: str | os.PathLike) -> bool:
-    """Whether an input file name says JSON lines (`.jsonl`, `.json`, `.ndjson`, optionally `.gz`)."""
+    """Whether an input file name says JSON lines (`.jsonl`, `.json`, `.ndjson`, optionally `.gz` or `.zst`)."""
     name = Path(path).name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
+    for compressed in (".gz", ".zst"):
+        name = name.removesuffix(compressed)
     return name.endswith(JSONL_SUFFIXES)
 
 
 def _file_texts(path: Path, json_key: str, problems: list[str]) -> Iterator[str]:
-    """The texts of one input: each line of a text file, or the string under json_key of each jsonl line."""
-    from megaevo.data.preprocess import open_input
-
-    jsonl = is_jsonl(path)
-    with open_input(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if jsonl:
+    """The texts of one input, read through :mod:`megaevo.data.readers`: the string under json_key of each
+    jsonl line or parquet / arrow row, or each line of a text file."""
+    records = readers.iter_records(path)
+    if readers.detect_format(path) in ("parquet", "arrow") or is_jsonl(path):
+        for where, raw in records:
+            if isinstance(raw, bytes):
                 if not raw.strip():
                     continue
                 try:
-                    obj = json.loads(raw)
+                    raw = json.loads(raw)
                 except ValueError:
-                    problems.append(f"{path}:{lineno}: invalid JSON")
+                    problems.append(f"{path}:{where}: invalid JSON")
                     continue
-                text = obj.get(json_key) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    problems.append(f"{path}:{lineno}: no string under key {json_key!r}")
-                    continue
-            else:
-                try:
-                    text = raw.decode("utf-8").rstrip("\n")
-                except UnicodeDecodeError:
-                    problems.append(f"{path}:{lineno}: not valid UTF-8")
-                    continue
-                if text.endswith("\r"):
-                    text = text[:-1]
+            text = raw.get(json_key) if isinstance(raw, dict) else None
+            if not isinstance(text, str):
+                problems.append(f"{path}:{where}: no string under key {json_key!r}")
+                continue
             yield text
+        return
+    for where, raw in records:
+        try:
+            text = raw.decode("utf-8").rstrip("\n")
+        except UnicodeDecodeError:
+            problems.append(f"{path}:{where}: not valid UTF-8")
+            continue
+        yield text.removesuffix("\r")
 
 
 def _sample_sentences(inputs: list[Path], json_key: str, max_sentences: int, seed: int) -> list[str]:
