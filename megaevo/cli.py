@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
     t = tok.add_parser("train", help="train a SentencePiece BPE model (byte fallback, chat special tokens)")
-    t.add_argument("--input", nargs="+", required=True, help="text or jsonl(.gz) files")
+    t.add_argument("--input", nargs="+", required=True, help="text, jsonl (.gz, .zst), parquet or arrow files")
     t.add_argument("--vocab-size", type=int, required=True, metavar="N",
                    help=f"pieces in the vocabulary, the {MIN_VOCAB_SIZE - 1} control, chat and byte-fallback pieces "
                         f"included (at least {MIN_VOCAB_SIZE}; e.g. 32000): the model's model.vocab_size must be "
