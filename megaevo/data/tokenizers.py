@@ -384,8 +384,8 @@ def train_sentencepiece(
 ) -> Path:
     """Train a byte-fallback SentencePiece BPE model; write PREFIX.model and PREFIX.vocab; return the .model path.
 
-    Inputs are text files (one line, one sentence) or jsonl (.gz, .zst), parquet or arrow files (the string under json_key;
-    documents are cut into sentences of at most MAX_SENTENCE_BYTES). At most max_sentences
+    Inputs are text files (one line, one sentence) or jsonl (.gz, .zst), parquet or arrow files (the
+    string under json_key; documents are cut into sentences of at most MAX_SENTENCE_BYTES). At most max_sentences
     sentences, sampled uniformly with seed, are used. Ids: unk 0, bos 1 `<s>`, eos 2 `</s>`,
     pad 3 `<pad>`, then CHAT_TOKENS. Normalisation is the identity, whitespace is kept as is and
     digits are split, so `decode(encode(text)) == text` for any text.
