@@ -64,3 +64,21 @@ def spm_tokenizer(spm_model):
     from megaevo.data.tokenizers import SentencePieceTokenizer
 
     return SentencePieceTokenizer(spm_model)
+
+
+@pytest.fixture(scope="module")
+def setup(spm_model, tmp_path_factory):
+    """An RL setup (tokenizer and prompts file) for tests/helpers.py's rl_config."""
+    from helpers import make_rl_setup
+
+    return make_rl_setup(spm_model, tmp_path_factory.mktemp("rl"))
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(setup, tmp_path_factory):
+    """A one-step GRPO run's checkpoint: the starting point of PPO runs."""
+    from helpers import rl_config, rl_fit
+
+    out = tmp_path_factory.mktemp("base")
+    rl_fit(rl_config(setup, out, **{"train.iters": 1}))
+    return out / "checkpoints" / "iter_0000001"

@@ -22,7 +22,7 @@ from megaevo.training import trainer as trainer_module
 from megaevo.training.checkpoint import (CHECKSUM, METADATA, METADATA_CHECKSUM, Checkpointer, CheckpointError,
                                          LoadedCheckpoint, file_checksum, last_verified_checkpoint, model_file,
                                          rng_file, verify_checkpoint)
-from test_trainer import config, fit, make_data
+from helpers import config, fit, make_data
 
 ITERS = 3
 SETTINGS = {"train.iters": ITERS, "checkpoint.interval": 1, "train.eval_interval": 0}
@@ -343,7 +343,7 @@ def instrument_saves(iteration: int, on_event, set_attr=setattr) -> None:
 KILL_AT = """
 import os, sys
 from test_checkpoint_integrity import SETTINGS, instrument_saves
-from test_trainer import config, fit
+from helpers import config, fit
 iteration, kill_at, count = int(sys.argv[4]), int(sys.argv[5]), [0]
 def event(label):
     count[0] += 1

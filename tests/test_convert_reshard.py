@@ -12,9 +12,8 @@ from megaevo.convert import ConvertError, reshard
 from megaevo.model import ModelArgs, build_chunks
 from megaevo.parallel.state import ParallelState
 from megaevo.training.checkpoint import CheckpointError, LoadedCheckpoint
-from test_rl_stage import base_checkpoint, ppo_overrides, rl_config, setup  # noqa: F401 (fixtures)
-from test_rl_stage import fit as rl_fit
-from test_trainer import config, fit, make_data
+from helpers import ppo_overrides, rl_config, rl_fit
+from helpers import config, fit, make_data
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from megaevo.stages import Stage
 from megaevo.stages.pretrain import GPTBatches, pretrain_stage
 from megaevo.training.trainer import Trainer
 from dist_utils import run_distributed
-from test_trainer import assert_close_runs, config, logical_weights, make_data
+from helpers import assert_close_runs, config, logical_weights, make_data
 
 ENTROPY_BONUS = 0.01
 

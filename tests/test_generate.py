@@ -183,7 +183,7 @@ def test_generation_follows_optimizer_steps_and_loads(tmp_path):
     updates and after loading a checkpoint: no packed or cached copy of a weight outlives a change."""
     from megaevo.inference.decode import MIN_PACK_STEPS, mkl_packed_gemm_available
     from megaevo.training.trainer import Trainer
-    from test_trainer import config, make_data
+    from helpers import config, make_data
 
     cfg = config(make_data(tmp_path / "data"), tmp_path / "run", **{
         "train.iters": 3, "train.eval_interval": 0, "checkpoint.interval": 1, "model.max_seq_len": 64,

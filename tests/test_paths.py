@@ -14,7 +14,7 @@ from megaevo import cli
 from megaevo.data.tokenizer_files import TokenizerNotFound, keep_tokenizer, tokenizer_files
 from megaevo.inference import SamplingParams
 from megaevo.training.checkpoint import LoadedCheckpoint
-from test_trainer import make_data
+from helpers import make_data
 
 # A project: PROJECT/configs/run.yaml names PROJECT/data, PROJECT/tok and PROJECT/runs relative to itself.
 CONFIG = """

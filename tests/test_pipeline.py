@@ -14,7 +14,7 @@ from megaevo.parallel.pipeline import (BACKWARD, FORWARD, ScheduleError, activat
 from megaevo.parallel.state import ParallelState
 from megaevo.training.checkpoint import LoadedCheckpoint
 from dist_utils import run_distributed
-from test_trainer import assert_close_runs, config, fit, logical_weights, make_data
+from helpers import assert_close_runs, config, fit, logical_weights, make_data
 
 GRID = [(m, pp, v) for pp in (2, 3, 4) for v in (1, 2, 3) for m in range(1, 13) if v == 1 or m % pp == 0]
 

@@ -16,7 +16,7 @@ import megaevo.training.checkpoint as ckpt
 from megaevo.config import save_config
 from megaevo.training import trainer as trainer_module
 from megaevo.training.checkpoint import LoadedCheckpoint, verify_checkpoint
-from test_trainer import config, fit, make_data
+from helpers import config, fit, make_data
 
 TESTS = Path(__file__).parent
 

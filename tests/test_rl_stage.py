@@ -9,26 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from megaevo.config import ConfigError, config_from_dict, validate
+from megaevo.config import ConfigError, validate
 from megaevo.training.checkpoint import LoadedCheckpoint
 from megaevo.training.trainer import Trainer
+from helpers import TOKENIZER_ENV, ppo_overrides, rl_config, tensors, rl_fit as fit
 from dist_utils import assert_check_passed, run_checks, run_distributed
-
-TOKENIZER_ENV = "MEGAEVO_TEST_RL_TOKENIZER"
-LOW = 300  # the reward: the share of response tokens with an id below LOW
-_tokenizer = None
-
-
-def low_ids_reward(prompt: dict, completion: str) -> float:
-    """The share of the completion's tokens (re-encoded) whose id is below LOW: about 0.5 at random init."""
-    global _tokenizer
-    if _tokenizer is None:
-        from megaevo.data.tokenizers import SentencePieceTokenizer
-
-        _tokenizer = SentencePieceTokenizer(os.environ[TOKENIZER_ENV])
-    ids = _tokenizer.encode(completion)
-    return sum(i < LOW for i in ids) / max(len(ids), 1)
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -36,44 +21,6 @@ def _one_thread():
     torch.set_num_threads(1)  # tiny matmuls: threads only contend
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def setup(spm_model, tmp_path_factory):
-    os.environ[TOKENIZER_ENV] = str(spm_model)
-    d = tmp_path_factory.mktemp("rl")
-    words = "ka lo mi ne ru sa te vo an el"
-    prompts = d / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": str(i), "problem": words[: 5 + i % 20], "gt_solution": None,
-                                           "gt_answer": str(i)}) + "\n" for i in range(40)))
-    return {"tokenizer": str(spm_model), "prompts": str(prompts)}
-
-
-def rl_config(setup, out_dir, **overrides):
-    raw = {
-        "stage": "rl",
-        "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_heads": 4, "num_kv_heads": 2,
-                  "vocab_size": 600, "max_seq_len": 64},
-        "data": {"tokenizer": setup["tokenizer"]},
-        "train": {"micro_batch_size": 4, "iters": 2, "seed": 3, "log_interval": 1, "eval_interval": 0,
-                  "dtype": "fp32"},
-        "optim": {"lr": 1e-2, "min_lr": 0.0, "warmup": 0, "schedule": "constant", "weight_decay": 0.0},
-        "checkpoint": {"interval": 0},
-        "rl": {"algorithm": "grpo", "prompts": [setup["prompts"]], "prompts_per_step": 8, "n": 4, "max_prompt_len": 24,
-               "max_new_tokens": 12, "reward": "test_rl_stage:low_ids_reward", "critic": {"lr": 1e-2}},
-        "out_dir": str(out_dir),
-    }
-    return config_from_dict(raw, [f"{k}={v}" for k, v in overrides.items()])
-
-
-def fit(cfg):
-    trainer = Trainer(cfg)
-    return trainer.fit(), trainer
-
-
-def tensors(path, kind="model") -> dict:
-    ck = LoadedCheckpoint(path)
-    return {n: ck.tensor(kind, n) for n in ck.names(kind)}
 
 
 # ---------------------------------------------------------------- config
@@ -294,20 +241,6 @@ def test_ppo_raises_the_reward_and_the_explained_variance(setup, tmp_path):
 
 
 # ---------------------------------------------------------------- checkpoints
-@pytest.fixture(scope="module")
-def base_checkpoint(setup, tmp_path_factory):
-    """A one-step GRPO run's checkpoint: the starting point of the PPO runs below."""
-    out = tmp_path_factory.mktemp("base")
-    fit(rl_config(setup, out, **{"train.iters": 1}))
-    return out / "checkpoints" / "iter_0000001"
-
-
-def ppo_overrides(base, **extra):
-    return {"rl.algorithm": "ppo", "rl.n": 2, "rl.kl_coef": 0.05, "rl.mini_batches": 2, "rl.epochs": 2,
-            "checkpoint.load": str(base), "checkpoint.finetune": True, "train.iters": 4, "checkpoint.interval": 2,
-            **extra}
-
-
 def test_ppo_resume_is_bit_exact(setup, base_checkpoint, tmp_path):
     ref_records, _ = fit(rl_config(setup, tmp_path / "ref", **ppo_overrides(base_checkpoint)))
     first, _ = fit(rl_config(setup, tmp_path / "run", **ppo_overrides(base_checkpoint, **{"train.iters": 2})))

@@ -17,7 +17,7 @@ from megaevo.stages import IGNORE_INDEX, MicroBatchMeanLoss, TokenLoss
 from megaevo.stages.sft import SFTSamples, best_fit_decreasing, collate_rows, epoch_shares, pack, select_conversations
 from megaevo.training.trainer import Trainer
 from dist_utils import assert_check_passed, run_checks, run_distributed
-from test_trainer import assert_close_runs, logical_weights
+from helpers import assert_close_runs, logical_weights
 
 VOCAB, SEQ, EOS = 300, 64, 2
 SHAPE = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_heads=4, num_kv_heads=2, vocab_size=VOCAB,

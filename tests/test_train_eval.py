@@ -6,7 +6,7 @@ import pytest
 
 from megaevo.config import ConfigError
 from megaevo.training.trainer import Trainer
-from test_trainer import config, make_data
+from helpers import config, make_data
 
 EVALS = Path(__file__).resolve().parents[2] / "shared" / "evolm-evals"
 

@@ -5,64 +5,14 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from megaevo.config import ConfigError, config_from_dict
-from megaevo.data.indexed import IndexedDatasetWriter
+from megaevo.config import ConfigError
 from megaevo.training.checkpoint import CheckpointError, LoadedCheckpoint
 from megaevo.training.trainer import Trainer
 from dist_utils import run_distributed
-
-VOCAB = 500
-
-
-def make_data(root: Path) -> dict:
-    rng = np.random.default_rng(0)
-    out = {}
-    for name, lo in (("web", 0), ("math", 250)):
-        with IndexedDatasetWriter(root / name, np.uint16) as w:
-            for _ in range(120):  # counting sequences: learnable within a few steps
-                start, n = rng.integers(0, 250), int(rng.integers(5, 80))
-                w.add_document(lo + (start + np.arange(n)) % 250)
-        out[name] = str(root / name)
-    return out
-
-
-def config(data: dict, out_dir, **overrides):
-    raw = {
-        "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_heads": 4, "num_kv_heads": 2,
-                  "vocab_size": VOCAB, "max_seq_len": 32},
-        "data": {"train": [0.7, data["web"], 0.3, data["math"]], "seq_len": 32, "split": "90,10,0",
-                 "cache_dir": str(Path(data["web"]).parent / "cache")},
-        "train": {"micro_batch_size": 2, "global_batch_size": 8, "iters": 6, "seed": 7, "log_interval": 1,
-                  "eval_interval": 3, "eval_iters": 1, "dtype": "fp32"},
-        "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup": 2},
-        "checkpoint": {"interval": 3},
-        "out_dir": str(out_dir),
-    }
-    return config_from_dict(raw, [f"{k}={v}" for k, v in overrides.items()])
-
-
-def fit(cfg):
-    trainer = Trainer(cfg)
-    records = trainer.fit()
-    return [r["loss"] for r in records if "loss" in r], trainer
-
-
-def logical_weights(path) -> dict:
-    ck = LoadedCheckpoint(path)
-    return {n: ck.tensor("model", n) for n in ck.names("model")}
-
-
-def assert_close_runs(a: dict, b: dict, rtol=1e-5):
-    """Each logical tensor within rtol of the reference, relative to the reference's norm."""
-    assert a.keys() == b.keys()
-    for n in a:
-        err = (a[n].double() - b[n].double()).norm() / b[n].double().norm().clamp_min(1e-12)
-        assert err <= rtol, f"{n}: relative difference {err:.2e}"
-
+from helpers import VOCAB, assert_close_runs, config, fit, logical_weights, make_data
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -186,7 +136,7 @@ def test_bad_checkpoints_are_refused(data, reference, tmp_path):
 KILL_DURING_SAVE = """
 import os, sys
 import megaevo.training.checkpoint as ck
-from test_trainer import config
+from helpers import config
 real = ck.write_safetensors
 def dying_write(path, tensors, checksum=None):
     record = real(path, tensors, checksum)

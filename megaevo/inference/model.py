@@ -186,7 +186,7 @@ def _empty_stage(args: ModelArgs, state: ParallelState, device: torch.device, dt
 def _parallel_state(tp: int | None) -> tuple[ParallelState, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 or (dist.is_available() and dist.is_initialized()):
-        from megaevo.training.trainer import init_distributed
+        from megaevo.parallel.distributed import init_distributed
 
         _, world, device = init_distributed()
         tp = world if tp is None else tp

@@ -33,7 +33,6 @@ stage, megaevo.stages.rl.stage, uses all three; pre-training and SFT have none):
 from __future__ import annotations
 
 import contextlib
-import datetime
 import math
 import os
 import signal
@@ -57,6 +56,7 @@ from megaevo.model.llama import LlamaStage, build_chunks
 from megaevo.model.weights import weights_changed
 from megaevo.parallel import compat
 from megaevo.parallel.data_parallel import GradBuffers
+from megaevo.parallel.distributed import init_distributed, report_once
 from megaevo.parallel.layers import allreduce_sequence_parallel_grads
 from megaevo.parallel.layout import ParamMeta
 from megaevo.parallel.pipeline import PipelineEngine, StepStats
@@ -78,35 +78,6 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # -- builders ------------------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process; joins the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        _init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def _init_process_group(backend: str) -> None:
-    """init_process_group from torchrun's environment. After an elastic restart
-    (TORCHELASTIC_RESTART_COUNT > 0) the new workers share the agent's store with the keys the failed
-    attempt left there (peer addresses that no longer listen), so each attempt gets a prefix of its own."""
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if attempt == 0:
-        dist.init_process_group(backend)
-        return
-    from torch.distributed.rendezvous import rendezvous
-
-    store, rank, world = next(rendezvous("env://"))
-    dist.init_process_group(backend, store=dist.PrefixStore(f"megaevo/attempt_{attempt}", store), rank=rank,
-                            world_size=world)
-
-
 @dataclass
 class Model:
     """This rank's model chunks and their parameters by logical name."""
@@ -696,31 +667,6 @@ class _Throughput:
         return rate
 
 
-def _report(message: str, rank: int) -> None:
-    """Log a fatal one-line ``message`` once for the whole job: from rank 0, or from another rank
-    whose message rank 0 did not also report (errors that only some ranks hit)."""
-    store = None
-    if dist.is_initialized():
-        try:
-            store = dist.distributed_c10d._get_default_store()
-        except (AttributeError, RuntimeError):
-            store = None
-    if rank == 0:
-        log.error(message)
-        if store is not None:  # after logging: the other ranks wait for it, so torchrun, which ends the
-            store.set("megaevo/error", message)  # job when the first rank exits, cannot cut the line off
-        return
-    seen = None
-    if store is not None:
-        try:
-            store.wait(["megaevo/error"], datetime.timedelta(seconds=3))
-            seen = store.get("megaevo/error").decode()
-        except RuntimeError:  # rank 0 reported nothing in time (DistStoreError is a RuntimeError)
-            seen = None
-    if seen is None or not seen.startswith(message):  # rank 0's may say more (e.g. where to resume from)
-        log.error(message)
-
-
 _EPILOG = """Settings are the dataclasses of megaevo/config.py: stage (pretrain, sft or rl), then one section
 each: model (megaevo/model/args.py; model.preset fills it), parallel, data, train, optim, checkpoint, kernels,
 sft, rl, and out_dir. Give them in the YAML file and/or as dotted overrides (optim.lr=3e-4 parallel.tp=2);
@@ -759,14 +705,14 @@ def main(argv: list[str] | None = None) -> int:
         Trainer(cfg).fit()
         return 0
     except UserError as e:
-        _report(str(e), rank)
+        report_once(str(e), rank)
         return 2
     except TrainingStopped as e:  # decided together by all ranks: rank 0 says it
         if rank == 0:
             log.error(str(e))
         return 3
     except KeyboardInterrupt:
-        _report("interrupted, without saving (the checkpoints already committed are intact)", rank)
+        report_once("interrupted, without saving (the checkpoints already committed are intact)", rank)
         return 130
     finally:
         if dist.is_initialized():

@@ -1,0 +1,41 @@
+"""Small rules every layer shares, in one place: the label that no loss counts, the names of the compute
+dtypes, and how a seed and a name make the seed of one tensor's random stream.
+
+Nothing here imports torch at module level, so the configuration and command-line layers stay light.
+"""
+from __future__ import annotations
+
+import zlib
+
+IGNORE_INDEX = -100
+"""A label no loss counts (prompt tokens, padding, the last token of a document)."""
+
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
+"""Every spelling of a dtype megaevo accepts (configs, `--dtype`, `megaevo.load`), by torch's name."""
+
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """The compute dtype a run uses: "auto" is bf16 on CUDA and fp32 elsewhere; others as given."""
+    if dtype == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return dtype
+
+
+def torch_dtype(name, *, what: str = "dtype"):
+    """The torch dtype named ``name`` (a torch.dtype, or any spelling of :data:`DTYPE_NAMES`, with or
+    without ``torch.``); ValueError naming ``what`` and the choices for another."""
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise ValueError(f"{what}: unknown dtype {name!r} (use one of {', '.join(DTYPE_NAMES)})")
+    return getattr(torch, DTYPE_NAMES[key])
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """The seed of the random stream that initialises tensor ``name`` in a run seeded ``seed``: the same on
+    every layout, so a weight's initial value never depends on how the model is split."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
