@@ -32,12 +32,11 @@ from pathlib import Path
 
 import torch
 
+from megaevo.checkpoint import (CHECKSUMS, STATE_KINDS, Checkpointer, CheckpointMeta, LoadedCheckpoint, SavedLayout,
+                                build_save_plan, iteration_dir)
 from megaevo.model.args import ModelArgs
 from megaevo.model.llama import build_chunks
 from megaevo.parallel.state import ParallelState
-from megaevo.training.checkpoint import (CHECKSUMS, Checkpointer, CheckpointMeta, LoadedCheckpoint, SavedLayout,
-                                         build_save_plan, iteration_dir)
-from megaevo.training.optimizer import STATE_KINDS
 
 
 def random_state(preset: str, seed: int = 0):

@@ -26,7 +26,7 @@ from pathlib import Path
 # No torch here: a process started by this one counts this one's memory at the fork in its own peak,
 # so the measuring process stays small and the checkpoint is generated in a child process too.
 DTYPES = {"bf16": 2, "fp32": 4}  # bytes per weight
-BASELINE = "import megaevo.cli, megaevo.convert, megaevo.training.checkpoint"
+BASELINE = "import megaevo.cli, megaevo.convert, megaevo.checkpoint"
 
 
 def generate_checkpoint(root: Path, preset: str, dtype_name: str, with_optimizer: bool) -> tuple[Path, int]:

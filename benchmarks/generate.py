@@ -91,7 +91,7 @@ def run(preset: str, batch: int, prompt_len: int, new_tokens: int, device: str, 
         eval_set: str | None, eval_limit: int, eval_max_length: int) -> dict:
     import megaevo
     from megaevo.inference import SamplingParams
-    from megaevo.inference.decode import decode_step
+    from megaevo.model.decode import decode_linears, forget_decode_linears
 
     shape = SHAPES[preset]
     hf = hf_llama(shape, max(prompt_len + new_tokens, eval_max_length), dtype)
@@ -104,7 +104,7 @@ def run(preset: str, batch: int, prompt_len: int, new_tokens: int, device: str, 
     params = SamplingParams(max_new_tokens=new_tokens, stop_token_ids=())
 
     def forget_prepared():  # every timed megaevo run prepares its inference weights again
-        model.stage.__dict__.pop("_decode_steps", None)
+        forget_decode_linears(model.chunk)
 
     def ours():
         forget_prepared()
@@ -119,7 +119,7 @@ def run(preset: str, batch: int, prompt_len: int, new_tokens: int, device: str, 
     with torch.no_grad():
         hf.generate(prompts[:2, :8].to(device), max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
     forget_prepared()
-    prepare_s, _ = timed(lambda: decode_step(model.stage, batch, new_tokens - 1), device)
+    prepare_s, _ = timed(lambda: decode_linears(model.chunk, batch, new_tokens - 1), device)
     runs = {"megaevo": [], "hf": []}
     outs = {}
     for _ in range(repeats):
@@ -149,8 +149,10 @@ def run_eval(model, eval_set: str, limit: int, batch: int, max_length: int, devi
     from megaevo.eval.generative import run_generative
     from megaevo.eval.tasks import load_generative
 
+    from megaevo.model.decode import forget_decode_linears
+
     task = load_generative(eval_set, limit=limit)
-    model.stage.__dict__.pop("_decode_steps", None)
+    forget_decode_linears(model.chunk)
     seconds, result = timed(lambda: run_generative(task, model, batch_size=batch, progress=False,
                                                    max_length=max_length, workers=1), device)
     tokens = result["metrics"]["generated_tokens"]

@@ -29,9 +29,11 @@ def _worker(rank, world, init_file, result_dir, opts):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
-    from megaevo.model import ModelArgs, build_chunks
+    from megaevo.model import ModelArgs
+    from megaevo.model.llama import build_chunks
     from megaevo.parallel.pipeline import PipelineEngine
     from megaevo.parallel.state import init_parallel_state
+    from megaevo.training.stage import TokenLoss
 
     state = init_parallel_state(tp=1, dp=1, pp=world, device_type="cpu")
     args = ModelArgs(num_layers=opts["layers"], hidden_size=opts["hidden"], ffn_hidden_size=opts["hidden"] * 8 // 3 // 8 * 8,
@@ -50,7 +52,8 @@ def _worker(rank, world, init_file, result_dir, opts):
             c.zero_grad(set_to_none=True)
         dist.barrier()
         t0 = time.perf_counter()
-        stats = engine.run(batches)
+        loss = TokenLoss()
+        stats = engine.run(batches, loss_fn=loss, loss_scale=1.0 / max(sum(float(loss.count(b)) for b in batches), 1.0))
         dist.barrier()
         if step:
             records.append({"step_s": time.perf_counter() - t0, "wait_s": stats.wait_s, "run_s": stats.total_s})

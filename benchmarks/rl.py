@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from megaevo.config import config_from_dict
+from megaevo.stages import build_stage
 from megaevo.training.trainer import Trainer
 
 PHASES = ("time_generate", "time_logprob", "time_reward", "time_train", "time_step")
@@ -57,7 +58,7 @@ def run(args, algorithm: str, tokenizer: str, out_dir: Path) -> dict:
         "checkpoint": {"save": False, "load": args.load, "finetune": bool(args.load)},
         "out_dir": str(out_dir / algorithm),
     })
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, build_stage)
     records = [r for r in trainer.fit() if "time_step" in r]
     records = records[1:] or records  # the first step warms up
     med = {k: round(statistics.median(r[k] for r in records), 4) for k in PHASES}

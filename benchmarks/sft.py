@@ -32,6 +32,7 @@ from train_step import synthetic_corpus, timed_steps  # noqa: E402
 from megaevo.config import config_from_dict  # noqa: E402
 from megaevo.data.indexed import IndexedDatasetWriter  # noqa: E402
 from megaevo.stages.sft import pack  # noqa: E402
+from megaevo.stages import build_stage  # noqa: E402
 from megaevo.training.trainer import Trainer  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def throughput_rows(args) -> list[dict]:
         lengths = conversation_lengths(max(4 * (iters + 2) * gbs * args.seq_len // args.median_len, 64),
                                        args.median_len, args.seq_len, seed=1)
         synthetic_conversations(tmp / "sft", lengths, vocab)
-        pretrain, sft = Trainer(pre_cfg), Trainer(config("sft", str(tmp / "sft")))
+        pretrain, sft = Trainer(pre_cfg, build_stage), Trainer(config("sft", str(tmp / "sft")), build_stage)
         times = {"pretrain": [], "sft": []}
         for _ in range(iters):  # alternate, so that both see the same machine load
             times["pretrain"] += timed_steps(pretrain.train_step, 0, 1, pretrain.device)

@@ -28,21 +28,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megaevo.checkpoint import LoadedCheckpoint, latest_checkpoint
 from megaevo.config import config_from_dict, save_config
 from megaevo.data.indexed import IndexedDatasetWriter
-from megaevo.training.checkpoint import LoadedCheckpoint, latest_checkpoint
 
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1)
 # `megaevo train` with a short sleep in each step, so that a stop can land anywhere in the run
 WORKER = """
 import sys, time
+from megaevo import cli
 from megaevo.training import trainer
 step = trainer.Trainer.train_step
 def slow_step(self):
     time.sleep(0.05)
     return step(self)
 trainer.Trainer.train_step = slow_step
-sys.exit(trainer.main(["--config", sys.argv[1]]))
+sys.exit(cli.main(["train", "--config", sys.argv[1]]))
 """
 
 

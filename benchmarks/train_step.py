@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megaevo import stages
 from megaevo.config import config_from_dict
 from megaevo.data.indexed import IndexedDatasetWriter
 from megaevo.model.llama import build_stage
-from megaevo.training.metrics import flops_per_token, peak_flops
+from megaevo.model.flops import flops_per_token
+from megaevo.training.metrics import peak_flops
 from megaevo.training.trainer import Trainer
 
 
@@ -105,7 +107,7 @@ def main() -> None:
             "out_dir": str(tmp / "run"),
         })
         synthetic_corpus(tmp / "synthetic", cfg.model.vocab_size, (iters + 2) * gbs * (args.seq_len + 1))
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, stages.build_stage)
         device = trainer.device
 
         # The same model, data and optimizer math in a minimal loop.

@@ -19,7 +19,8 @@ else:
     from .adamw import adamw_step, adamw_step_reference, sum_of_squares, sum_of_squares_reference
     from .attention import attention_sdpa, flash_attention, flash_attention_reference
     from .cross_entropy import cross_entropy, cross_entropy_reference
-    from .dispatch import BACKENDS, autotune_enabled, get_backend, resolve, set_autotune, set_backend, triton_available
+    from .dispatch import (BACKENDS, autotune_enabled, get_backend, resolve, set_autotune, set_backend, settings,
+                           triton_available)
     from .rmsnorm import rms_norm, rms_norm_reference
     from .rotary import apply_rotary, apply_rotary_reference, rotary_tables
     from .swiglu import swiglu, swiglu_reference
@@ -43,6 +44,7 @@ else:
         "rotary_tables",
         "set_autotune",
         "set_backend",
+        "settings",
         "sum_of_squares",
         "sum_of_squares_reference",
         "swiglu",

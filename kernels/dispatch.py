@@ -21,6 +21,7 @@ which wins) every kernel launches with a fixed tile per head dim: the same on ev
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from functools import lru_cache
@@ -61,6 +62,20 @@ def set_autotune(enabled: bool) -> None:
     """Set the process-wide default for autotuning (what the config's ``kernels.autotune`` says)."""
     global _default_autotune
     _default_autotune = bool(enabled)
+
+
+@contextlib.contextmanager
+def settings(backend: str, autotune: bool):
+    """The default backend and autotuning set to ``backend`` / ``autotune`` inside the block, and the
+    previous defaults back after it (a run's ``kernels`` section holds only while it trains)."""
+    global _default_backend, _default_autotune
+    previous = _default_backend, _default_autotune
+    set_backend(backend)
+    set_autotune(autotune)
+    try:
+        yield
+    finally:
+        _default_backend, _default_autotune = previous
 
 
 def autotune_enabled() -> bool:

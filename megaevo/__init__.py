@@ -13,7 +13,8 @@ def __getattr__(name: str):
             value = "0+unknown"
         globals()["__version__"] = value
         return value
-    if name == "load":  # `megaevo.load(path)`: a checkpoint or HF directory, ready to generate (imports torch)
+    if name == "load":  # `megaevo.load(path)`: a checkpoint or HF directory, ready to generate
+        # lazy: importing inference loads torch, which `import megaevo` (and every command) must not pay for
         from megaevo.inference import load
 
         return load

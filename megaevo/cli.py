@@ -1,4 +1,7 @@
-"""The `megaevo` command: one entry point, one subcommand per job."""
+"""The `megaevo` command: one entry point, one subcommand per job, and the only argument parser.
+
+Each command imports its own modules when it runs (the imports marked ``lazy``), so that `megaevo --help`,
+`megaevo plan` and the data commands never load torch or the optional packages of other commands."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +11,14 @@ import re
 import sys
 from pathlib import Path
 
-from megaevo.errors import UserError, report_user_error
+from megaevo.errors import TrainingStopped, UserError, report_user_error
 from megaevo.log import get_logger, setup_logging
 
 logger = get_logger(__name__)
 
 
 def _tokenizer_train(args) -> int:
-    from megaevo.data.tokenizers import train_sentencepiece
+    from megaevo.data.tokenizers import train_sentencepiece  # lazy: loaded by the command that uses it
 
     model = train_sentencepiece(
         inputs=args.input,
@@ -36,7 +39,7 @@ def _preprocess(args) -> int:
                             "--format, or from the columns --columns names")
         if args.append_eod:
             raise UserError("--append-eod does not apply with --sft: the --template decides where EOS goes")
-        from megaevo.data.sft import preprocess_sft
+        from megaevo.data.sft import preprocess_sft  # lazy: loaded by the command that uses it
 
         summary = preprocess_sft(
             inputs=args.input,
@@ -54,7 +57,7 @@ def _preprocess(args) -> int:
         for flag, value in (("--template", args.template), ("--format", args.format), ("--columns", args.columns)):
             if value is not None:
                 raise UserError(f"{flag} applies only with --sft (conversations with a chat template)")
-        from megaevo.data.preprocess import preprocess
+        from megaevo.data.preprocess import preprocess  # lazy: loaded by the command that uses it
 
         summary = preprocess(
             inputs=args.input,
@@ -72,8 +75,8 @@ def _preprocess(args) -> int:
 
 
 def _inspect(args) -> int:
-    from megaevo.convert import is_hf_dir
-    from megaevo.data import indexed
+    from megaevo.convert import is_hf_dir  # lazy: loaded by the command that uses it
+    from megaevo.data import indexed  # lazy: loaded by the command that uses it
 
     if args.verify and (is_hf_dir(args.path) or not Path(args.path).is_dir()):
         raise UserError(f"--verify: {args.path}: not a megaevo checkpoint (--verify reads and checks "
@@ -81,7 +84,8 @@ def _inspect(args) -> int:
     if is_hf_dir(args.path):
         return _inspect_hf(args)
     if Path(args.path).is_dir():
-        from megaevo.training.checkpoint import summarize_checkpoint, verify_checkpoint
+        # lazy: loaded by the command that uses it
+        from megaevo.checkpoint import summarize_checkpoint, verify_checkpoint
 
         if args.verify:  # a problem is a CheckpointError: main prints it as one line and exits non-zero
             result = verify_checkpoint(args.path, progress=not args.json)
@@ -129,7 +133,7 @@ def _inspect(args) -> int:
 
 
 def _inspect_hf(args) -> int:
-    from megaevo.convert import summarize_hf
+    from megaevo.convert import summarize_hf  # lazy: loaded by the command that uses it
 
     info = summarize_hf(args.path)
     if args.json:
@@ -150,7 +154,7 @@ def _inspect_hf(args) -> int:
 
 
 def _convert(args) -> int:
-    from megaevo import convert
+    from megaevo import convert  # lazy: loaded by the command that uses it
 
     if args.from_hf and args.load:
         raise UserError("give either --from-hf DIR or --load CKPT, not both")
@@ -171,7 +175,7 @@ def _convert(args) -> int:
             if args.tp != 1 or args.pp != 1 or args.virtual_pp != 1 or args.pp_layers:
                 raise UserError("--tp/--pp/--virtual-pp/--pp-layers describe a megaevo layout; they do not apply to "
                                 "--to-hf")
-            from megaevo.convert.safetensors_io import parse_size
+            from megaevo.checkpoint.safetensors_io import parse_size  # lazy: loaded by the command that uses it
 
             try:
                 parse_size(args.max_shard_size)
@@ -207,8 +211,8 @@ def _convert(args) -> int:
 
 
 def _merge(args) -> int:
-    from megaevo.data.indexed import merge_datasets
-    from megaevo.data.sft import is_sft_dataset, merge_sft
+    from megaevo.data.indexed import merge_datasets  # lazy: loaded by the command that uses it
+    from megaevo.data.sft import is_sft_dataset, merge_sft  # lazy: loaded by the command that uses it
 
     sft = [is_sft_dataset(p) for p in args.input]
     if any(sft) and not all(sft):
@@ -226,16 +230,50 @@ def _merge(args) -> int:
 
 
 def _plan(args) -> int:
-    from megaevo.plan.cli import run
+    from megaevo.plan.cli import run  # lazy: loaded by the command that uses it
 
     return run(args)
 
 
 def _train(args) -> int:
-    from megaevo.training.trainer import main as train_main
+    """`megaevo train` and `python -m megaevo.train` (also under torchrun). A mistake in the config,
+    the data or a checkpoint is one line on rank 0 and exit code 2 on every rank; a run stopped by
+    non-finite steps exits with 3; a stop by signal after saving exits with 0 (however many signals came:
+    the checkpoint is committed first). An interrupt before training starts, or with
+    checkpoint.save_on_signal off, exits with 130 without saving."""
+    import torch.distributed as dist  # lazy: torch only for the commands that train
+    import yaml
 
-    return train_main((["--config", args.config] if args.config else [])
-                      + (["--print-config"] if args.print_config else []) + args.overrides)
+    from megaevo.config import config_to_dict, load_config  # lazy: the train command's own modules
+    from megaevo.parallel.distributed import init_distributed, report_once  # lazy: as above
+    from megaevo.stages import build_stage  # lazy: as above
+    from megaevo.training.trainer import Trainer  # lazy: as above
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    setup_logging(rank)
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.print_config:
+            init_distributed()  # first, so that a mistake in the config is reported once for the job
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            if rank == 0:
+                print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False), end="")
+            return 0
+        Trainer(cfg, build_stage).fit()
+        return 0
+    except UserError as e:
+        report_once(str(e), rank)
+        return 2
+    except TrainingStopped as e:  # decided together by all ranks: rank 0 says it
+        if rank == 0:
+            logger.error(str(e))
+        return 3
+    except KeyboardInterrupt:
+        report_once("interrupted, without saving (the checkpoints already committed are intact)", rank)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -250,7 +288,7 @@ def unescape(text: str) -> str:
 def _generate(args) -> int:
     import torch.distributed as dist
 
-    from megaevo.inference import SamplingParams, load
+    from megaevo.inference import SamplingParams, load  # lazy: loaded by the command that uses it
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.tp is not None and args.tp > 1 and world == 1:
@@ -274,7 +312,7 @@ def _generate(args) -> int:
 
 
 def _demo(args) -> int:
-    from megaevo.demo import run_demo
+    from megaevo.demo import run_demo  # lazy: loaded by the command that uses it
 
     result = run_demo(args.dir, seed=args.seed, train=not args.data_only, life_cycle=not args.single_run,
                       all_chains=args.all_chains)
@@ -282,7 +320,7 @@ def _demo(args) -> int:
     return 1 if cycle is not None and not cycle.ok else 0
 
 
-# The sections of a run's config, one dataclass each in megaevo/config.py (the tests keep this in step).
+# The sections of a run's config, one dataclass each in megaevo/config/ (the tests keep this in step).
 CONFIG_SECTIONS = {
     "stage": "pretrain (also CPT), sft or rl (a top-level key, default pretrain)",
     "model": "the model's shape (megaevo/model/args.py); model.preset fills it",
@@ -298,7 +336,7 @@ CONFIG_SECTIONS = {
 }
 
 TRAIN_EPILOG = (
-    "The config keys are the fields of the dataclasses in megaevo/config.py (their docstrings say\n"
+    "The config keys are the fields of the dataclasses in megaevo/config/ (their docstrings say\n"
     "what each does), one YAML section each:\n"
     + "".join(f"  {name:<11} {what}\n" for name, what in CONFIG_SECTIONS.items())
     + "Give them in the --config file and/or as dotted overrides after it (optim.lr=3e-4 parallel.tp=2);\n"
@@ -307,7 +345,7 @@ TRAIN_EPILOG = (
 
 
 def _eval(args) -> int:
-    from megaevo.eval.runner import format_table, run_eval
+    from megaevo.eval.runner import format_table, run_eval  # lazy: loaded by the command that uses it
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = run_eval(tasks, args.out, load=args.load, predictions=args.predictions, data_dir=args.data_dir,
@@ -322,7 +360,7 @@ def _eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from megaevo import __version__
-    from megaevo.data.tokenizers import MIN_VOCAB_SIZE
+    from megaevo.data.tokenizers import MIN_VOCAB_SIZE  # lazy: loaded by the command that uses it
 
     p = argparse.ArgumentParser(prog="megaevo", description=__doc__)
     p.add_argument("--version", action="version", version=f"megaevo {__version__}")
@@ -468,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="rank the parallel layouts (TP x PP x DP, micro-batch, recompute, distributed "
                                      "optimizer) of a model on a cluster by per-GPU memory and step time")
-    from megaevo.plan.cli import add_arguments
+    from megaevo.plan.cli import add_arguments  # lazy: loaded by the command that uses it
 
     add_arguments(pl)
     pl.set_defaults(func=_plan)
@@ -520,10 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("suite", "report"):  # commands with parsers of their own
         if argv[0] == "suite":
-            from megaevo.suite import main as suite_main
+            from megaevo.suite import main as suite_main  # lazy: loaded by the command that uses it
 
             return suite_main(argv[1:])
-        from megaevo.suite.report import main as report_main
+        from megaevo.suite.report_cli import main as report_main  # lazy: plots, findings and fits load on use
 
         return report_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -1,5 +1,6 @@
 """Small rules every layer shares, in one place: the label that no loss counts, the names of the compute
-dtypes, and how a seed and a name make the seed of one tensor's random stream.
+dtypes, how a seed and a name make the seed of one tensor's random stream, and how the vocabulary is padded
+for tensor parallelism.
 
 Nothing here imports torch at module level, so the configuration and command-line layers stay light.
 """
@@ -39,3 +40,10 @@ def stream_seed(seed: int, name: str) -> int:
     """The seed of the random stream that initialises tensor ``name`` in a run seeded ``seed``: the same on
     every layout, so a weight's initial value never depends on how the model is split."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple * tp_size`` (the embedding and output layer's
+    rows, as Megatron-LM pads them)."""
+    step = multiple * tp_size
+    return -(-vocab_size // step) * step

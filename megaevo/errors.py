@@ -8,9 +8,16 @@ is how every command reports one.
 """
 import os
 
+from megaevo.log import configured, get_logger, setup_logging
+
 
 class UserError(ValueError):
     """Input that megaevo cannot use; the message names the setting or the file and what to change."""
+
+
+class ConvertError(UserError):
+    """Input that cannot be converted or read: unsupported, inconsistent, not the file format it claims
+    to be, or in the way of the output."""
 
 
 class TrainingStopped(RuntimeError):
@@ -56,8 +63,6 @@ def report_user_error(e: BaseException, command: str) -> int:
     """Log a mistake in the user's input as one line on stderr (`error: megaevo COMMAND: ...`) and return
     exit code 2; re-raise anything else (a bug keeps its traceback, as every error does with
     MEGAEVO_DEBUG=1)."""
-    from megaevo.log import configured, get_logger, setup_logging  # log is beside this module, not below it
-
     message = user_error_message(e)
     if message is None or os.environ.get("MEGAEVO_DEBUG"):
         raise e

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from megaevo.checkpoint import LoadedCheckpoint
 from megaevo.config import config_from_dict
 from megaevo.data.indexed import IndexedDatasetWriter
-from megaevo.training.checkpoint import LoadedCheckpoint
+from megaevo.stages import build_stage
 from megaevo.training.trainer import Trainer
 
 VOCAB = 500
@@ -47,7 +48,7 @@ def config(data: dict, out_dir, **overrides):
 
 
 def fit(cfg):
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, build_stage)
     records = trainer.fit()
     return [r["loss"] for r in records if "loss" in r], trainer
 
@@ -100,7 +101,7 @@ def rl_config(setup, out_dir, **overrides):
 
 
 def rl_fit(cfg):
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, build_stage)
     return trainer.fit(), trainer
 
 

@@ -8,16 +8,16 @@ import time
 import pytest
 import torch
 
-import megaevo.training.checkpoint as ckpt
+import megaevo.checkpoint as ckpt
+import megaevo.checkpoint.save as save_module
+from megaevo.checkpoint import (LATEST, STATE_KINDS, Checkpointer, CheckpointError, CheckpointMeta, FileRecord,
+                                LoadedCheckpoint, SavedLayout, SavePlan, StoredFragment, TensorEntry, build_save_plan,
+                                commit_checkpoint, iteration_dir, load_local_weights, model_file, read_local,
+                                read_local_state, resolve_checkpoint, rng_file, summarize_checkpoint, temp_dir)
 from megaevo.convert import TensorSource, target_blocks, write_checkpoint
-from megaevo.model import ModelArgs, build_chunks
+from megaevo.model import ModelArgs
+from megaevo.model.llama import build_chunks
 from megaevo.parallel.state import ParallelState
-from megaevo.training.checkpoint import (LATEST, Checkpointer, CheckpointError, CheckpointMeta, FileRecord,
-                                         LoadedCheckpoint, SavedLayout, SavePlan, StoredFragment, TensorEntry,
-                                         build_save_plan, commit_checkpoint, iteration_dir, load_local_weights,
-                                         model_file, read_local, read_local_state, rng_file, summarize_checkpoint,
-                                         temp_dir)
-from megaevo.training.optimizer import STATE_KINDS
 
 ARGS = ModelArgs(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_heads=4, num_kv_heads=2, vocab_size=300)
 
@@ -142,7 +142,7 @@ def test_interrupted_commit_keeps_the_previous_checkpoint(tp1_checkpoint, tmp_pa
     # Killed while rank files are written: the temporary directory is left, nothing else changes.
     def dying_write(path, tensors, checksum=None):
         raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(ckpt, "write_safetensors", dying_write)
+    monkeypatch.setattr(save_module, "write_safetensors", dying_write)
     plan = SavePlan(8, {"model": {}}, {}, rank=0, world_size=1, writer=True, file_tag="tp0_pp0",
                     metadata=CheckpointMeta(iteration=8))
     with pytest.raises(KeyboardInterrupt):
@@ -158,7 +158,7 @@ def test_interrupted_commit_keeps_the_previous_checkpoint(tp1_checkpoint, tmp_pa
         if str(src) == str(tmp):
             raise OSError("interrupted")
         real(src, dst)
-    monkeypatch.setattr(ckpt.os, "replace", failing_replace)
+    monkeypatch.setattr(save_module.os, "replace", failing_replace)
     with pytest.raises(OSError, match="interrupted"):
         commit_checkpoint(root, tmp, CheckpointMeta(iteration=8))
     monkeypatch.undo()
@@ -237,8 +237,6 @@ def test_two_tp_ranks_save_and_one_rank_loads(tmp_path):
 
 
 def test_load_accepts_a_checkpoint_its_folder_or_the_run(tmp_path):
-    from megaevo.training.checkpoint import Checkpointer
-
     ck = tmp_path / "run" / "checkpoints" / "iter_0000005"
     ck.mkdir(parents=True)
     (ck / "metadata.json").write_text("{}")
@@ -246,4 +244,29 @@ def test_load_accepts_a_checkpoint_its_folder_or_the_run(tmp_path):
     here = Checkpointer(tmp_path / "other" / "checkpoints", rank=0, world_size=1)
     for given in (ck, ck.parent, tmp_path / "run"):
         assert here.resolve(str(given)) == ck
+        assert resolve_checkpoint(given) == ck  # inspect, verify, reshard, export, megaevo.load: the same rule
     assert here.resolve("auto") is None
+    assert Checkpointer(ck.parent).resolve("auto") == ck
+
+
+def test_resolving_what_is_not_a_complete_checkpoint(tmp_path):
+    """A run loads what `latest` names even when it is gone (loading it then names an intact one); the
+    tools that take one checkpoint say what is wrong at once."""
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    (root / LATEST).write_text("iter_0000007\n")  # names a checkpoint that is not there
+    assert Checkpointer(root).resolve("auto") == root / "iter_0000007"
+    assert Checkpointer(tmp_path).resolve(str(tmp_path / "run")) == root / "iter_0000007"
+    with pytest.raises(CheckpointError, match=f"^{root / LATEST} points at {root / 'iter_0000007'}, which is not "
+                                              f"a complete checkpoint$"):
+        resolve_checkpoint(tmp_path / "run")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert Checkpointer(root).resolve(str(empty)) == empty  # loading it says what it lacks
+    with pytest.raises(CheckpointError, match=f"^{empty}: not a megaevo checkpoint \\(no metadata.json, no `latest` "
+                                              f"pointer\\)$"):
+        resolve_checkpoint(empty)
+    (root / LATEST).write_text("../elsewhere\n")
+    for resolve in (Checkpointer(root).resolve, resolve_checkpoint):
+        with pytest.raises(CheckpointError, match="expected a checkpoint name like iter_0000100, found '../elsewhere'"):
+            resolve(root)

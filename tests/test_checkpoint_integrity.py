@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import megaevo.training.checkpoint as ckpt
+import megaevo.checkpoint as ckpt
+import megaevo.checkpoint.save as save_module
 from megaevo import cli
+from megaevo.checkpoint import (CHECKSUM, METADATA, METADATA_CHECKSUM, Checkpointer, CheckpointError, LoadedCheckpoint,
+                                check_file, file_checksum, last_verified_checkpoint, model_file, rng_file,
+                                verify_checkpoint)
+from megaevo.checkpoint.safetensors_io import StreamingWriter
 from megaevo.config import save_config
 from megaevo.convert import TensorSource, write_checkpoint
-from megaevo.convert.safetensors_io import StreamingWriter
 from megaevo.model.args import ModelArgs
-from megaevo.training import trainer as trainer_module
-from megaevo.training.checkpoint import (CHECKSUM, METADATA, METADATA_CHECKSUM, Checkpointer, CheckpointError,
-                                         LoadedCheckpoint, file_checksum, last_verified_checkpoint, model_file,
-                                         rng_file, verify_checkpoint)
 from helpers import config, fit, make_data
 
 ITERS = 3
@@ -239,12 +239,12 @@ def test_a_damaged_latest_names_the_newest_intact_checkpoint_to_resume_from(data
     _truncated(root / "iter_0000003")  # `latest`
     _metadata_digit(root / "iter_0000002")
     path = save_config(config(data, out, **{**SETTINGS, "checkpoint.load": "auto"}), tmp_path / "run.yaml")
-    assert trainer_module.main(["--config", str(path)]) == 2  # the run looks finished, but its result is cut short
+    assert cli.main(["train", "--config", str(path)]) == 2  # the run looks finished, but its result is cut short
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith(f"error: {root / 'iter_0000003' / MODEL}: truncated: "), errors
     longer = {**SETTINGS, "checkpoint.load": "auto", "train.iters": ITERS + 1}  # a run to continue
     path = save_config(config(data, out, **longer), tmp_path / "run.yaml")
-    assert trainer_module.main(["--config", str(path)]) == 2
+    assert cli.main(["train", "--config", str(path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     good = root / "iter_0000001"
     assert len(errors) == 1 and errors[0].startswith(f"error: {root / 'iter_0000003' / MODEL}: truncated: "), errors
@@ -301,7 +301,7 @@ def test_a_non_finite_tensor_is_refused_even_with_a_correct_checksum(data, run, 
     meta = dataclasses.replace(src.record, tensors={}, files={})
     path = write_checkpoint(tmp_path / "crafted", sources, args, metadata=meta, progress=False)
     for name, f in LoadedCheckpoint(path).record.files.items():
-        f.check(path / name)  # the checksums are right
+        check_file(path / name, f)  # the checksums are right
     where = f"{kind} tensor 'layers.1.mlp.down.weight'"
     with pytest.raises(CheckpointError, match=f"{MODEL}: {where} .* holds 1 non-finite value"):
         resume(data, tmp_path, path)
@@ -335,9 +335,12 @@ def instrument_saves(iteration: int, on_event, set_attr=setattr) -> None:
 
     set_attr(ckpt.Checkpointer, "save", save)
     set_attr(StreamingWriter, "write", wrap(StreamingWriter.write, lambda w, key, t: f"write {w.path.name}:{key}"))
-    set_attr(ckpt, "_atomic_write", wrap(ckpt._atomic_write, lambda path, _: f"atomic_write {Path(path).name}"))
-    set_attr(ckpt.os, "replace", wrap(ckpt.os.replace, lambda src, dst: f"replace {Path(dst).name}"))
-    set_attr(ckpt.shutil, "rmtree", wrap(ckpt.shutil.rmtree, lambda path, *a: f"rmtree {Path(path).name}"))
+    # patched where the save looks them up
+    set_attr(save_module, "_atomic_write",
+             wrap(save_module._atomic_write, lambda path, _: f"atomic_write {Path(path).name}"))
+    set_attr(save_module.os, "replace", wrap(save_module.os.replace, lambda src, dst: f"replace {Path(dst).name}"))
+    set_attr(save_module.shutil, "rmtree",
+             wrap(save_module.shutil.rmtree, lambda path, *a: f"rmtree {Path(path).name}"))
 
 
 KILL_AT = """

@@ -18,15 +18,18 @@ from megaevo.config import (
     ConfigError,
     Layout,
     ModelConfig,
+    RLCriticConfig,
     absolute_paths,
     config_from_dict,
     config_to_dict,
     load_config,
+    resolve,
     resolve_dtype,
     save_config,
     validate,
     with_iters,
 )
+from megaevo.data.templates import TEMPLATE_NAMES
 from megaevo.model.args import ModelArgs, layout_errors, shape_errors
 
 
@@ -341,8 +344,7 @@ def test_validate_messages(overrides, world, pattern):
         validate(config(*overrides), world)
 
 
-def test_warmup_longer_than_the_run_is_a_warning(caplog, monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
+def test_warmup_longer_than_the_run_is_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="megaevo.config"):
         validate(config("optim.warmup=100", "train.iters=50", "optim.lr=1e-3"), 1)
     records = [r for r in caplog.records if r.name == "megaevo.config"]
@@ -352,9 +354,27 @@ def test_warmup_longer_than_the_run_is_a_warning(caplog, monkeypatch):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="megaevo.config"):
         validate(config("optim.warmup=50", "train.iters=50"), 1)  # ends the warmup with the run: no notice
-        monkeypatch.setenv("RANK", "3")  # said once, by rank 0, not by every rank
-        validate(config("optim.warmup=100", "train.iters=50"), 1)
+        validate(config("optim.warmup=100", "train.iters=50"), 1, rank=3)  # said once, by rank 0, not by every rank
+        resolve(config("optim.warmup=100", "train.iters=50"), 1, rank=3)
     assert not [r for r in caplog.records if r.name == "megaevo.config"]
+
+
+@pytest.mark.parametrize("rank_env", [None, "0", "3"])
+def test_validation_reads_no_environment(caplog, monkeypatch, rank_env):
+    """The same config gives the same layout, values and messages whatever RANK the environment holds."""
+    if rank_env is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank_env)
+    cfg = config("optim.warmup=100", "train.iters=50", "train.global_batch_size=4")
+    with caplog.at_level(logging.WARNING, logger="megaevo.config"):
+        resolved, layout = resolve(cfg, 2)
+        assert validate(cfg, 2) == layout == Layout(2, 1, 1, 2, 1, 2)
+    said = [r.getMessage() for r in caplog.records if r.name == "megaevo.config"]
+    assert len(said) == 2 and said[0] == said[1] and said[0].startswith("optim.warmup=100 is longer than train.iters=50")
+    assert resolved == absolute_paths(cfg)
+    with pytest.raises(ConfigError, match=r"world size 3 is not a multiple"):
+        resolve(config("parallel.tp=2"), 3)
 
 
 def test_validate_lists_every_problem():
@@ -510,6 +530,66 @@ def test_warmup_fraction_is_a_share_of_the_run(caplog, monkeypatch):
     assert with_iters(config("stage=sft", "train.epochs=1", "optim.warmup_fraction=0.25"), 10).optim.warmup == 2
     with pytest.raises(ConfigError, match=r"optim\.warmup_fraction=1\.5 must be at least 0 and below 1"):
         validate(config("optim.warmup_fraction=1.5"), 1)
+
+
+# ---------------------------------------------------------------- the resolve step
+
+
+def rl(*overrides: str) -> Config:
+    return config("stage=rl", "rl.prompts=[rg:gcd:20]", "data.tokenizer=tok.model", "rl.max_new_tokens=64",
+                  "rl.prompts_per_step=4", "rl.n=2", "train.global_batch_size=3", *overrides)
+
+
+def test_resolve_computes_every_derived_value(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = rl("out_dir=out", "train.iters=40", "optim.warmup_fraction=0.1", "optim.warmup=7",
+             "rl.algorithm=ppo", "rl.critic.warmup_fraction=0.25")
+    resolved, layout = resolve(cfg, 2)
+    assert resolved.out_dir == f"{tmp_path}/out" and resolved.data.tokenizer == f"{tmp_path}/tok.model"
+    assert resolved.train.global_batch_size == 8  # the rollout batch: rl.prompts_per_step x rl.n
+    assert (resolved.optim.warmup, resolved.rl.critic.warmup) == (4, 10)
+    assert layout == validate(cfg, 2) == Layout(2, 1, 1, 2, 1, 4)
+    # the fractions stay beside the counts, as a run's saved config.yaml holds them
+    assert (resolved.optim.warmup_fraction, resolved.rl.critic.warmup_fraction) == (0.1, 0.25)
+    # a critic without its own warmup reads the actor's; runs without a critic leave rl.critic as it is
+    assert resolve(rl("train.iters=40", "optim.warmup_fraction=0.1", "rl.algorithm=ppo"), 2)[0].rl.critic.warmup is None
+    for other in (rl("rl.critic.warmup_fraction=0.5"), config("rl.critic.warmup_fraction=0.5")):
+        assert resolve(other, 1)[0].rl.critic == RLCriticConfig(warmup_fraction=0.5)
+
+
+def test_resolve_computes_the_warmup_once():
+    """A resolved config resolves to itself: the warmup is a count of iterations, computed from the fraction
+    and the run's length once; resolving again (as every caller may) changes nothing."""
+    cfg = rl("train.iters=30", "optim.warmup_fraction=0.1", "rl.algorithm=ppo", "rl.critic.warmup_fraction=0.2")
+    once = resolve(cfg, 1)
+    assert (once[0].optim.warmup, once[0].rl.critic.warmup) == (3, 6)
+    assert resolve(once[0], 1) == once
+    assert validate(once[0], 1) == once[1]
+    assert with_iters(once[0], 30) == once[0]
+    # a stage that counts epochs: the length (and so the warmup) is known once it has read its data
+    sft = config("stage=sft", "train.epochs=2", "optim.warmup_fraction=0.25")
+    first, _ = resolve(sft, 1)
+    assert (first.train.iters, first.optim.warmup) == (1000, 100)  # as given: not the run's length yet
+    counted, layout = resolve(first, 1, iters=10)
+    assert (counted.train.iters, counted.train.epochs, counted.optim.warmup) == (10, 2, 2)
+    assert counted == with_iters(first, 10)
+    assert resolve(counted, 1) == (counted, layout)
+
+
+def test_resolve_checks_the_length_a_stage_counted():
+    cfg = config("stage=sft", "train.epochs=2", "optim.schedule=inf-cos", "optim.constant_lr=1e-4",
+                 "optim.warmup=100", "optim.cooldown_iters=100")
+    assert resolve(cfg, 1)[0].train.iters == 1000
+    with pytest.raises(ConfigError, match=r"exceed train\.iters=150"):
+        resolve(cfg, 1, iters=150)
+
+
+def test_rl_template_names_come_from_the_template_registry():
+    for name in TEMPLATE_NAMES:
+        assert validate(rl(f"rl.template={name}"), 1).dp == 1
+    with pytest.raises(ConfigError, match=r"rl\.template='chatml' is not a chat template: use one of "
+                                          + ", ".join(TEMPLATE_NAMES)):
+        validate(rl("rl.template=chatml"), 1)
 
 # ---------------------------------------------------------------- the YAML machinery on its own
 

@@ -12,13 +12,13 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 
 from megaevo import cli  # noqa: E402
+from megaevo.checkpoint import CheckpointError, LoadedCheckpoint  # noqa: E402
 from megaevo.config import ConfigError, config_from_dict, validate  # noqa: E402
 from megaevo.convert import ConvertError, export_hf, import_hf  # noqa: E402
 from megaevo.convert.hf_config import spec_from_hf_config  # noqa: E402
 from megaevo.kernels import rotary_tables  # noqa: E402
 from megaevo.model.args import ModelArgs  # noqa: E402
 from megaevo.model.llama import LlamaStage  # noqa: E402
-from megaevo.training.checkpoint import CheckpointError, LoadedCheckpoint  # noqa: E402
 
 VOCAB = 300  # not a multiple of 128: megaevo pads the rows internally
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -243,6 +243,8 @@ def test_bad_inputs_are_refused_on_import(hf_models, tmp_path):
     (extra / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ConvertError, match="no place for: model.layers.0.self_attn.o_proj.bias"):
         import_hf(extra, tmp_path / "c", progress=False)
+    with pytest.raises(ConvertError, match=r"unknown dtype 'fp8' \(use one of .*bf16"):
+        import_hf(src, tmp_path / "e", dtype="fp8", progress=False)
     ckpt = import_hf(src, tmp_path / "d", progress=False)
     with pytest.raises(ConvertError, match="already holds a checkpoint"):
         import_hf(src, tmp_path / "d", progress=False)
@@ -274,7 +276,7 @@ def test_export_refuses_missing_or_duplicated_fragments(hf_models, tmp_path):
 
 
 def test_bad_files_and_sizes_are_convert_errors_and_one_line(hf_models, tmp_path, capsys):
-    from megaevo.convert.safetensors_io import element_size, parse_size, read_header
+    from megaevo.checkpoint.safetensors_io import element_size, parse_size, read_header
 
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00")

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from megaevo import cli
+from megaevo.checkpoint import CheckpointError, LoadedCheckpoint
 from megaevo.config import config_from_dict
 from megaevo.convert import ConvertError, reshard
-from megaevo.model import ModelArgs, build_chunks
+from megaevo.model import ModelArgs
+from megaevo.model.llama import build_chunks
 from megaevo.parallel.state import ParallelState
-from megaevo.training.checkpoint import CheckpointError, LoadedCheckpoint
 from helpers import ppo_overrides, rl_config, rl_fit
 from helpers import config, fit, make_data
 

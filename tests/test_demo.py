@@ -11,6 +11,7 @@ from fractions import Fraction
 import pytest
 
 from megaevo import demo
+from megaevo.demo import data as demo_data
 from megaevo.data.indexed import IndexedDataset
 
 # -- general corpus ------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def test_corpus_progress_bar_closes_at_the_real_end(tmp_path, monkeypatch, unit,
             super().close()
 
     monkeypatch.setattr(tqdm, "tqdm", Recording)
-    record = demo._write_jsonl(tmp_path / "general.jsonl", iter(["abc", "déf", "gh"]), total, True, unit)
+    record = demo_data._write_jsonl(tmp_path / "general.jsonl", iter(["abc", "déf", "gh"]), total, True, unit)
     assert record["documents"] == 3
     assert bars[0] == (end, end, unit)  # (closed once more when collected)
     assert [json.loads(line)["text"] for line in (tmp_path / "general.jsonl").read_text().splitlines()] == [
@@ -270,7 +271,7 @@ def _metrics(out):
 @pytest.mark.slow
 def test_run_demo_trains_and_writes_its_config(tmp_path, capsys):
     from megaevo.config import config_from_dict, load_config, validate
-    from megaevo.training.checkpoint import LoadedCheckpoint
+    from megaevo.checkpoint import LoadedCheckpoint
 
     out = tmp_path / "demo"
     result = demo.run_demo(out, seed=5, scale=0.01, vocab_size=600, train_iters=4, train_overrides=SHORT,

@@ -1,6 +1,7 @@
-"""The engine with a stage plugged in: global loss normalisation, a custom stage end to end, per-token
-log-probabilities and entropy from the vocab-parallel head."""
+"""The engine with a stage plugged in: global loss normalisation, a custom stage end to end, the stage's
+declared capabilities, per-token log-probabilities and entropy from the vocab-parallel head."""
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -9,11 +10,11 @@ import torch.distributed as dist
 
 from megaevo.parallel.layers import vocab_parallel_entropy, vocab_parallel_log_probs
 from megaevo.parallel.state import ParallelState
-from megaevo.stages import Stage
 from megaevo.stages.pretrain import GPTBatches, pretrain_stage
+from megaevo.training.stage import Stage
 from megaevo.training.trainer import Trainer
 from dist_utils import run_distributed
-from helpers import assert_close_runs, config, logical_weights, make_data
+from helpers import assert_close_runs, config, fit, logical_weights, make_data
 
 ENTROPY_BONUS = 0.01
 
@@ -100,7 +101,7 @@ def test_first_step_loss_is_the_global_token_mean(data, masked_reference, tmp_pa
     trainer = Trainer(masked_config(data, tmp_path, **{"train.micro_batch_size": 1}), build_stage=masked_stage)
     batches = trainer.stage.train.batches(0, 8)
     with torch.no_grad():
-        sums = [trainer.stage.loss(trainer.model, b["tokens"], b) for b in batches]
+        sums = [trainer.stage.loss(trainer.actor.module, b["tokens"], b) for b in batches]
     total, count = sum(s for s, _ in sums), sum(c for _, c in sums)
     mean_of_means = sum(s / c for s, c in sums) / len(sums)
     assert abs(mean_of_means - total / count) > 1e-3  # the micro-batches really are uneven
@@ -109,10 +110,10 @@ def test_first_step_loss_is_the_global_token_mean(data, masked_reference, tmp_pa
 
 def _first_step_grads(cfg) -> dict:
     trainer = Trainer(cfg, build_stage=masked_stage)
-    trainer.buffers.zero_grad()
-    loss = trainer.forward_backward(trainer.stage.train.next_step(), trainer.stage.loss)
-    trainer.buffers.finish_grad_sync()
-    return {"loss": loss, **{n: p.main_grad.clone() for n, p in trainer.params.items()}}
+    trainer.actor.buffers.zero_grad()
+    loss = trainer.actor.forward_backward(trainer.stage.train.next_step(), trainer.stage.loss)
+    trainer.actor.buffers.finish_grad_sync()
+    return {"loss": loss, **{n: p.main_grad.clone() for n, p in trainer.actor.params.items()}}
 
 
 def test_accumulation_does_not_change_loss_or_gradients(data, masked_reference, tmp_path):
@@ -140,6 +141,47 @@ def test_custom_stage_resumes_exactly(data, tmp_path):
     a = logical_weights(out / "checkpoints" / "iter_0000004")
     b = logical_weights(tmp_path / "whole" / "checkpoints" / "iter_0000004")
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# ---------------------------------------------------------------- the declared stage interface
+@dataclass
+class RecordingStage(Stage):
+    """The pre-training stage, saying when the engine calls each capability it overrides."""
+
+    calls: list = field(default_factory=list)
+    actors: list = field(default_factory=list)
+
+    def start(self, ctx, loaded):
+        self.calls.append(("start", ctx.iteration, loaded))
+
+    def run_iteration(self, ctx, lr):
+        self.calls.append(("iteration", ctx.iteration))
+        self.actors.append(ctx.actor)
+        return super().run_iteration(ctx, lr)
+
+    def load_checkpoint(self, ck, resume):
+        self.calls.append(("load", ck.iteration, resume))
+
+
+def recording_stage(cfg, layout, state, device):
+    base = pretrain_stage(cfg, layout, state, device)
+    return RecordingStage(base.name, base.train, base.loss, base.tokens_per_sample, base.valid)
+
+
+def test_the_engine_calls_what_a_stage_declares_and_defaults_the_rest(data, tmp_path):
+    """A stage's overrides of the Stage methods are called (start once, before the first iteration, and
+    after a checkpoint's weights are loaded); a plain Stage runs their defaults: the same run."""
+    overrides = {"train.iters": 2, "train.eval_interval": 0, "checkpoint.interval": 2}
+    trainer = Trainer(config(data, tmp_path / "run", **overrides), recording_stage)
+    recorded = [r["loss"] for r in trainer.fit() if "loss" in r]
+    assert trainer.stage.calls == [("start", 0, False), ("iteration", 0), ("iteration", 1)]
+    assert all(actor is trainer.actor for actor in trainer.stage.actors)
+    plain, _ = fit(config(data, tmp_path / "plain", **overrides))
+    assert recorded == plain and len(plain) == 2
+
+    resumed = Trainer(config(data, tmp_path / "run", **{**overrides, "train.iters": 3}), recording_stage)
+    resumed.fit()
+    assert resumed.stage.calls == [("load", 2, True), ("start", 2, True), ("iteration", 2)]
 
 
 # ---------------------------------------------------------------- the head's per-token outputs

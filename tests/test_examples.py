@@ -11,8 +11,8 @@ from megaevo.config import config_from_dict, load_config, validate
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
-CONFIGS = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("suite-"))  # suites: below
-SUITES = sorted(EXAMPLES.glob("suite-*.yaml"))
+CONFIGS = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith(("suite-", "study-")))  # suites: below
+SUITES = sorted(EXAMPLES.glob("suite-*.yaml")) + sorted(EXAMPLES.glob("study-*.yaml"))
 
 
 def launch_lines(path: Path) -> list[tuple[int, list[str]]]:

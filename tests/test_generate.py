@@ -54,6 +54,29 @@ def test_kv_cache_decode_equals_full_forward():
     assert cache.length == 24
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_decode_steps_on_inference_weights_equal_the_cached_forward(pack):
+    """Decode steps on the inference-only copies of the projections (packed for the batch size where MKL
+    is there) give the logits of the model's own cached forward, step after step."""
+    from megaevo.model.decode import MIN_PACK_STEPS, decode_linears, mkl_packed_gemm_available, packed_batch_sizes
+
+    args = ModelArgs(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_layers=2, num_heads=4,
+                     num_kv_heads=2, max_seq_len=64, qkv_bias=True, tie_embeddings=True)
+    chunk = LlamaStage(args, seed=4).eval()
+    x = torch.randint(0, VOCAB, (3, 26), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        caches = [KVCache.for_model(chunk, 3, 26) for _ in range(2)]
+        for cache in caches:
+            chunk(x[:, :6], kv_cache=cache, last_only=True)
+        linears = decode_linears(chunk, 3, MIN_PACK_STEPS if pack else 1)
+        for t in range(6, 26):
+            pos = torch.full((3, 1), t)
+            plain = chunk(x[:, t:t + 1], position_ids=pos, kv_cache=caches[0])[:, -1, :VOCAB]
+            fast = chunk(x[:, t:t + 1], position_ids=pos, kv_cache=caches[1], linears=linears)[:, -1]
+            torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert packed_batch_sizes(chunk) == ([3] if pack and mkl_packed_gemm_available() else [])
+
+
 def test_load_hf_matches_transformers_logits(hf_model, model):
     _, hf = hf_model
     x = torch.tensor([PROMPTS[2]])
@@ -181,19 +204,20 @@ def _assert_same_generation(got, want):
 def test_generation_follows_optimizer_steps_and_loads(tmp_path):
     """The training model generates what a fresh model holding its weights generates, after optimizer
     updates and after loading a checkpoint: no packed or cached copy of a weight outlives a change."""
-    from megaevo.inference.decode import MIN_PACK_STEPS, mkl_packed_gemm_available
+    from megaevo.model.decode import MIN_PACK_STEPS, mkl_packed_gemm_available, packed_batch_sizes
+    from megaevo.stages import build_stage
     from megaevo.training.trainer import Trainer
     from helpers import config, make_data
 
     cfg = config(make_data(tmp_path / "data"), tmp_path / "run", **{
         "train.iters": 3, "train.eval_interval": 0, "checkpoint.interval": 1, "model.max_seq_len": 64,
         "optim.lr": 3e-2})
-    trainer = Trainer(cfg)
-    stage, state = trainer.chunks[0], trainer.state
+    trainer = Trainer(cfg, build_stage)
+    stage, state = trainer.actor.chunks[0], trainer.state
     params = SamplingParams(max_new_tokens=MIN_PACK_STEPS + 8, stop_token_ids=())  # greedy, long enough to pack
     before = _generate(stage, state, params)
     if mkl_packed_gemm_available():  # the decode weights were packed for this batch and are cached
-        assert len(GEN_PROMPTS) in stage.__dict__["_decode_steps"]["steps"]
+        assert len(GEN_PROMPTS) in packed_batch_sizes(stage)
     trainer.fit()  # three optimizer updates
     checkpoints = tmp_path / "run" / "checkpoints"
     after = _generate(stage, state, params)
@@ -205,7 +229,14 @@ def test_generation_follows_optimizer_steps_and_loads(tmp_path):
 
 def _loaded(path):
     m = megaevo.load(path)
-    return m.stage, m.state
+    return m.chunk, m.state
+
+
+def test_an_unknown_dtype_is_a_user_error(hf_model):
+    from megaevo.errors import UserError
+
+    with pytest.raises(UserError, match=r"megaevo\.load: unknown dtype 'fp64' \(use one of .*bf16"):
+        megaevo.load(hf_model[0], dtype="fp64")
 
 
 def test_tp_is_refused_in_one_process(hf_model):

@@ -12,12 +12,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from megaevo.checkpoint import CheckpointMeta, SavedLayout  # noqa: E402
 from megaevo.config import Config, DataConfig, config_to_dict  # noqa: E402
 from megaevo.convert import TensorSource, export_hf, import_hf, target_blocks, write_checkpoint  # noqa: E402
 from megaevo.convert.hf_tokenizer import write_spm_tokenizer_files  # noqa: E402
 from megaevo.data.tokenizers import CHAT_TOKENS, HFTokenizer, SentencePieceTokenizer  # noqa: E402
 from megaevo.model.args import ModelArgs  # noqa: E402
-from megaevo.training.checkpoint import CheckpointMeta, SavedLayout  # noqa: E402
 
 SAMPLE = [
     "", " ", "Hello world.", "The quick brown fox jumps over the lazy dog.",

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import assert_check_passed, run_checks, run_distributed
-from megaevo.model import (LlamaStage, ModelArgs, build_chunks, build_stage, fuse_qkv, model_preset, split_qkv,
-                           stage_layer_range)
+from megaevo.model import ModelArgs, model_preset
+from megaevo.model.fusion import fuse_qkv, join_parts, part_shapes, split_parts, split_qkv
+from megaevo.model.llama import LlamaStage, build_chunks, build_stage, stage_layer_range
 from megaevo.parallel import ParallelState, allreduce_sequence_parallel_grads, init_parallel_state
 
 WORLD = 2
@@ -318,6 +319,18 @@ def test_qkv_fuse_split_roundtrip():
     torch.testing.assert_close(fused[16:20], k[:4])  # group 0: 4 query heads, then its key head
     for a, b in zip(split_qkv(fused, 8, 2), (q, k, v)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("how", ["same", "qkv", "gate_up"])
+def test_joins_split_back_into_their_parts(how):
+    """Import and export (and megaevo.load) make a fused tensor from Hugging Face parts and back by one rule."""
+    a = tiny_args(num_heads=4, num_kv_heads=2, ffn_hidden_size=48)
+    shape = {"same": (32, 32), "qkv": ((4 + 2 * 2) * a.head_dim, 32), "gate_up": (96, 32)}[how]
+    parts = [torch.randn(s) for s in part_shapes(how, shape, a)]
+    full = join_parts(how, parts, a)
+    assert tuple(full.shape) == shape
+    for got, want in zip(split_parts(how, full, a), parts, strict=True):
+        assert got.is_contiguous() and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("heads,kv,tp,field", [(4, 2, 4, "num_kv_heads"), (6, 6, 4, "num_heads"),

@@ -11,9 +11,9 @@ import yaml
 
 import megaevo
 from megaevo import cli
+from megaevo.checkpoint import LoadedCheckpoint
 from megaevo.data.tokenizer_files import TokenizerNotFound, keep_tokenizer, tokenizer_files
 from megaevo.inference import SamplingParams
-from megaevo.training.checkpoint import LoadedCheckpoint
 from helpers import make_data
 
 # A project: PROJECT/configs/run.yaml names PROJECT/data, PROJECT/tok and PROJECT/runs relative to itself.

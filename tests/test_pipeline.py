@@ -8,11 +8,12 @@ import torch
 
 import torch.distributed as dist
 
+from megaevo.checkpoint import LoadedCheckpoint
 from megaevo.convert import reshard
-from megaevo.model import ModelArgs, build_chunks
+from megaevo.model import ModelArgs
+from megaevo.model.llama import build_chunks
 from megaevo.parallel.pipeline import (BACKWARD, FORWARD, ScheduleError, activation_bound, schedule, simulate)
 from megaevo.parallel.state import ParallelState
-from megaevo.training.checkpoint import LoadedCheckpoint
 from dist_utils import run_distributed
 from helpers import assert_close_runs, config, fit, logical_weights, make_data
 
@@ -84,7 +85,7 @@ def _pipeline_runs(rank, world, data, root):
     out = {}
     for name, extra in RUNS.items():
         losses, trainer = fit(pipeline_config(data, Path(root) / name, **extra))
-        stats = trainer.last_step_stats
+        stats = trainer.actor.last_step_stats
         out[name] = {"losses": losses, "pp_rank": trainer.state.pp_rank, "max_live": stats.max_live,
                      "micro": trainer.layout.micro_batches_per_step}
     # Reshard the PP=2 run's checkpoint offline for TP=1 x PP=4 (uneven split) and resume it there:

@@ -91,6 +91,7 @@ def test_check_fits_names_the_biggest_term_and_a_layout_that_fits():
 def test_train_refuses_a_layout_that_cannot_fit_before_allocating(tmp_path, monkeypatch):
     from megaevo.config import config_from_dict
     from megaevo.errors import UserError
+    from megaevo.stages import build_stage
     from megaevo.training import trainer
 
     def no_model(*a, **k):
@@ -101,7 +102,7 @@ def test_train_refuses_a_layout_that_cannot_fit_before_allocating(tmp_path, monk
     cfg = config_from_dict({"model": {"preset": "tiny"}, "train": {"micro_batch_size": 4, "global_batch_size": 8},
                             "data": {"seq_len": 256}, "out_dir": str(tmp_path)})
     with pytest.raises(UserError) as e:
-        trainer.Trainer(cfg)
+        trainer.Trainer(cfg, build_stage)
     message = str(e.value)
     assert "\n" not in message and "biggest term is" in message and "GB per GPU" in message
     assert message.endswith("(train.memory_check=false runs it anyway)")
@@ -109,11 +110,11 @@ def test_train_refuses_a_layout_that_cannot_fit_before_allocating(tmp_path, monk
                                                                      "memory_check": False},
                                 "data": {"seq_len": 256}, "out_dir": str(tmp_path)})
     with pytest.raises(AssertionError, match="the model was built"):  # not checked: the run goes on
-        trainer.Trainer(skipped)
+        trainer.Trainer(skipped, build_stage)
     # with enough memory the check passes and the run goes on to build its model
     monkeypatch.setenv("MEGAEVO_DEVICE_MEMORY_GB", "64")
     with pytest.raises(AssertionError, match="the model was built"):
-        trainer.Trainer(cfg)
+        trainer.Trainer(cfg, build_stage)
 
 
 @pytest.mark.slow

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import megaevo.training.checkpoint as ckpt
+import megaevo.checkpoint as ckpt
+from megaevo.checkpoint import LoadedCheckpoint, verify_checkpoint
+from megaevo import cli
 from megaevo.config import save_config
 from megaevo.training import trainer as trainer_module
-from megaevo.training.checkpoint import LoadedCheckpoint, verify_checkpoint
 from helpers import config, fit, make_data
 
 TESTS = Path(__file__).parent
@@ -32,7 +33,7 @@ def test_a_run_that_diverges_exits_non_zero_and_keeps_latest_finite(data, tmp_pa
                                     "optim.schedule": "constant", "train.iters": 4, "checkpoint.interval": 1,
                                     "train.eval_interval": 0})
     path = save_config(cfg, tmp_path / "run.yaml")
-    assert trainer_module.main(["--config", str(path)]) == 3
+    assert cli.main(["train", "--config", str(path)]) == 3
     root = tmp_path / "checkpoints"
     latest = root / (root / "latest").read_text().strip()
     assert latest.name == "iter_0000001" and not (root / "iter_0000004").exists()
@@ -46,13 +47,14 @@ def test_a_run_that_diverges_exits_non_zero_and_keeps_latest_finite(data, tmp_pa
 SIGNALLED_RUN = """
 import sys, time
 from pathlib import Path
+from megaevo import cli
 from megaevo.training import trainer
 step = trainer.Trainer.train_step
 def slow_step(self):
     time.sleep(0.15)  # time for the test to send its signal mid-run
     return step(self)
 trainer.Trainer.train_step = slow_step
-sys.exit(trainer.main(["--config", sys.argv[1]]))
+sys.exit(cli.main(["train", "--config", sys.argv[1]]))
 """
 
 
@@ -165,8 +167,8 @@ def test_a_failing_run_commits_the_checkpoint_being_written_in_the_background(da
 
 INTERRUPTED_RUN = """
 import sys, time
-from megaevo import cli
-from megaevo.training import checkpoint, trainer
+from megaevo import checkpoint, cli
+from megaevo.training import trainer
 step, write = trainer.Trainer.train_step, checkpoint.Checkpointer._write
 def slow_step(self):
     time.sleep(0.2)  # time for the test's signals to land in the middle of a step
@@ -279,6 +281,7 @@ def test_mistakes_under_torchrun_are_one_line(data, tmp_path, overrides, setting
 ELASTIC_WORKER = """
 import os, sys, time
 from pathlib import Path
+from megaevo import cli
 from megaevo.training import trainer
 step = trainer.Trainer.train_step
 def slow_step(self):
@@ -287,7 +290,7 @@ def slow_step(self):
 trainer.Trainer.train_step = slow_step
 attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 Path(sys.argv[2], f"pid_rank{os.environ['RANK']}_attempt{attempt}").write_text(str(os.getpid()))
-sys.exit(trainer.main(["--config", sys.argv[1]]))
+sys.exit(cli.main(["train", "--config", sys.argv[1]]))
 """
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megaevo.checkpoint import LoadedCheckpoint
 from megaevo.config import ConfigError, validate
-from megaevo.training.checkpoint import LoadedCheckpoint
+from megaevo.stages import build_stage
 from megaevo.training.trainer import Trainer
 from helpers import TOKENIZER_ENV, ppo_overrides, rl_config, tensors, rl_fit as fit
 from dist_utils import assert_check_passed, run_checks, run_distributed
@@ -60,7 +61,29 @@ def test_layout_errors_name_the_settings(setup, tmp_path):
         validate(rl_config(setup, tmp_path, **{"train.micro_batch_size": 3, "rl.n": 2}), 1)
     cfg = rl_config(setup, tmp_path, **{"rl.prompts_per_step": 6, "rl.n": 3, "train.micro_batch_size": 2})
     assert validate(cfg, 1).micro_batches_per_step == 9  # the global batch is the rollout batch, 6 x 3
-    assert Trainer(cfg).cfg.train.global_batch_size == 18
+    assert Trainer(cfg, build_stage).cfg.train.global_batch_size == 18
+
+
+# ---------------------------------------------------------------- the units
+def test_ppo_critic_and_reference_are_train_units_like_the_actor(setup, tmp_path):
+    """PPO's critic is a second TrainUnit (its own rl.critic optimizer settings, checkpoint kinds and names)
+    and the frozen reference one without optimizer, both of the actor's class."""
+    from megaevo.training.unit import TrainUnit
+
+    cfg = rl_config(setup, tmp_path, **{"rl.algorithm": "ppo", "rl.n": 2, "rl.kl_coef": 0.05,
+                                        "rl.critic.lr": 3e-3, "rl.critic.weight_decay": 0.5})
+    trainer = Trainer(cfg, build_stage)
+    run = trainer.stage.run
+    (critic,) = trainer.stage.units()
+    assert type(trainer.actor) is type(critic) is type(run.reference) is TrainUnit
+    assert critic is run.critic and critic.optimizer is not trainer.actor.optimizer
+    assert (critic.optim.lr, critic.optim.weight_decay) == (3e-3, 0.5) and trainer.actor.optim.lr == 1e-2
+    assert run.reference.optimizer is None and not any(p.requires_grad for p in run.reference.params.values())
+    saved = trainer.stage.checkpoint_tensors()
+    assert sorted(saved) == ["critic", "critic_exp_avg", "critic_exp_avg_sq", "critic_master"]
+    assert set(saved["critic"]) == {f"critic.{n}" for n in critic.params}
+    grpo = Trainer(rl_config(setup, tmp_path / "grpo"), build_stage)
+    assert grpo.stage.units() == [] and grpo.stage.checkpoint_tensors() == {}
 
 
 # ---------------------------------------------------------------- one step
@@ -84,15 +107,15 @@ def test_rollout_logprobs_equal_the_training_recompute(setup, tmp_path):
     from megaevo.stages.rl.rollout import rollout_tensors, sample_responses
     from megaevo.stages.rl.stage import token_logprobs
 
-    trainer = Trainer(rl_config(setup, tmp_path))
+    trainer = Trainer(rl_config(setup, tmp_path), build_stage)
     run = trainer.stage.run
     prompts = run.prompts.ids[:3]
-    completions = sample_responses(trainer.chunks[0], trainer.state, prompts, [0, 1, 2], run.sampling, 3, 3, 0,
+    completions = sample_responses(trainer.actor.chunks[0], trainer.state, prompts, [0, 1, 2], run.sampling, 3, 3, 0,
                                    run.tokenizer, run.stop_ids)
     data = rollout_tensors([p for p in prompts for _ in range(4)], [c.token_ids for c in completions],
                            [c.logprobs for c in completions])
     with torch.no_grad():
-        logp, _ = token_logprobs(trainer.chunks[0], data["tokens"], data["labels"], trainer.state)
+        logp, _ = token_logprobs(trainer.actor.chunks[0], data["tokens"], data["labels"], trainer.state)
     mask = data["mask"].bool()
     assert mask.sum() > 20
     torch.testing.assert_close(logp[mask], data["rollout_logp"][mask], atol=2e-5, rtol=0)
@@ -101,7 +124,7 @@ def test_rollout_logprobs_equal_the_training_recompute(setup, tmp_path):
 def test_packed_decoding_stays_on_policy_at_every_step(setup, tmp_path):
     """Responses of more than MIN_PACK_STEPS tokens decode with packed weights (CPU, fp32): they follow every
     update, so the sampler's log-probabilities stay the training forward's, step after step."""
-    from megaevo.inference.decode import MIN_PACK_STEPS
+    from megaevo.model.decode import MIN_PACK_STEPS
 
     records, _ = fit(rl_config(setup, tmp_path, **{"train.iters": 4, "rl.max_new_tokens": MIN_PACK_STEPS + 8,
                                                    "rl.max_prob_error": "null"}))
@@ -130,20 +153,20 @@ def test_rollouts_off_the_policy_stop_the_run(setup, tmp_path, monkeypatch):
     from megaevo.training.trainer import TrainingStopped
 
     shift_rollout_logprobs(monkeypatch, -0.5)  # token_mult_prob_error exp(0.5) = 1.65
-    trainer = Trainer(rl_config(setup, tmp_path))
+    trainer = Trainer(rl_config(setup, tmp_path), build_stage)
     with pytest.raises(TrainingStopped, match=r"^iteration 1: token_mult_prob_error=1\.6\d* is more than "
                                               r"rl\.max_prob_error=0\.1 away from 1: the rollouts were not sampled "
                                               r"from the policy being trained") as info:
         trainer.fit()
     assert "\n" not in str(info.value)
-    assert trainer.optimizer.step_count == 0 and not (tmp_path / "metrics.jsonl").exists()
+    assert trainer.actor.optimizer.step_count == 0 and not (tmp_path / "metrics.jsonl").exists()
     records, _ = fit(rl_config(setup, tmp_path / "off", **{"train.iters": 1, "rl.max_prob_error": "null"}))
     assert records[0]["token_mult_prob_error"] == pytest.approx(math.exp(0.5), rel=1e-3)  # off: only logged
 
 
 def test_train_cli_stops_off_policy_with_one_line(setup, tmp_path, monkeypatch, capsys):
     from megaevo.config import save_config
-    from megaevo.training.trainer import main
+    from megaevo.train import main
 
     shift_rollout_logprobs(monkeypatch, 3.0)
     path = save_config(rl_config(setup, tmp_path / "run"), tmp_path / "rl.yaml")
@@ -156,7 +179,7 @@ def test_train_cli_stops_off_policy_with_one_line(setup, tmp_path, monkeypatch, 
 
 def test_missing_prompts_file_names_the_rl_settings(setup, tmp_path, capsys, monkeypatch):
     from megaevo.config import save_config
-    from megaevo.training.trainer import main
+    from megaevo.train import main
 
     monkeypatch.delenv("MEGAEVO_EVAL_DIR", raising=False)
     for prompts, extra, expect in ((str(tmp_path / "nope.jsonl"), {}, f"rl.prompts: {tmp_path / 'nope.jsonl'}: "
@@ -187,7 +210,7 @@ def test_kl_in_the_reward_is_k1_by_default_and_its_own_setting(setup, base_check
     shaped = {}
     for estimator in (None, "k1", "k3"):
         extra = {"rl.kl_reward_estimator": estimator} if estimator else {}
-        trainer = Trainer(rl_config(setup, tmp_path / str(estimator), **overrides, **extra))
+        trainer = Trainer(rl_config(setup, tmp_path / str(estimator), **overrides, **extra), build_stage)
         data = {"mask": mask, "old_logp": old_logp, "ref_logp": ref_logp, "old_values": torch.zeros_like(mask)}
         trainer.stage.run._advantages(data, scores)  # values 0, gamma = lam = 1: returns are reward suffix sums
         shaped[estimator] = data["returns"]
@@ -274,7 +297,7 @@ def test_rl_checkpoint_exports_and_loads_as_a_plain_model(setup, base_checkpoint
     tokens = torch.tensor([[5, 17, 99, 3, 250]])
     plain, hf = megaevo.load(ck), megaevo.load(tmp_path / "hf")
     weights = tensors(ck)
-    assert set(weights) == {n for n, _, _ in plain.stage.named_parameters_with_meta()}
+    assert set(weights) == {n for n, _, _ in plain.chunk.named_parameters_with_meta()}
     torch.testing.assert_close(plain(tokens), hf(tokens))
 
 

@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megaevo.common import IGNORE_INDEX
 from megaevo.config import ConfigError, config_from_dict, validate
 from megaevo.data.indexed import IndexedDatasetWriter
 from megaevo.model.args import ModelArgs
 from megaevo.model.llama import LlamaStage
-from megaevo.stages import IGNORE_INDEX, MicroBatchMeanLoss, TokenLoss
+from megaevo.stages import build_stage
 from megaevo.stages.sft import SFTSamples, best_fit_decreasing, collate_rows, epoch_shares, pack, select_conversations
+from megaevo.training.stage import MicroBatchMeanLoss, TokenLoss
 from megaevo.training.trainer import Trainer
 from dist_utils import assert_check_passed, run_checks, run_distributed
 from helpers import assert_close_runs, logical_weights
@@ -86,7 +88,7 @@ def sft_config(data, out, **overrides):
 
 
 def fit(cfg):
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, build_stage)
     records = trainer.fit()
     return [(r["loss"], r["grad_norm"]) for r in records if "loss" in r], trainer
 
@@ -221,14 +223,14 @@ def test_micro_batch_mean_is_the_mean_of_micro_batch_means():
 @pytest.mark.parametrize("normalization", ["global_tokens", "micro_batch_mean"])
 def test_an_all_masked_micro_batch_contributes_zero(data, tmp_path, normalization):
     """Adding a micro-batch without loss tokens changes neither the step's loss nor its gradients."""
-    trainer = Trainer(sft_config(data, tmp_path, **{"sft.loss_normalization": normalization}))
+    trainer = Trainer(sft_config(data, tmp_path, **{"sft.loss_normalization": normalization}), build_stage)
     batches = [_batch(1), _batch(3)]
 
     def step(bs):
-        trainer.buffers.zero_grad()
-        loss = trainer.forward_backward(bs, trainer.stage.loss)
-        trainer.buffers.finish_grad_sync()
-        return loss, {n: p.main_grad.clone() for n, p in trainer.params.items()}
+        trainer.actor.buffers.zero_grad()
+        loss = trainer.actor.forward_backward(bs, trainer.stage.loss)
+        trainer.actor.buffers.finish_grad_sync()
+        return loss, {n: p.main_grad.clone() for n, p in trainer.actor.params.items()}
 
     loss, grads = step(batches)
     loss_e, grads_e = step([batches[0], _batch(5, mask_all=True), batches[1]])
@@ -236,11 +238,11 @@ def test_an_all_masked_micro_batch_contributes_zero(data, tmp_path, normalizatio
     for n, g in grads.items():
         assert torch.isfinite(grads_e[n]).all() and torch.allclose(grads_e[n], g, rtol=1e-5, atol=1e-9), n
     with torch.no_grad():  # and alone: zero, not NaN
-        alone = trainer.stage.loss(trainer.model, batches[0]["tokens"], _batch(5, mask_all=True))
+        alone = trainer.stage.loss(trainer.actor.module, batches[0]["tokens"], _batch(5, mask_all=True))
     assert [float(x) for x in alone] == [0.0, 0.0]
     if normalization == "micro_batch_mean":
         with torch.no_grad():
-            means = [float(s / c) for s, c in (TokenLoss()(trainer.model, b["tokens"], b) for b in batches)]
+            means = [float(s / c) for s, c in (TokenLoss()(trainer.actor.module, b["tokens"], b) for b in batches)]
         assert math.isclose(loss, sum(means) / 2, rel_tol=1e-6)
 
 
@@ -346,7 +348,7 @@ def test_sft_run_learns_logs_validation_and_counts_epochs(data, reference, tmp_p
                      **{"data.train": f"[0.7,{data['chat']},0.3,{data['math']}]", "train.epochs": 1.5,
                         "train.eval_interval": 2, "optim.lr": 1e-2, "optim.min_lr": 1e-2,
                         "data.valid": f"{{extra: {data['math']}}}"})
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, build_stage)
     stream = trainer.stage.train.samples
     assert trainer.cfg.train.iters == math.ceil(stream.samples(1.5) / 8) and cfg.train.iters == 4
     records = trainer.fit()

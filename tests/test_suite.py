@@ -178,6 +178,23 @@ def test_only_selects_runs_and_their_ancestors(tmp_path):
         select(runs, ["nothing-like-this"])
 
 
+
+
+def test_the_specs_only_is_the_default_selection(tmp_path, capsys):
+    runs = expand(load_spec(write_spec(tmp_path)))
+    sft = [r for r in runs if r.stage == "sft"][3]
+    spec = write_spec(tmp_path, f"only: [{json.dumps(sft.name)}]\n" + SPEC, "only.yaml")
+    assert load_spec(spec).only == [sft.name]
+    assert main([str(spec), "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    assert f"{len(sft.chain)} runs:" in capsys.readouterr().out  # the chain, not the grid
+    other = [r for r in runs if r.stage == "cpt"][0]
+    assert main([str(spec), "--dry-run", "--only", other.id, "--out", str(tmp_path / "o")]) == 0  # --only replaces it
+    assert f"{len(other.chain)} runs:" in capsys.readouterr().out
+    bad = write_spec(tmp_path, "only: [no-such-run]\n" + SPEC, "bad.yaml")
+    assert main([str(bad), "--dry-run", "--out", str(tmp_path / "o")]) == 2
+    assert "bad.yaml: only no-such-run: no run match" in capsys.readouterr().err
+    with pytest.raises(SpecError, match="only must be a list of run names"):
+        load_spec(write_spec(tmp_path, "only: 3\n" + SPEC, "worse.yaml"))
 # ---------------------------------------------------------------------------------------- local launcher
 
 
@@ -710,7 +727,7 @@ stages:
 
 
 def _final_state(run_dir: Path) -> tuple[int, dict]:
-    from megaevo.training.checkpoint import LoadedCheckpoint, latest_checkpoint
+    from megaevo.checkpoint import LoadedCheckpoint, latest_checkpoint
 
     ck = LoadedCheckpoint(latest_checkpoint(run_dir / "checkpoints"))
     kinds = [k for k in ("model", "master", "exp_avg", "exp_avg_sq") if ck.has(k)]

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from megaevo.config import ConfigError
+from megaevo.stages import build_stage
 from megaevo.training.trainer import Trainer
 from helpers import config, make_data
 
@@ -24,7 +25,7 @@ def test_eval_tasks_are_logged_at_every_eval_interval(data, spm_model, tmp_path)
                                     "train.eval_interval": 2, "train.eval_tasks": json.dumps(tasks),
                                     "train.eval_tasks_limit": 3, "train.eval_tasks_max_length": 48,
                                     "checkpoint.save": False})
-    Trainer(cfg).fit()
+    Trainer(cfg, build_stage).fit()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evaluated = [line for line in lines if "val/web" in line]
     assert [line["step"] for line in evaluated] == [2, 4]
@@ -36,9 +37,10 @@ def test_eval_tasks_are_logged_at_every_eval_interval(data, spm_model, tmp_path)
 
 def test_eval_tasks_need_a_tokenizer_and_a_known_task(data, tmp_path):
     with pytest.raises(ConfigError, match="data.tokenizer"):
-        Trainer(config(data, tmp_path, **{"train.eval_tasks": json.dumps([str(EVALS / "MATHLevel1.jsonl")])}))
+        Trainer(config(data, tmp_path, **{"train.eval_tasks": json.dumps([str(EVALS / "MATHLevel1.jsonl")])}),
+                build_stage)
     with pytest.raises(ValueError, match="no-such-task"):
-        Trainer(config(data, tmp_path, **{"train.eval_tasks": "[no-such-task]"}))
+        Trainer(config(data, tmp_path, **{"train.eval_tasks": "[no-such-task]"}), build_stage)
 
 
 @pytest.mark.slow
@@ -63,9 +65,9 @@ def test_eval_tasks_during_training_equal_megaevo_eval_on_the_saved_checkpoint(d
                                             "train.eval_interval": 2, "train.eval_tasks": f"[{task}]",
                                             "train.eval_tasks_limit": limit, "train.eval_tasks_max_length": max_length,
                                             "checkpoint.interval": 4})
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, build_stage)
     trainer.fit()
-    packed = trainer.chunks[0].__dict__["_decode_steps"]["steps"]
+    packed = trainer.actor.chunks[0].__dict__["_decode_steps"]["steps"]
     assert any(rows > 0 for rows in packed), "the test needs decoding on packed weights, which may go stale"
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     at_4 = next(line for line in logged if line.get("step") == 4 and "eval/rg_basic_arithmetic/accuracy" in line)

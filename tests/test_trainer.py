@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megaevo.checkpoint import CheckpointError, LoadedCheckpoint
 from megaevo.config import ConfigError
-from megaevo.training.checkpoint import CheckpointError, LoadedCheckpoint
+from megaevo.stages import build_stage
 from megaevo.training.trainer import Trainer
 from dist_utils import run_distributed
 from helpers import VOCAB, assert_close_runs, config, fit, logical_weights, make_data
@@ -102,16 +103,17 @@ def test_layouts_match_the_single_process_run(data, reference, tmp_path, world):
 
 def test_bad_configs_are_refused(data, tmp_path):
     with pytest.raises(ConfigError, match="tp"):
-        Trainer(config(data, tmp_path, **{"parallel.tp": 2}))  # world size 1
+        Trainer(config(data, tmp_path, **{"parallel.tp": 2}), build_stage)  # world size 1
     with pytest.raises(ConfigError, match="vocab_size"):
         cfg = config(data, tmp_path, **{"model.vocab_size": 200, "train.iters": 1, "optim.warmup": 0})
-        Trainer(cfg).fit()
+        Trainer(cfg, build_stage).fit()
 
 
 def test_bad_checkpoints_are_refused(data, reference, tmp_path):
     src = reference["out"] / "checkpoints" / "iter_0000003"
     with pytest.raises(CheckpointError, match="shape"):
-        Trainer(config(data, tmp_path / "a", **{"model.hidden_size": 128, "checkpoint.load": str(src)})).fit()
+        Trainer(config(data, tmp_path / "a", **{"model.hidden_size": 128, "checkpoint.load": str(src)}),
+                build_stage).fit()
     broken = tmp_path / "broken"
     broken.mkdir()
     meta = json.loads((src / "metadata.json").read_text())
@@ -122,20 +124,20 @@ def test_bad_checkpoints_are_refused(data, reference, tmp_path):
         if not f.name.startswith("metadata.json"):  # edited on purpose: without its checksum beside it
             os.symlink(f, broken / f.name)
     with pytest.raises(CheckpointError, match="duplicated"):
-        Trainer(config(data, tmp_path / "b", **{"checkpoint.load": str(broken)})).fit()
+        Trainer(config(data, tmp_path / "b", **{"checkpoint.load": str(broken)}), build_stage).fit()
     meta["tensors"]["model"]["layers.0.attention.qkv.weight"]["fragments"][0]["file"] = "../../etc/passwd"
     (broken / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="outside"):
-        Trainer(config(data, tmp_path / "c", **{"checkpoint.load": str(broken)})).fit()
+        Trainer(config(data, tmp_path / "c", **{"checkpoint.load": str(broken)}), build_stage).fit()
     del meta["tensors"]["model"]["layers.0.attention.qkv.weight"]
     (broken / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="layers.0.attention.qkv.weight"):
-        Trainer(config(data, tmp_path / "d", **{"checkpoint.load": str(broken)})).fit()
+        Trainer(config(data, tmp_path / "d", **{"checkpoint.load": str(broken)}), build_stage).fit()
 
 
 KILL_DURING_SAVE = """
 import os, sys
-import megaevo.training.checkpoint as ck
+import megaevo.checkpoint.save as ck
 from helpers import config
 real = ck.write_safetensors
 def dying_write(path, tensors, checksum=None):
@@ -144,8 +146,9 @@ def dying_write(path, tensors, checksum=None):
         os._exit(9)  # killed in the middle of the second save
     return record
 ck.write_safetensors = dying_write
+from megaevo.stages import build_stage
 from megaevo.training.trainer import Trainer
-Trainer(config({"web": sys.argv[1], "math": sys.argv[2]}, sys.argv[3])).fit()
+Trainer(config({"web": sys.argv[1], "math": sys.argv[2]}, sys.argv[3]), build_stage).fit()
 """
 
 
@@ -169,15 +172,15 @@ def test_kill_during_save_keeps_the_previous_checkpoint(data, reference, tmp_pat
 
 @pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_stop_the_run(data, tmp_path):
-    trainer = Trainer(config(data, tmp_path, **{"checkpoint.interval": 1, "train.iters": 20}))
-    forward = trainer.model.forward
+    trainer = Trainer(config(data, tmp_path, **{"checkpoint.interval": 1, "train.iters": 20}), build_stage)
+    forward = trainer.actor.module.forward
     calls = []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = forward(*args, **kwargs)
         return loss * float("nan") if len(calls) > 8 else loss  # 4 micro-batches a step: NaN from step 3
-    trainer.model.forward = poisoned
+    trainer.actor.module.forward = poisoned
     with pytest.raises(RuntimeError, match="non-finite"):
         trainer.fit()
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -195,8 +198,15 @@ def test_kernel_settings_reach_the_kernels(data, tmp_path, monkeypatch):
     monkeypatch.delenv(dispatch.AUTOTUNE_ENV_VAR, raising=False)
     monkeypatch.setattr(dispatch, "_default_autotune", True)
     monkeypatch.setattr(dispatch, "_default_backend", "auto")
-    Trainer(config(data, tmp_path, **{"kernels.autotune": False, "kernels.backend": "torch"}))
-    assert dispatch.autotune_enabled() is False and dispatch.get_backend() == "torch"
+    trainer = Trainer(config(data, tmp_path, **{"kernels.autotune": False, "kernels.backend": "torch",
+                                                "train.iters": 1, "train.eval_interval": 0}), build_stage)
+    seen = []
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda: seen.append((dispatch.get_backend(),
+                                                                    dispatch.autotune_enabled())) or step())
+    trainer.fit()
+    assert seen == [("torch", False)]  # while the run trains
+    assert dispatch.get_backend() == "auto" and dispatch.autotune_enabled() is True  # and the defaults after it
 
 
 def test_inspect_checkpoint(reference, capsys):
@@ -216,7 +226,7 @@ def test_finetune_takes_weights_and_starts_a_new_run(data, reference, tmp_path):
     settings = {"checkpoint.load": src, "checkpoint.finetune": True, "train.iters": 3, "optim.warmup": 0,
                 "optim.schedule": "constant", "optim.lr": 1e-9, "optim.min_lr": 1e-9}
     losses, trainer = fit(config(data, tmp_path, **settings))
-    assert trainer.run.iteration == 3 and trainer.run.consumed_samples == 24 and trainer.optimizer.step_count == 3
+    assert trainer.run.iteration == 3 and trainer.run.consumed_samples == 24 and trainer.actor.optimizer.step_count == 3
     assert losses[0] < reference["losses"][0] - 0.5  # starts from the trained weights
     weights = logical_weights(tmp_path / "checkpoints" / "iter_0000003")
     assert_close_runs(weights, reference["w6"], rtol=1e-6)  # a tiny lr barely moves them

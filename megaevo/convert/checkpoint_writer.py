@@ -10,7 +10,7 @@ head tied to the input embedding on the last stage is stored with the embedding 
 :func:`write_checkpoint` is the one entry point; it takes :class:`TensorSource` objects, so an
 importer (Hugging Face) and a resharder (checkpoint to checkpoint) differ only in where the
 logical tensors come from. File names, the metadata record, the checksums (computed as the
-bytes go out) and the atomic commit are the trainer's own (:mod:`megaevo.training.checkpoint`),
+bytes go out) and the atomic commit are the trainer's own (:mod:`megaevo.checkpoint`),
 so both writers produce one format.
 
 Tensors of a kind that holds no model tensor (PPO's critic, named ``critic.NAME``) are companions:
@@ -32,16 +32,16 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
+from megaevo.checkpoint.format import (CHECKSUM, FORMAT_VERSION, LATEST, CheckpointMeta, FileRecord, StoredFragment,
+                                       TensorEntry, dtype_name, iteration_dir, model_file, temp_dir)
+from megaevo.checkpoint.integrity import RunningChecksum
+from megaevo.checkpoint.safetensors_io import StreamingWriter
+from megaevo.checkpoint.save import commit_checkpoint
 from megaevo.configio import errors_message
+from megaevo.errors import ConvertError
 from megaevo.model.args import ModelArgs, layout_errors, shape_errors
 from megaevo.model.llama import build_chunks
 from megaevo.parallel.state import ParallelState
-from megaevo.training.checkpoint import (CHECKSUM, FORMAT_VERSION, LATEST, CheckpointMeta, FileRecord,
-                                         RunningChecksum, StoredFragment, TensorEntry, commit_checkpoint, dtype_name,
-                                         iteration_dir, model_file, temp_dir)
-
-from .errors import ConvertError
-from .safetensors_io import StreamingWriter
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,5 @@
-"""The error of the converters: input that cannot be converted."""
-from megaevo.errors import UserError
+"""The error of the converters: input that cannot be converted (defined with megaevo's other errors,
+since the safetensors reader below the converters raises it too)."""
+from megaevo.errors import ConvertError
 
-
-class ConvertError(UserError):
-    """Input that cannot be converted: unsupported, inconsistent, or in the way of the output."""
+__all__ = ["ConvertError"]

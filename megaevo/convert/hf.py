@@ -20,27 +20,27 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from megaevo.checkpoint.format import LATEST, CheckpointMeta, SavedLayout, iteration_dir
+from megaevo.checkpoint.load import LoadedCheckpoint
+from megaevo.checkpoint.resolve import resolve_checkpoint
+from megaevo.checkpoint.safetensors_io import DTYPES, StreamingWriter, TensorInfo, parse_size, read_header
+from megaevo.common import torch_dtype
 from megaevo.config import (CheckpointConfig, Config, ConfigError, DataConfig, ParallelConfig,
                             config_from_dict, config_to_dict, save_config, validate)
 from megaevo.data.tokenizer_files import TOKENIZER_FILES, find_tokenizer, not_found_message, tokenizer_candidates
 from megaevo.log import get_logger
 from megaevo.model.args import ModelArgs
-from megaevo.model.llama import fuse_qkv, split_qkv
-from megaevo.training.checkpoint import (LATEST, CheckpointMeta, LoadedCheckpoint, SavedLayout, iteration_dir,
-                                         resolve_checkpoint)
+from megaevo.model.fusion import join_parts, part_shapes, split_parts
 
 from .checkpoint_writer import ConvertError, TensorSource, check_layout, target_blocks, write_checkpoint
 from .hf_config import ARCHITECTURES, HFModelSpec, hf_config_from_model, spec_from_hf_config
 from .hf_tokenizer import generation_config, special_token_ids, write_spm_tokenizer_files
-from .safetensors_io import DTYPES, StreamingWriter, TensorInfo, parse_size, read_header
 
 # Files besides the weights that describe how to use the model; copied both ways when present.
 SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers recomputed from the config
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 logger = get_logger(__name__)
-_DTYPES_BY_NAME = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------------ naming
@@ -50,7 +50,7 @@ def tensor_links(args: ModelArgs) -> list[tuple[str, tuple[str, ...], str]]:
     """``(megaevo name, Hugging Face names, how)`` for every weight, in model order.
 
     ``how`` is ``same`` (one tensor), ``qkv`` (q, k, v fused per KV group) or ``gate_up``
-    (gate rows, then up rows).
+    (gate rows, then up rows): the join of :mod:`megaevo.model.fusion`.
     """
     links = [("embedding.weight", ("model.embed_tokens.weight",), "same")]
     for i in range(args.num_layers):
@@ -67,32 +67,6 @@ def tensor_links(args: ModelArgs) -> list[tuple[str, tuple[str, ...], str]]:
     if not args.tie_embeddings:
         links.append(("output.weight", ("lm_head.weight",), "same"))
     return links
-
-
-def _part_shapes(how: str, shape: tuple[int, ...], args: ModelArgs) -> list[tuple[int, ...]]:
-    rest = tuple(shape[1:])
-    if how == "qkv":
-        hd = args.head_dim
-        return [(args.num_heads * hd, *rest), (args.num_kv_heads * hd, *rest), (args.num_kv_heads * hd, *rest)]
-    if how == "gate_up":
-        return [(shape[0] // 2, *rest)] * 2
-    return [tuple(shape)]
-
-
-def _join(how: str, parts: list[torch.Tensor], args: ModelArgs) -> torch.Tensor:
-    if how == "qkv":
-        return fuse_qkv(*parts, args.num_heads, args.num_kv_heads)
-    if how == "gate_up":
-        return torch.cat(parts, dim=0)
-    return parts[0]
-
-
-def _split(how: str, full: torch.Tensor, args: ModelArgs) -> list[torch.Tensor]:
-    if how == "qkv":
-        return [t.contiguous() for t in split_qkv(full, args.num_heads, args.num_kv_heads)]
-    if how == "gate_up":
-        return [t.contiguous() for t in full.split(full.shape[0] // 2, dim=0)]
-    return [full]
 
 
 # ------------------------------------------------------------------------------------------------ reading HF
@@ -170,7 +144,7 @@ def _check_hf_weights(src: Path, tensors: dict[str, TensorInfo], args: ModelArgs
     shapes = dict(target_blocks(args)[1])
     expected = {}
     for name, hf_names, how in tensor_links(args):
-        expected.update(zip(hf_names, _part_shapes(how, shapes[name], args)))
+        expected.update(zip(hf_names, part_shapes(how, shapes[name], args)))
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise ConvertError(f"{src}: tensor(s) missing for the model config.json describes: {', '.join(missing[:6])}"
@@ -247,7 +221,7 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp
         if cast is None and any(k != kinds[0] for k in kinds):
             target = torch.float32
         load = (lambda hf_names=hf_names, how=how, target=target:
-                _join(how, [reader.get(k).to(target) for k in hf_names], args))
+                join_parts(how, [reader.get(k).to(target) for k in hf_names], args))
         sources.append(TensorSource("model", name, shapes[name], target, load))
 
     side = {name: src / name for name in SIDE_FILES if (src / name).is_file()}
@@ -323,7 +297,7 @@ def export_hf(load: str | os.PathLike, out: str | os.PathLike, *, architecture: 
             raise ConvertError(f"{path}: tensor {name!r} has shape {list(stored.shape)}, the config implies "
                                f"{list(shapes[name])}")
         target = cast or _dtype(stored.dtype)
-        parts = list(zip(hf_names, _part_shapes(how, shapes[name], args)))
+        parts = list(zip(hf_names, part_shapes(how, shapes[name], args)))
         for key, shape in parts:
             nbytes = _numel(shape) * _itemsize(target)
             if shards[-1] and size + nbytes > limit:
@@ -352,7 +326,7 @@ def export_hf(load: str | os.PathLike, out: str | os.PathLike, *, architecture: 
                 full = LoadedCheckpoint(path).tensor("model", name)
                 if full.shape[0] != shapes[name][0]:
                     full = full[: shapes[name][0]]
-                for key, part in zip(keys, _split(how, full.to(target), args)):
+                for key, part in zip(keys, split_parts(how, full.to(target), args)):
                     writers[file_of[key]].write(key, part)
                     bar.update(part.numel() * part.element_size())
                 del full
@@ -471,10 +445,10 @@ def summarize_hf(path: str | os.PathLike) -> dict:
 
 
 def _dtype(name: str) -> torch.dtype:
-    key = str(name).removeprefix("torch.")
-    if key not in _DTYPES_BY_NAME:
-        raise ConvertError(f"unknown dtype {name!r} (use one of bf16, fp16, fp32)")
-    return _DTYPES_BY_NAME[key]
+    try:
+        return torch_dtype(name)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
 
 
 def _single_dtype(dtypes: list[torch.dtype]) -> torch.dtype:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from megaevo.data.tokenizers import load_tokenizer
 from megaevo.log import get_logger
 
 from .errors import ConvertError
@@ -315,8 +316,6 @@ def write_spm_tokenizer_files(dst: Path, model_path: Path, model_max_length: int
 
 def special_token_ids(directory: Path) -> dict[str, int]:
     """``bos_token_id``, ``eos_token_id``, ``pad_token_id`` of the tokenizer in ``directory`` (those it has)."""
-    from megaevo.data.tokenizers import load_tokenizer
-
     try:
         tok = load_tokenizer(directory)
     except (ImportError, OSError, ValueError) as e:

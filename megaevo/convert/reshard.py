@@ -8,7 +8,7 @@ first stage's, for an output head tied to the embedding). Every logical tensor, 
 optimizer state (fp32 master weights, both Adam moments), is copied exactly: same dtype, same
 bits. Iteration, consumed samples, optimizer step and the run's config carry over, the config's
 layout set to the target one. PPO's critic (kinds ``critic`` and ``critic_*`` optimizer state, see
-:mod:`megaevo.stages.rl.critic`) is carried like the model: its body cut as the model's layers are,
+:mod:`megaevo.checkpoint.format`) is carried like the model: its body cut as the model's layers are,
 its value head stored once. The checkpoint's tokenizer (its own files, else the run's copy or its
 recorded ``data.tokenizer``) is put into the new checkpoint, so that it is self-contained.
 """
@@ -19,11 +19,13 @@ import functools
 import os
 from pathlib import Path
 
+from megaevo.checkpoint.format import (CRITIC_STATE_PREFIX, CRITIC_WEIGHTS_KIND, METADATA, STATE_KINDS,
+                                       CheckpointMeta, SavedLayout)
+from megaevo.checkpoint.load import LoadedCheckpoint
+from megaevo.checkpoint.resolve import resolve_checkpoint
 from megaevo.config import ConfigError, config_from_dict, config_to_dict
 from megaevo.data.tokenizer_files import MAIN_FILES, find_tokenizer, not_found_message, tokenizer_candidates
 from megaevo.log import get_logger
-from megaevo.training.checkpoint import CheckpointMeta, LoadedCheckpoint, SavedLayout, resolve_checkpoint
-from megaevo.training.optimizer import STATE_KINDS
 
 from .checkpoint_writer import ConvertError, TensorSource, check_layout, write_checkpoint
 
@@ -40,9 +42,9 @@ def reshard(load: str | os.PathLike, save: str | os.PathLike, *, tp: int = 1, pp
     record = ck.record
     raw = record.config
     if raw is None or "model" not in raw:
-        raise ConvertError(f"{path / 'metadata.json'}: holds no run config, so the model's shape is unknown")
+        raise ConvertError(f"{path / METADATA}: holds no run config, so the model's shape is unknown")
     try:
-        cfg = config_from_dict(raw, source=str(path / "metadata.json"))
+        cfg = config_from_dict(raw, source=str(path / METADATA))
     except ConfigError as e:
         raise ConvertError(str(e)) from None
     args = cfg.model
@@ -74,10 +76,8 @@ def reshard(load: str | os.PathLike, save: str | os.PathLike, *, tp: int = 1, pp
 def _kinds(record: CheckpointMeta, optimizer: bool, path: Path) -> list[str]:
     """The tensor kinds to write: the weights (the model's, a critic's) and with ``optimizer`` their
     optimizer state. A kind this does not know is refused rather than left out."""
-    from megaevo.stages.rl.critic import STATE_KIND_PREFIX, WEIGHTS_KIND
-
-    weights = ("model", WEIGHTS_KIND)
-    states = STATE_KINDS + tuple(STATE_KIND_PREFIX + k for k in STATE_KINDS)
+    weights = ("model", CRITIC_WEIGHTS_KIND)
+    states = STATE_KINDS + tuple(CRITIC_STATE_PREFIX + k for k in STATE_KINDS)
     unknown = sorted(set(record.tensors) - set(weights) - set(states))
     if unknown:
         raise ConvertError(f"{path}: holds tensors of kind(s) {', '.join(unknown)}, which resharding does not know; "

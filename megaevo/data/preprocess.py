@@ -237,7 +237,7 @@ def _progress_bar(enabled: bool):
     return tqdm(desc="preprocess", unit=" docs", file=sys.stderr, disable=None if enabled else True, dynamic_ncols=True)
 
 
-def _missing_dirs(path: Path) -> list[Path]:
+def missing_dirs(path: Path) -> list[Path]:
     """The directories on the way to path that do not exist yet, deepest first."""
     missing = []
     while not path.exists() and path != path.parent:
@@ -341,7 +341,7 @@ def preprocess(
             raise PreprocessError(f"{tok.name} has no end-of-document (eos) token, so it cannot be appended")
     dtype = token_dtype(tok.vocab_size)
     encode_args = (json_key, eod, dtype)
-    new_dirs = _missing_dirs(Path(output_prefix).parent)
+    new_dirs = missing_dirs(Path(output_prefix).parent)
 
     start = time.perf_counter()
     documents = empty = 0

@@ -58,8 +58,9 @@ from pathlib import Path
 import numpy as np
 
 from megaevo.data import DataError
-from megaevo.data.indexed import DatasetFormatError, IndexedDataset, IndexedDatasetWriter, paths, token_dtype
-from megaevo.data.preprocess import (PreprocessError, _missing_dirs, encode_inputs, parse_shard, plan_inputs,
+from megaevo.data.indexed import (DatasetFormatError, IndexedDataset, IndexedDatasetWriter, merge_datasets, paths,
+                                  token_dtype)
+from megaevo.data.preprocess import (PreprocessError, encode_inputs, missing_dirs, parse_shard, plan_inputs,
                                      remove_new_dirs)
 from megaevo.data.templates import ChatTemplate, ConversationError, get_template
 from megaevo.data.tokenizers import Tokenizer, load_tokenizer
@@ -353,7 +354,7 @@ def preprocess_sft(
     tok = load_tokenizer(tokenizer)
     chat = get_template(template, tok)  # an unknown template or missing special tokens fail before any work
     dtype = token_dtype(tok.vocab_size)
-    new_dirs = _missing_dirs(Path(output_prefix).parent)
+    new_dirs = missing_dirs(Path(output_prefix).parent)
 
     start = time.perf_counter()
     conversations = loss_tokens = longest = 0
@@ -518,8 +519,6 @@ def merge_sft(prefixes: list[str | os.PathLike], output_prefix: str | os.PathLik
     """Concatenate SFT datasets of one template and tokenizer (e.g. the shards of ``preprocess --sft
     --shard I/N``, in shard order) into one: tokens, loss masks and description, written under temporary
     names and renamed into place only when complete (the index last)."""
-    from megaevo.data.indexed import merge_datasets
-
     if not prefixes:
         raise PreprocessError("merge needs at least one input prefix")
     parts = [SFTDataset(p) for p in prefixes]

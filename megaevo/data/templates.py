@@ -71,6 +71,9 @@ from megaevo.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE_NAMES = ("evolm", "chat", "hf", "raw")
+"""The template registry's names: every choice of ``--template``, ``data.template`` and ``rl.template``."""
+TOKENIZER_TEMPLATES = ("hf",)
+"""The templates read from the tokenizer, which render nothing without it."""
 
 # Where a completion under each template ends: the next turn's markers.
 STOP_STRINGS = {
@@ -502,4 +505,4 @@ def render(problem: str, template: str = "evolm") -> str:
 
 
 # The one-turn prompt of each template that needs no tokenizer, with ``{problem}`` for the problem.
-PROMPT_FORMATS = {name: render("{problem}", name) for name in ("evolm", "chat", "raw")}
+PROMPT_FORMATS = {name: render("{problem}", name) for name in TEMPLATE_NAMES if name not in TOKENIZER_TEMPLATES}

@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from megaevo.configio import ConfigError
 from megaevo.errors import UserError
 from megaevo.log import get_logger
 
@@ -130,3 +131,11 @@ def require_tokenizer(model, what: str):
         where = getattr(model, "tokenizer_error", None) or "none was loaded with the model"
         raise TokenizerNotFound(f"{what} needs the model's tokenizer: {where}")
     return tokenizer
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, path) -> None:
+    """A ConfigError when ``tokenizer`` (loaded from data.tokenizer ``path``) has more tokens than the
+    model's vocabulary holds."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"data.tokenizer {path} has {tokenizer.vocab_size} tokens, more than "
+                          f"model.vocab_size={vocab_size}")

@@ -24,7 +24,8 @@ runs that finished, so a rerun is immediate.
 (`train_demo`, into DIR/run with DIR/config.yaml).
 
 Modules: :mod:`~megaevo.demo.corpora` (the text), :mod:`~megaevo.demo.data` (cached data steps),
-:mod:`~megaevo.demo.training` (stage settings, the single run), :mod:`~megaevo.demo.lifecycle` (the suite).
+:mod:`~megaevo.demo.training` (stage settings, the single run), :mod:`~megaevo.demo.lifecycle` (the suite),
+:mod:`~megaevo.demo.result` (what was made), :mod:`~megaevo.demo.common` (reporting, digests).
 """
 from __future__ import annotations
 
@@ -38,11 +39,13 @@ from megaevo.demo.corpora import (GENERAL_BYTES, GENERAL_DOCS, MATH_DOCS, MATH_M
                                   TOKENIZER_MAX_SENTENCES, TRAIN_ITERS, VOCAB_SIZE, MathProblem, evaluate,
                                   general_corpus, math_corpus, math_problems, reference_page, sft_corpus,
                                   split_text, stdlib_files, worked_solution)
-from megaevo.demo.data import (DemoResult, DomainResult, _make_corpora, _make_dataset, _make_sft_corpus,
-                               _make_sft_dataset, _make_tokenizer, _reporters)
-from megaevo.demo.data import _write_jsonl  # noqa: F401  (tests reach it as demo._write_jsonl)
+from megaevo.data.tokenizers import load_tokenizer
+from megaevo.demo.common import reporters
+from megaevo.demo.data import (DomainResult, _make_corpora, _make_dataset, _make_sft_corpus, _make_sft_dataset,
+                               _make_tokenizer)
 from megaevo.demo.lifecycle import (LifeCycleResult, LifeCycleSizes, run_life_cycle, stage_configs, suite_settings,
                                     write_suite)
+from megaevo.demo.result import DemoResult
 from megaevo.demo.training import TRAIN_RECORD, TrainingResult, grpo_settings, sft_settings, train_demo, train_settings
 
 __all__ = ["DemoResult", "DomainResult", "GENERAL_BYTES", "GENERAL_DOCS", "LifeCycleResult", "LifeCycleSizes",
@@ -74,10 +77,8 @@ def run_demo(
     `scale` multiplies the corpus sizes (1.0: about 6 MB of general text and 4,000 math problems).
     `train_iters` and `train_overrides` (dotted, as `megaevo train` takes them) size the single run.
     """
-    from megaevo.data.tokenizers import load_tokenizer
-
     start = time.perf_counter()
-    log, show = _reporters(verbose)
+    log, show = reporters(verbose)
     root = Path(directory).resolve()
     steps = 4 if train else 3
     log(f"[1/{steps}] corpora in {root / 'corpus'}")

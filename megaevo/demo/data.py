@@ -2,25 +2,21 @@
 from __future__ import annotations
 
 
-import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
-from megaevo.log import configured, get_logger, setup_logging
-
-logger = get_logger(__name__)
-
+from megaevo.data import indexed
+from megaevo.data.preprocess import preprocess
+from megaevo.data.sft import preprocess_sft, sft_paths
+from megaevo.data.tokenizers import train_sentencepiece
+from megaevo.demo.common import sha256
 from megaevo.demo.corpora import (GENERAL_BYTES, GENERAL_DOCS, MATH_DOCS, SFT_CONVERSATIONS, SFT_TASKS,
                                   TOKENIZER_MAX_SENTENCES, _reasoning_gym_version, general_corpus, math_corpus,
                                   sft_corpus)
-
-if TYPE_CHECKING:
-    from megaevo.demo.lifecycle import LifeCycleResult
-    from megaevo.demo.training import TrainingResult
 
 
 @dataclass
@@ -34,56 +30,6 @@ class DomainResult:
     sequences: int
     tokens: int
     dtype: str
-
-
-@dataclass
-class DemoResult:
-    directory: str
-    seed: int
-    scale: float
-    tokenizer: str
-    vocab_size: int
-    domains: list[DomainResult] = field(default_factory=list)
-    seconds: float = 0.0
-    training: "TrainingResult | None" = None  # the single pre-training run (life_cycle=False)
-    life_cycle: "LifeCycleResult | None" = None  # the suite (the default)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def describe(self) -> str:
-        lines = [
-            f"megaevo demo in {self.directory} (seed {self.seed}, scale {self.scale:g}, {self.seconds:.1f} s)",
-            f"  tokenizer  {self.tokenizer}  (vocabulary {self.vocab_size:,})",
-        ]
-        for d in self.domains:
-            lines.append(f"  {d.name:<9}  corpus {d.corpus}  ({d.corpus_documents:,} documents, {d.corpus_bytes / 1e6:.1f} MB)")
-            lines.append(
-                f"  {'':<9}  data   {d.data_prefix}.bin/.idx  ({d.documents:,} documents, {d.tokens:,} tokens, {d.dtype})"
-            )
-        lines.append(f"  summary    {Path(self.directory) / 'demo.json'}")
-        return "\n".join(lines)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _reporters(verbose: bool) -> tuple[Callable[[str], None], Callable[[str], None]]:
-    """(log, show): progress and notices go to the `megaevo.demo` logger, results (the tables of
-    what was made and of the losses) are printed; both are silent when not verbose."""
-    if not verbose:
-        def quiet(text: str) -> None:
-            pass
-
-        return quiet, quiet
-    if not configured():
-        setup_logging()
-    return logger.info, print
 
 
 def _cached(marker: Path, inputs: dict, build: Callable[[], dict], complete: Callable[[dict], bool], log) -> dict:
@@ -127,11 +73,11 @@ def _write_jsonl(path: Path, docs: Iterable[str], total: int | None, verbose: bo
         tmp.unlink()
         raise RuntimeError(f"{path}: the {path.stem} corpus came out empty")
     os.replace(tmp, path)
-    return {"documents": n, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"documents": n, "bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
 def _file_matches(path: Path, record: dict) -> bool:
-    return path.is_file() and path.stat().st_size == record["bytes"] and _sha256(path) == record["sha256"]
+    return path.is_file() and path.stat().st_size == record["bytes"] and sha256(path) == record["sha256"]
 
 
 
@@ -182,9 +128,6 @@ def _make_sft_corpus(path: Path, seed: int, scale: float, log, verbose: bool) ->
 
 def _make_sft_dataset(prefix: Path, corpus: dict, model: Path, model_sha: str, log, verbose: bool) -> dict:
     """Encode DIR/corpus/sft.jsonl with the evolm chat template into PREFIX (`megaevo preprocess --sft`)."""
-    from megaevo.data import indexed
-    from megaevo.data.sft import preprocess_sft, sft_paths
-
     def build() -> dict:
         summary = preprocess_sft([corpus["path"]], str(prefix), str(model), template="evolm", progress=verbose)
         log("  " + summary.describe().replace("\n", "\n  "))
@@ -206,8 +149,6 @@ def _make_sft_dataset(prefix: Path, corpus: dict, model: Path, model_sha: str, l
 
 def _make_tokenizer(prefix: Path, corpora: dict[str, dict], vocab_size: int, seed: int, log) -> tuple[Path, str]:
     """Train PREFIX.model on every corpus; return its path and sha256."""
-    from megaevo.data.tokenizers import train_sentencepiece
-
     def train() -> dict:
         model = train_sentencepiece(
             [c["path"] for c in corpora.values()],
@@ -217,11 +158,11 @@ def _make_tokenizer(prefix: Path, corpora: dict[str, dict], vocab_size: int, see
             max_sentences=TOKENIZER_MAX_SENTENCES,
             seed=seed,
         )
-        return {"model": Path(model).name, "sha256": _sha256(Path(model))}
+        return {"model": Path(model).name, "sha256": sha256(Path(model))}
 
     def trained(rec: dict) -> bool:
         model = prefix.parent / rec["model"]
-        return model.is_file() and _sha256(model) == rec["sha256"]
+        return model.is_file() and sha256(model) == rec["sha256"]
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     inputs = {
@@ -236,9 +177,6 @@ def _make_tokenizer(prefix: Path, corpora: dict[str, dict], vocab_size: int, see
 
 def _make_dataset(prefix: Path, corpus: dict, model: Path, model_sha: str, log, verbose: bool) -> DomainResult:
     """Tokenize one corpus into PREFIX.bin/.idx, one document per line with EOD appended."""
-    from megaevo.data import indexed
-    from megaevo.data.preprocess import preprocess
-
     def build() -> dict:
         summary = preprocess(
             [corpus["path"]],

@@ -21,9 +21,9 @@ SFT and RL continue from the last CPT run only (with replay), to fit the time; `
 """
 from __future__ import annotations
 
-import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,10 @@ import yaml
 
 from megaevo.demo.corpora import TRAIN_ITERS, VOCAB_SIZE
 from megaevo.demo.training import grpo_settings, sft_settings, train_settings
+from megaevo.metrics import METRICS_FILE, read_metrics
+from megaevo.suite import collect, expand, load_spec, run_local, write_results
+from megaevo.suite.launch import progress_runner
+from megaevo.suite.report import report
 
 SUITE_FILE = "suite.yaml"
 SUITE_OUT = "suite"
@@ -126,15 +130,11 @@ def write_suite(root: str | os.PathLike, vocab_size: int = VOCAB_SIZE, seed: int
 def rewards(run_dir: Path, window: int = REWARD_WINDOW) -> tuple[float, float] | None:
     """The mean reward_mean of the first and of the last `window` steps of an RL run's metrics.jsonl."""
     by_step: dict[int, float] = {}
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return None
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec.get("reward_mean") is not None:
+    for rec in read_metrics(path, quiet=True):
+        if isinstance(rec.get("step"), int) and rec.get("reward_mean") is not None:
             by_step[rec["step"]] = float(rec["reward_mean"])
     if not by_step:
         return None
@@ -197,12 +197,6 @@ def demo_runs(runs: list, all_chains: bool = False) -> list:
 def run_life_cycle(root: str | os.PathLike, log=print, show=print, all_chains: bool = False) -> LifeCycleResult:
     """Train and evaluate ROOT/suite.yaml's runs (see `demo_runs`; finished runs are skipped), write the
     results and the plots."""
-    import time
-
-    from megaevo.suite import collect, expand, load_spec, run_local, write_results
-    from megaevo.suite.launch import progress_runner
-    from megaevo.suite.report import report
-
     start = time.perf_counter()
     root = Path(root).resolve()
     spec = load_spec(root / SUITE_FILE)

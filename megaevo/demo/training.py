@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+import contextlib
 import json
 import math
 import os
@@ -11,12 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
+from megaevo.checkpoint import Checkpointer, LoadedCheckpoint
+from megaevo.config import config_from_dict, config_to_dict, save_config, validate
+from megaevo.data import indexed
+from megaevo.data.blended import parse_blend
+from megaevo.demo.common import reporters, sha256
+from megaevo.demo.corpora import TRAIN_ITERS, VOCAB_SIZE
 from megaevo.log import get_logger
+from megaevo.metrics import METRICS_FILE, VAL_PREFIX, read_metrics
+from megaevo.stages import build_stage
+from megaevo.training.trainer import Trainer
 
 logger = get_logger(__name__)
-
-from megaevo.demo.corpora import TRAIN_ITERS, VOCAB_SIZE
-from megaevo.demo.data import _reporters, _sha256
 
 TRAIN_RECORD = "demo-run.json"  # in the run directory: the config and data a demo run was started with
 
@@ -150,15 +159,8 @@ def train_demo(
     checkpoint when it was interrupted, is left alone when it is finished, and starts over when the
     config or the data changed since it began.
     """
-    import contextlib
-
-    import torch
-
-    from megaevo.config import config_from_dict, config_to_dict, save_config, validate
-    from megaevo.training.trainer import Trainer
-
     start = time.perf_counter()
-    log, show = _reporters(verbose)
+    log, show = reporters(verbose)
     root = Path(root).resolve()
     cfg = config_from_dict(train_settings(root, iters, vocab_size, seed), list(overrides), source="megaevo demo")
     validate(cfg, world_size=1)
@@ -193,7 +195,7 @@ def train_demo(
             with contextlib.ExitStack() as quiet:
                 if not verbose:  # the trainer's progress lines go to stdout (its logger's INFO lines)
                     quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
-                trainer = Trainer(cfg)
+                trainer = Trainer(cfg, build_stage)
                 trainer.fit()
         except KeyboardInterrupt:
             log(f"\ninterrupted: rerun `megaevo demo --dir {root}` to resume from the last checkpoint in {out}")
@@ -204,7 +206,7 @@ def train_demo(
             log(f"\nstopped at iteration {trainer.run.iteration}, saved: rerun `megaevo demo --dir {root}` to resume")
             raise KeyboardInterrupt
     result = TrainingResult(str(config_path), str(out), _latest_iteration(out) or 0, status,
-                            _evals(out / "metrics.jsonl"), round(time.perf_counter() - start, 1))
+                            _evals(out / METRICS_FILE), round(time.perf_counter() - start, 1))
     show(result.table())
     show(f"  (cross-entropy in nats per token; a model that has learnt nothing scores about "
          f"ln {cfg.model.vocab_size} = {math.log(cfg.model.vocab_size):.2f})")
@@ -213,8 +215,6 @@ def train_demo(
 
 
 def _describe_blend(spec) -> str:
-    from megaevo.data.blended import parse_blend
-
     corpora = parse_blend(spec)
     total = sum(c.weight for c in corpora)
     return " + ".join(f"{100 * c.weight / total:.0f}% {c.name}" for c in corpora)
@@ -222,19 +222,14 @@ def _describe_blend(spec) -> str:
 
 def _data_fingerprint(spec) -> dict:
     """sha256 of every training dataset's .idx and .bin: a rebuilt dataset makes an old run stale."""
-    from megaevo.data import indexed
-    from megaevo.data.blended import parse_blend
-
     out = {}
     for corpus in parse_blend(spec):
         idx, bin_ = indexed.paths(corpus.prefix)
-        out[corpus.name] = [_sha256(idx) if idx.is_file() else None, _sha256(bin_) if bin_.is_file() else None]
+        out[corpus.name] = [sha256(idx) if idx.is_file() else None, sha256(bin_) if bin_.is_file() else None]
     return out
 
 
 def _latest_iteration(out: Path) -> int | None:
-    from megaevo.training.checkpoint import Checkpointer, LoadedCheckpoint
-
     latest = Checkpointer(out / "checkpoints").resolve("auto")
     return LoadedCheckpoint(latest).iteration if latest is not None else None
 
@@ -263,12 +258,8 @@ def _evals(metrics: Path) -> list[dict]:
     """The validation records of a run, one per step (the latest when a resumed run repeated a step)."""
     by_step: dict[int, dict] = {}
     if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by an interruption
-            vals = {k: v for k, v in record.items() if k.startswith("val/")}
+        for record in read_metrics(metrics, quiet=True):
+            vals = {k: v for k, v in record.items() if k.startswith(VAL_PREFIX)}
             if vals and isinstance(record.get("step"), int):
                 by_step[record["step"]] = {"step": record["step"], **vals}
     return [by_step[s] for s in sorted(by_step)]

@@ -10,15 +10,31 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-from megaevo.eval.grading import GradingPool, Job
+from megaevo.data.templates import TOKENIZER_TEMPLATES, get_template
+from megaevo.eval.base import EvalError, Problem
+from megaevo.eval.grading import Grader, GradingPool, Job
 from megaevo.eval.metrics import summarize
-from megaevo.eval.tasks import EvalError, GenerativeTask
-from megaevo.eval.templates import STOP_STRINGS
+from megaevo.eval.templates import STOP_STRINGS, TEMPLATES
 
 MAX_LENGTH = 2048
 REPETITION_PENALTY = 1.1
+
+
+@dataclass
+class GenerativeTask:
+    """Problems answered by generation, graded by ``grader``; ``domain`` is "id", "ood" or None."""
+
+    name: str
+    problems: list[Problem]
+    grader: Grader
+    domain: str | None = None
+    source: str = ""
+
+    def run(self, model, batch_size: int = 8, progress: bool = True, **options) -> dict:
+        return run_generative(self, model, batch_size=batch_size, progress=progress, **options)
 
 
 def rank() -> int:
@@ -27,12 +43,11 @@ def rank() -> int:
 
 def prompt_template(template: str, tokenizer=None):
     """The chat template ``template`` renders evaluation prompts with (``hf`` needs the model's tokenizer)."""
-    from megaevo.data.templates import get_template
-
-    if template == "hf" and tokenizer is None:
-        raise EvalError("--template hf renders prompts with the tokenizer's own chat_template, so it needs the "
-                        "model's tokenizer: use evolm, chat or raw here")
-    return get_template(template, tokenizer if template == "hf" else None)
+    if template in TOKENIZER_TEMPLATES and tokenizer is None:
+        *others, last = TEMPLATES
+        raise EvalError(f"--template {template} renders prompts with the tokenizer's own chat_template, so it "
+                        f"needs the model's tokenizer: use {', '.join(others)} or {last} here")
+    return get_template(template, tokenizer if template in TOKENIZER_TEMPLATES else None)
 
 
 def render_problem(problem: str, chat) -> str:
@@ -44,7 +59,7 @@ def sampling_params(samples: int = 0, template: str = "evolm", max_length: int =
                     stop: tuple[str, ...] | None = None):
     """The protocol's sampling settings: greedy when ``samples`` is 0, else ``samples`` completions at
     temperature 1; ``stop`` (default: ``template``'s stop strings) ends a completion."""
-    try:
+    try:  # optional: grading needs neither megaevo.inference nor torch, only generating does
         from megaevo.inference.sampling import SamplingParams
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith("megaevo.inference"):

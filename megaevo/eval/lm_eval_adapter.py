@@ -30,6 +30,10 @@ from contextlib import redirect_stdout
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from megaevo.errors import UserError
+from megaevo.inference import SamplingParams
+from megaevo.inference import load as load_model
+
 from .multiple_choice import encode_pair, score_requests
 
 DEFAULT_MAX_GEN_TOKS = 256
@@ -47,8 +51,6 @@ class MegaevoLM(LM):
         if (load is None) == (model is None):
             raise ValueError("MegaevoLM needs exactly one of load=CHECKPOINT or model=<a loaded megaevo model>")
         if model is None:
-            from megaevo.inference import load as load_model
-
             model = load_model(load, tp=int(tp) if tp is not None else None, device=available_device(device),
                                dtype=dtype)
         self.model = model
@@ -92,8 +94,6 @@ class MegaevoLM(LM):
         """Greedy unless the task asks for sampling; each text ends before the first of ``until``.
         Requests with the same generation settings go to ``model.generate`` in batches; a prompt is cut
         on the left to leave room for ``max_gen_toks`` new tokens."""
-        from megaevo.inference import SamplingParams
-
         eos_text = self.tokenizer.decode([self.eot_token_id])
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
@@ -183,8 +183,6 @@ def _batch_size(value) -> int:
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line with the ``megaevo`` model registered."""
     from lm_eval.__main__ import cli_evaluate
-
-    from megaevo.errors import UserError
 
     rank = int(os.environ.get("RANK", "0"))
     sys.argv = [sys.argv[0], *rank0_argv(sys.argv[1:] if argv is None else argv, rank)]

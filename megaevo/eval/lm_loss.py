@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megaevo.common import IGNORE_INDEX
+from megaevo.data.indexed import IndexedDataset
 from megaevo.errors import UserError
 
-from .multiple_choice import IGNORE, _device, _progress
+from .multiple_choice import _device, _progress
 
 
 @dataclass
@@ -29,6 +31,7 @@ class LossTask:
     name: str
     documents: list[np.ndarray]
     seq_len: int | None = None
+    encodes_text = False  # scores token ids: needs no tokenizer
 
     def windows(self, seq_len: int) -> list[tuple[int, np.ndarray]]:
         """``(document, window)`` pairs: each document's consecutive windows of ``seq_len + 1`` tokens
@@ -48,14 +51,14 @@ class LossTask:
         for b_idx, batch in enumerate(_progress(batches, progress, self.name)):
             width = max(len(w) for _, w in batch) - 1
             tokens = torch.zeros(len(batch), width, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
             for r, (_, w) in enumerate(batch):
                 w = torch.from_numpy(w.astype(np.int64))
                 tokens[r, :len(w) - 1] = w[:-1]
                 labels[r, :len(w) - 1] = w[1:]
             tokens, labels = tokens.to(device), labels.to(device)
             with torch.no_grad():
-                lp = model.logprobs(tokens, labels).double() * (labels != IGNORE)
+                lp = model.logprobs(tokens, labels).double() * (labels != IGNORE_INDEX)
             for r, (doc, w) in enumerate(batch):
                 nll, n = -float(lp[r].sum()), len(w) - 1
                 total += nll
@@ -68,8 +71,6 @@ class LossTask:
 
 def load_task(prefix: str | os.PathLike, limit: int | None = None, seq_len: int | None = None) -> LossTask:
     """The first ``limit`` documents (all by default) of the indexed dataset at ``prefix``."""
-    from megaevo.data.indexed import IndexedDataset
-
     if seq_len is not None and seq_len < 1:
         raise UserError(f"loss task {prefix}: seq_len must be at least 1, got {seq_len}")
     data = IndexedDataset(prefix)

@@ -21,9 +21,11 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from megaevo.common import IGNORE_INDEX
+from megaevo.data.tokenizer_files import require_tokenizer
 from megaevo.errors import UserError
+from megaevo.eval.base import read_jsonl
 
-IGNORE = -100
 TARGET_DELIMITER = " "
 
 
@@ -45,7 +47,7 @@ def _row(context: Sequence[int], continuation: Sequence[int], max_len: int) -> t
     full = (list(context) + list(continuation))[-(max_len + 1):]
     n = min(len(continuation), len(full) - 1)
     inputs = full[:-1]
-    labels = [IGNORE] * (len(inputs) - n) + full[len(full) - n:]
+    labels = [IGNORE_INDEX] * (len(inputs) - n) + full[len(full) - n:]
     return inputs, labels, n
 
 
@@ -70,13 +72,13 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
             continue
         width = max(len(rows[i][0]) for i in batch)
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         for r, i in enumerate(batch):
             inputs, labs, _ = rows[i]
             tokens[r, :len(inputs)] = torch.tensor(inputs)
             labels[r, :len(labs)] = torch.tensor(labs)
         tokens, labels = tokens.to(device), labels.to(device)
-        mask = labels != IGNORE
+        mask = labels != IGNORE_INDEX
         with torch.no_grad():
             if greedy:
                 logits = model.forward(tokens).float()
@@ -110,8 +112,6 @@ class MultipleChoiceTask:
     questions: list[Question] = field(default_factory=list)
 
     def run(self, model, batch_size: int = 8, progress: bool = True) -> dict:
-        from megaevo.data.tokenizer_files import require_tokenizer
-
         tokenizer = require_tokenizer(model, f"multiple-choice task {self.name}")
         requests, owners = [], []
         for q_idx, q in enumerate(self.questions):
@@ -141,8 +141,6 @@ def load_task(path: str | os.PathLike, limit: int | None = None) -> MultipleChoi
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: multiple-choice file not found")
-    from megaevo.eval.tasks import read_jsonl
-
     questions = []
     for line_no, doc in read_jsonl(path):
         if limit is not None and len(questions) >= limit:

@@ -11,17 +11,18 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from megaevo.eval.generative import MAX_LENGTH, grade_completions, prompt_template, rank, render_problem
-from megaevo.eval.tasks import EvalError, GenerativeTask, Problem, read_jsonl, resolve_task
+from megaevo.eval.base import EvalError, Problem, read_jsonl
+from megaevo.eval.generative import (MAX_LENGTH, GenerativeTask, grade_completions, prompt_template, rank,
+                                     render_problem)
+from megaevo.eval.tasks import resolve_task
 
 
 def _load_model(path: str, tp: int | None, device: str | None, dtype: str | None, tasks: Sequence = ()):
     import megaevo
-    from megaevo.eval.lm_loss import LossTask
 
     if not hasattr(megaevo, "load"):
         raise EvalError("evaluating a model needs megaevo.load (megaevo.inference), which this installation lacks")
-    text = any(not isinstance(t, LossTask) for t in tasks)  # generative and multiple-choice tasks encode text
+    text = any(getattr(t, "encodes_text", True) for t in tasks)  # all but loss tasks (LossTask) encode text
     return megaevo.load(path, tp=tp, device=device, dtype=dtype, require_tokenizer=text)
 
 

@@ -15,22 +15,20 @@ Other kinds join through :func:`register` (a matcher and a loader, tried before 
 from __future__ import annotations
 
 import importlib
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from megaevo.errors import UserError
 from megaevo.eval.answers import extract_answer
+from megaevo.eval.base import EvalError, Problem, read_jsonl
+from megaevo.eval.generative import GenerativeTask
 from megaevo.eval.grading import Grader
+
+__all__ = ["ENV_DATA_DIR", "EVOLM_SETS", "EvalError", "GenerativeTask", "Problem", "data_dir", "known_tasks",
+           "load_generative", "load_reasoning_gym", "read_jsonl", "register", "resolve_task"]
 
 ENV_DATA_DIR = "MEGAEVO_EVAL_DIR"
 RG_DEFAULT_COUNT, RG_DEFAULT_SEED = 100, 0
-
-
-class EvalError(UserError):
-    """A task spec, task file or predictions file that evaluation cannot use."""
 
 
 _MATH = Grader("math")
@@ -47,30 +45,6 @@ EVOLM_SETS: dict[str, tuple[str, Grader]] = {
     "TabMWP": ("ood", Grader("math", bare=True)),
     "StrategyQA500": ("ood", Grader("choice", ("True", "False"), bare=True)),
 }
-
-
-@dataclass
-class Problem:
-    id: Any
-    problem: str
-    gold: Any  # the gold answer (a string), or the entry a task's own score function reads
-    solution: str | None = None
-
-
-@dataclass
-class GenerativeTask:
-    """Problems answered by generation, graded by ``grader``; ``domain`` is "id", "ood" or None."""
-
-    name: str
-    problems: list[Problem]
-    grader: Grader
-    domain: str | None = None
-    source: str = ""
-
-    def run(self, model, batch_size: int = 8, progress: bool = True, **options) -> dict:
-        from megaevo.eval.generative import run_generative
-
-        return run_generative(self, model, batch_size=batch_size, progress=progress, **options)
 
 
 # ---- the registry ---------------------------------------------------------------------------------------
@@ -133,29 +107,6 @@ def resolve_task(spec: str, data_dir_: str | os.PathLike | None = None, limit: i
 
 
 # ---- loaders --------------------------------------------------------------------------------------------
-
-def read_jsonl(path: Path):
-    """(line number, object) for each non-blank line of a jsonl file (also .jsonl.gz, .jsonl.zst, or
-    parquet/arrow rows, located as ``row group G, row R``; see :mod:`megaevo.data.readers`); an
-    :class:`EvalError` naming ``file:line`` for a line that is not a JSON object."""
-    from megaevo.data.readers import iter_records
-
-    for line_no, line in iter_records(path):
-        if isinstance(line, bytes):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise EvalError(f"{path}:{line_no}: not valid UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-        else:
-            row = line
-        if not isinstance(row, dict):
-            raise EvalError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-        yield line_no, row
-
 
 def _first_row(path: Path) -> dict:
     for _, row in read_jsonl(path):

@@ -1,4 +1,4 @@
-"""Batched generation with a KV cache on this rank's (tensor-parallel) model stage.
+"""Batched generation with a KV cache on this rank's (tensor-parallel) model chunk.
 
 Prompts of different lengths share one batch left-padded: padding has its own position ids
 (clamped to 0), is its own document in the prefill attention and is masked out of the cache, so a
@@ -6,10 +6,10 @@ row's tokens do not depend on what else is in the batch. Each step gathers the f
 logits of the last position, samples on every TP rank and broadcasts TP rank 0's tokens, so all
 ranks of a TP group continue with the same tokens. Finished rows stay in the batch (their tokens
 are computed and never read, so the batch keeps its size and the cache is not copied) until half
-of them have finished; then they leave the batch and the cache. On one rank the decode steps run
-through :mod:`megaevo.inference.decode` (inference-only packed weights on the CPU). A prompt that
-leaves no room under ``model.max_seq_len`` (or ``max_length``) gets no tokens (finish ``length``), with
-a warning that names its row and length.
+of them have finished; then they leave the batch and the cache. On one rank the decode steps run the
+model on inference-only copies of its projections (:mod:`megaevo.model.decode`: packed weights on the
+CPU). A prompt that leaves no room under ``model.max_seq_len`` (or ``max_length``) gets no tokens
+(finish ``length``), with a warning that names its row and length.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 
 from megaevo.log import get_logger
+from megaevo.model.decode import decode_linears
 from megaevo.model.llama import LlamaStage
 from megaevo.parallel.layers import gather_vocab_logits
 from megaevo.parallel.state import ParallelState
 
-from .decode import decode_step
 from .kv_cache import KVCache
 from .sampling import Completion, SamplingParams, sample
 
@@ -38,11 +38,11 @@ class _Row:
 
 
 @torch.inference_mode()
-def generate_rows(stage: LlamaStage, state: ParallelState, prompts: list[list[int]], params: SamplingParams, *,
+def generate_rows(chunk: LlamaStage, state: ParallelState, prompts: list[list[int]], params: SamplingParams, *,
                   tokenizer=None, stop_ids: set[int] = frozenset(), generator: torch.Generator | None = None
                   ) -> list[Completion]:
     """One completion per prompt (prompts already repeated ``n`` times), generated as one batch."""
-    args = stage.args
+    args = chunk.args
     cap = min(params.max_length or args.max_seq_len, args.max_seq_len)
     rows = [_Row(p, max(0, min(params.max_new_tokens, cap - len(p)))) for p in prompts]
     active = [i for i, r in enumerate(rows) if r.budget > 0]
@@ -52,13 +52,13 @@ def generate_rows(stage: LlamaStage, state: ParallelState, prompts: list[list[in
     if params.max_new_tokens > 0 and len(active) < len(rows) and state.tp_rank == 0:
         _warn_no_room(rows, cap, "max_length" if cap < args.max_seq_len else "model.max_seq_len")
     if active:
-        _run(stage, state, rows, active, params, tokenizer, stop_ids, generator)
+        _run(chunk, state, rows, active, params, tokenizer, stop_ids, generator)
     return [Completion(r.prompt, r.tokens, r.text if r.text is not None else _decode(tokenizer, r.tokens),
                        r.logprobs, r.finish) for r in rows]
 
 
-def _run(stage, state, rows, active, params, tokenizer, stop_ids, generator):
-    device = next(stage.parameters()).device
+def _run(chunk, state, rows, active, params, tokenizer, stop_ids, generator):
+    device = next(chunk.parameters()).device
     lens = torch.tensor([len(rows[i].prompt) for i in active], device=device)
     width = int(lens.max())
     b = len(active)
@@ -72,9 +72,9 @@ def _run(stage, state, rows, active, params, tokenizer, stop_ids, generator):
     doc_ids = real.long() if bool((pad > 0).any()) else None
     max_new = max(rows[i].budget for i in active)
     key_mask = torch.cat([real, torch.ones(b, max_new, dtype=torch.bool, device=device)], dim=1)
-    cache = KVCache.for_model(stage, b, width + max_new, key_mask)
+    cache = KVCache.for_model(chunk, b, width + max_new, key_mask)
 
-    vocab = stage.args.vocab_size
+    vocab = chunk.args.vocab_size
     # Ids past the tokenizer's vocabulary (a model sized larger than its tokenizer) cannot be decoded:
     # they are never sampled.
     decodable = getattr(tokenizer, "vocab_size", None)
@@ -85,10 +85,10 @@ def _run(stage, state, rows, active, params, tokenizer, stop_ids, generator):
         for j, i in enumerate(active):
             seen[j, torch.tensor(rows[i].prompt, device=device)] = True
     stops = tuple(params.stop)
-    logits = stage(tokens, position_ids=positions, doc_ids=doc_ids, kv_cache=cache, last_only=True)[:, -1]
+    logits = chunk(tokens, position_ids=positions, doc_ids=doc_ids, kv_cache=cache, last_only=True)[:, -1]
     pos = lens[:, None]  # the next position of each row of the batch
-    last_pos = stage.args.max_seq_len - 1
-    step = decode_step(stage, b, max_new - 1) if state.tp_size == 1 else None
+    last_pos = chunk.args.max_seq_len - 1
+    linears = decode_linears(chunk, b, max_new - 1)
     live = None  # batch rows still generating, when some finished rows are still in the batch
     while True:
         full = gather_vocab_logits(logits, state, vocab)
@@ -133,8 +133,7 @@ def _run(stage, state, rows, active, params, tokenizer, stop_ids, generator):
                 seen = seen.index_select(0, slots)
             b, live = len(active), None
             slots = torch.arange(b, device=device)
-            step = decode_step(stage, b, max(rows[i].budget - len(rows[i].tokens) for i in active)) \
-                if state.tp_size == 1 else None
+            linears = decode_linears(chunk, b, max(rows[i].budget - len(rows[i].tokens) for i in active))
             batch_tokens = next_tokens
         elif len(active) < b:  # finished rows stay in the batch (their tokens are never read) until half are
             live = slots
@@ -143,10 +142,7 @@ def _run(stage, state, rows, active, params, tokenizer, stop_ids, generator):
             batch_tokens = next_tokens
         if seen is not None:
             seen.index_put_((slots, next_tokens), torch.ones((), dtype=torch.bool, device=device))
-        if step is not None:
-            logits = step(batch_tokens, pos, cache)
-        else:
-            logits = stage(batch_tokens[:, None], position_ids=pos, kv_cache=cache)[:, -1]
+        logits = chunk(batch_tokens[:, None], position_ids=pos, kv_cache=cache, linears=linears)[:, -1]
         pos = (pos + 1).clamp_(max=last_pos)  # a finished row kept in the batch may run past its length
 
 

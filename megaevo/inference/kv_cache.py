@@ -40,12 +40,12 @@ class KVCache:
         self._rope = None
 
     @classmethod
-    def for_model(cls, model, batch: int, max_len: int, key_mask: torch.Tensor | None = None) -> "KVCache":
-        """A cache shaped for the decoder layers of ``model`` (a LlamaStage), on its device and dtype."""
-        attn = model.layers[0].attention if len(model.layers) else None
-        weight = next(model.parameters())
-        return cls(len(model.layers), batch, max_len, attn.local_kv_heads if attn else 0,
-                   model.args.head_dim, device=weight.device, dtype=weight.dtype, key_mask=key_mask)
+    def for_model(cls, chunk, batch: int, max_len: int, key_mask: torch.Tensor | None = None) -> "KVCache":
+        """A cache shaped for the decoder layers of ``chunk`` (a LlamaStage), on its device and dtype."""
+        attn = chunk.layers[0].attention if len(chunk.layers) else None
+        weight = next(chunk.parameters())
+        return cls(len(chunk.layers), batch, max_len, attn.local_kv_heads if attn else 0,
+                   chunk.args.head_dim, device=weight.device, dtype=weight.dtype, key_mask=key_mask)
 
     @property
     def batch(self) -> int:

@@ -17,12 +17,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
+from megaevo.checkpoint import LoadedCheckpoint, load_local_weights, resolve_checkpoint
+from megaevo.checkpoint.safetensors_io import DTYPES
+from megaevo.common import torch_dtype
+from megaevo.config import config_from_dict
+from megaevo.convert.hf import hf_tensors, is_hf_dir, read_hf_config, tensor_links
+from megaevo.convert.hf_config import spec_from_hf_config
 from megaevo.data.tokenizer_files import (TokenizerNotFound, not_found_message, require_tokenizer, tokenizer_candidates,
                                           tokenizer_files)
+from megaevo.data.tokenizers import load_tokenizer
 from megaevo.errors import UserError
 from megaevo.model.args import ModelArgs
-from megaevo.model.llama import LlamaStage, fuse_qkv
+from megaevo.model.fusion import join_parts
+from megaevo.model.llama import LlamaStage
+from megaevo.parallel.distributed import init_distributed
 from megaevo.parallel.layers import gather_vocab_logits
 from megaevo.parallel.state import ParallelState, init_parallel_state
 
@@ -35,11 +45,11 @@ MAX_BATCH_ROWS = 256  # rows generated together; more prompts x n run in several
 
 @dataclass
 class Model:
-    """A loaded model on this rank: ``stage`` (the whole decoder, this rank's TP shard), its shape
-    ``args``, ``state``, ``device``, ``dtype``, and ``tokenizer`` (None when none was found;
-    ``tokenizer_error`` then says where it was looked for)."""
+    """A loaded model on this rank: ``chunk`` (the model chunk holding the whole decoder, this rank's TP
+    shard), its shape ``args``, ``state``, ``device``, ``dtype``, and ``tokenizer`` (None when none was
+    found; ``tokenizer_error`` then says where it was looked for)."""
 
-    stage: LlamaStage
+    chunk: LlamaStage
     args: ModelArgs
     state: ParallelState
     device: torch.device
@@ -54,7 +64,7 @@ class Model:
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Full-vocabulary logits (batch, seq, vocab_size), float32, the same on every TP rank."""
         tokens = self._tokens(tokens)
-        local = self.stage(tokens, position_ids=_to(position_ids, self.device), doc_ids=_to(doc_ids, self.device))
+        local = self.chunk(tokens, position_ids=_to(position_ids, self.device), doc_ids=_to(doc_ids, self.device))
         return gather_vocab_logits(local, self.state, self.args.vocab_size).float()
 
     __call__ = forward
@@ -63,7 +73,7 @@ class Model:
         """log p(labels[b, t] | tokens[b, :t+1]), float32 (batch, seq); 0 where ``labels == -100``.
         The vocabulary is never gathered: the head's vocab-parallel loss gives it per token."""
         tokens = self._tokens(tokens)
-        loss = self.stage(tokens, _to(labels, self.device))
+        loss = self.chunk(tokens, _to(labels, self.device))
         return loss.neg() + 0.0  # +0.0: ignored positions are 0, not -0
 
     def generate(self, prompts, params: SamplingParams | None = None) -> list[list[Completion]]:
@@ -85,9 +95,9 @@ class Model:
         mine = list(range(rank, len(encoded), dp))
         rows = [encoded[i] for i in mine for _ in range(params.n)]
         done: list[Completion] = []
-        self.stage.eval()
+        self.chunk.eval()
         for start in range(0, len(rows), self.max_batch_rows):
-            done += generate_rows(self.stage, self.state, rows[start:start + self.max_batch_rows], params,
+            done += generate_rows(self.chunk, self.state, rows[start:start + self.max_batch_rows], params,
                                   tokenizer=self.tokenizer, stop_ids=stop_ids, generator=generator)
         results: dict[int, list[Completion]] = {i: done[k * params.n:(k + 1) * params.n] for k, i in enumerate(mine)}
         if dp > 1:
@@ -141,8 +151,6 @@ def load(path: str | os.PathLike, *, tp: int | None = None, device=None, dtype=N
     recorded tokenizer is nowhere, a warning names the places tried and the model takes token ids
     only; with ``require_tokenizer`` that is a :class:`~megaevo.data.tokenizer_files.TokenizerNotFound`
     instead."""
-    from megaevo.convert.hf import is_hf_dir
-
     if pp != 1:
         raise UserError(f"megaevo.load: pipeline parallelism (pp={pp}) is not supported for inference; "
                         "use tensor parallelism (tp) and data parallelism instead")
@@ -159,35 +167,36 @@ def load(path: str | os.PathLike, *, tp: int | None = None, device=None, dtype=N
     args.validate(state.tp_size)
     if dtype is None:
         dtype = source["dtype"] if device.type == "cuda" else torch.float32
-    dtype = _torch_dtype(dtype)
-    stage = _empty_stage(args, state, device, dtype)
+    try:
+        dtype = torch_dtype(dtype, what="megaevo.load")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    chunk = _empty_chunk(args, state, device, dtype)
     with torch.no_grad():
-        source["fill"](stage)
-    stage.requires_grad_(False).eval()
+        source["fill"](chunk)
+    chunk.requires_grad_(False).eval()
     eos = list(source.get("eos", []))
     if tokenizer is not None and tokenizer.eos_id is not None:
         eos.insert(0, tokenizer.eos_id)
-    return Model(stage, args, state, device, dtype, tokenizer, tuple(dict.fromkeys(eos)), source["path"],
+    return Model(chunk, args, state, device, dtype, tokenizer, tuple(dict.fromkeys(eos)), source["path"],
                  tokenizer_error=missing)
 
 
-def _empty_stage(args: ModelArgs, state: ParallelState, device: torch.device, dtype: torch.dtype) -> LlamaStage:
+def _empty_chunk(args: ModelArgs, state: ParallelState, device: torch.device, dtype: torch.dtype) -> LlamaStage:
     """The model with uninitialised weights (no random init: they are about to be loaded), its
     parameters keeping their layout tags."""
-    stage = LlamaStage(args, state, device="meta", dtype=dtype)
-    tags = {n: dict(vars(p)) for n, p in stage.named_parameters()}
-    stage.to_empty(device=device)
-    for n, p in stage.named_parameters():
+    chunk = LlamaStage(args, state, device="meta", dtype=dtype)
+    tags = {n: dict(vars(p)) for n, p in chunk.named_parameters()}
+    chunk.to_empty(device=device)
+    for n, p in chunk.named_parameters():
         for k, v in tags[n].items():
             setattr(p, k, v)
-    return stage
+    return chunk
 
 
 def _parallel_state(tp: int | None) -> tuple[ParallelState, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 or (dist.is_available() and dist.is_initialized()):
-        from megaevo.parallel.distributed import init_distributed
-
         _, world, device = init_distributed()
         tp = world if tp is None else tp
         if not isinstance(tp, int) or tp < 1 or world % tp:
@@ -199,27 +208,14 @@ def _parallel_state(tp: int | None) -> tuple[ParallelState, torch.device]:
     return ParallelState.single(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _torch_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if str(dtype).removeprefix("torch.") not in names:
-        raise UserError(f"megaevo.load: unknown dtype {dtype!r} (use one of {', '.join(names)})")
-    return names[str(dtype).removeprefix("torch.")]
-
-
 def _checkpoint_source(path: Path) -> dict:
-    from megaevo.config import config_from_dict
-    from megaevo.training.checkpoint import LoadedCheckpoint, load_local_weights, resolve_checkpoint
-
     ck = LoadedCheckpoint(resolve_checkpoint(path))
     args = ModelArgs.from_config(config_from_dict(ck.meta["config"]).model)
     dtypes = {e.torch_dtype for e in ck.record.tensors.get("model", {}).values()}
     stored = dtypes.pop() if len(dtypes) == 1 else torch.float32
 
-    def fill(stage: LlamaStage) -> None:
-        named = stage.named_parameters_with_meta()
+    def fill(chunk: LlamaStage) -> None:
+        named = chunk.named_parameters_with_meta()
         load_local_weights(ck, {n: p for n, p, _ in named}, {n: m for n, _, m in named})
 
     data = (ck.record.config or {}).get("data") or {}
@@ -229,12 +225,6 @@ def _checkpoint_source(path: Path) -> dict:
 
 
 def _hf_source(path: Path) -> dict:
-    from safetensors import safe_open
-
-    from megaevo.convert.hf import hf_tensors, read_hf_config, tensor_links
-    from megaevo.convert.hf_config import spec_from_hf_config
-    from megaevo.convert.safetensors_io import DTYPES
-
     raw = read_hf_config(path)
     args = ModelArgs(**spec_from_hf_config(raw, str(path / "config.json")).model)
     tensors = hf_tensors(path)
@@ -249,8 +239,8 @@ def _hf_source(path: Path) -> dict:
                         f"weights: F32, BF16, F16)")
     stored = DTYPES[tensors[links[0][1][0]].dtype]
 
-    def fill(stage: LlamaStage) -> None:
-        params = {n: (p, m) for n, p, m in stage.named_parameters_with_meta()}
+    def fill(chunk: LlamaStage) -> None:
+        params = {n: (p, m) for n, p, m in chunk.named_parameters_with_meta()}
         with ExitStack() as stack:
             files = {}
 
@@ -261,11 +251,7 @@ def _hf_source(path: Path) -> dict:
                 return files[f].get_tensor(key)
 
             for name, hf_names, how in links:
-                parts = [get(k) for k in hf_names]
-                if how == "qkv":
-                    full = fuse_qkv(*parts, args.num_heads, args.num_kv_heads)
-                else:
-                    full = torch.cat(parts, dim=0) if how == "gate_up" else parts[0]
+                full = join_parts(how, [get(k) for k in hf_names], args)
                 param, meta = params[name]
                 if tuple(full.shape) != tuple(meta.logical_shape):
                     raise UserError(f"{tensors[hf_names[0]].file}: {hf_names[0]} has shape {list(full.shape)}, "
@@ -286,8 +272,6 @@ def _load_tokenizer(candidates: list[Path], source: Path, required: bool, warn: 
     """(the first candidate's tokenizer, None), or (None, a line saying where it was looked for): raised
     when ``required``, said as a warning when ``warn`` (the checkpoint recorded a tokenizer that is now
     nowhere)."""
-    from megaevo.data.tokenizers import load_tokenizer
-
     for c in candidates:
         if not tokenizer_files(c):
             continue

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Mapping, Optional, get_args
 
+from megaevo.common import padded_vocab_size
 from megaevo.configio import ConfigError, errors_message
 
 from .presets import preset_values
@@ -90,8 +91,6 @@ class ModelArgs:
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """The vocabulary rounded up to a multiple of ``vocab_pad_multiple`` × tp, as Megatron-LM pads it."""
-        from megaevo.parallel.layers import padded_vocab_size  # the one rule; imported late to keep torch out
-
         return padded_vocab_size(self.vocab_size, tp, self.vocab_pad_multiple)
 
     def replace(self, **changes) -> "ModelArgs":

@@ -8,25 +8,28 @@ Tensor-parallel layout (each rank holds whole KV groups):
 
 * ``attention.qkv`` (column-parallel) has the logical rows grouped per KV group:
   for group g, its ``heads / kv_heads`` query heads, then key head g, then value head g.
-  A contiguous TP slice is therefore a set of whole groups (:func:`fuse_qkv` / :func:`split_qkv`
-  convert from / to separate q, k, v weights in Hugging Face order).
+  A contiguous TP slice is therefore a set of whole groups (:func:`~megaevo.model.fusion.fuse_qkv` /
+  :func:`~megaevo.model.fusion.split_qkv` convert from / to separate q, k, v weights in Hugging Face order).
 * ``mlp.gate_up`` (column-parallel) is gate and up stacked, declared as two chunks.
 * ``attention.dense`` and ``mlp.down`` are row-parallel; the embedding and the output head are
   vocab-parallel, padded to a multiple of 128 x TP; padded ids get exactly zero probability.
 
 Under sequence parallelism the residual stream between TP regions is split along the sequence
 (batch, seq / tp, hidden) and the norms run on that slice.
+
+Generation runs the same modules with a KV cache (``kv_cache``); its decode steps may also replace the
+projections by inference-only copies of their weights (``linears``, see :mod:`megaevo.model.decode`).
 """
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from megaevo import kernels
+from megaevo.common import IGNORE_INDEX, stream_seed
 from megaevo.configio import ConfigError, errors_message
 from megaevo.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                      mask_vocab_padding, skip_init, tag_param, vocab_parallel_cross_entropy,
@@ -67,12 +70,10 @@ class Attention(nn.Module):
         self.dense = RowParallelLinear(args.num_heads * args.head_dim, args.hidden_size, state,
                                        init_method=skip_init, device=device, dtype=dtype)
 
-    def forward(self, x, cos, sin, position_ids=None, doc_ids=None, kv_cache=None):
+    def forward(self, x, cos, sin, position_ids=None, doc_ids=None):
         qkv = self.qkv(x)
         b, s = qkv.shape[:2]
         qkv = qkv.view(b, s, self.local_kv_heads, self.q_per_kv + 2, self.head_dim)
-        if kv_cache is not None:  # generation: append k, v to this layer's cache, attend over all of it
-            return self.dense(self._cached(qkv, kv_cache, doc_ids).reshape(b, s, -1))
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.local_kv_heads * self.q_per_kv, self.head_dim)
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
         q, k = kernels.apply_rotary(q, k, cos, sin, position_ids)
@@ -82,17 +83,26 @@ class Attention(nn.Module):
             out = _attention_core(q, k, v, doc_ids)
         return self.dense(out.reshape(b, s, -1))
 
-    def _cached(self, qkv, kv_cache, doc_ids):
-        """Generation: rotate the query and key heads of the fused projection in one pass (the
-        cache holds this forward's rotary factors), then attend through the cache."""
+    def attend_cached(self, qkv, kv_cache, doc_ids=None):
+        """Generation: the attention of ``qkv`` (batch, seq, this rank's fused q/k/v projection) of the
+        next ``seq`` positions through this layer's ``kv_cache``. The query and key heads are rotated in
+        one pass (the cache holds this forward's rotary factors), the keys and values appended to the
+        cache, and every cached position up to each query attended; (batch, seq, local heads x head_dim)."""
         b, s, g = qkv.shape[0], qkv.shape[1], self.q_per_kv
+        qkv = qkv.view(b, s, self.local_kv_heads, g + 2, self.head_dim)
         qk = kv_cache.rotate(qkv[:, :, :, : g + 1])
         q = qk[:, :, :, :g].reshape(b, s, self.local_kv_heads * g, self.head_dim)
-        return kv_cache.attend(q, qk[:, :, :, g], qkv[:, :, :, g + 1], doc_ids)
+        return kv_cache.attend(q, qk[:, :, :, g], qkv[:, :, :, g + 1], doc_ids).reshape(b, s, -1)
 
 
 def _attention_core(q, k, v, doc_ids):
     return kernels.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
+
+
+def gated(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of a fused gate/up projection (the gate, then the up half along the last dim)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return kernels.swiglu(gate, up)
 
 
 class MLP(nn.Module):
@@ -106,8 +116,7 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(ffn, args.hidden_size, state, init_method=skip_init, device=device, dtype=dtype)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(kernels.swiglu(gate, up))
+        return self.down(gated(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -121,9 +130,21 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps, sp, device, dtype)
         self.mlp = MLP(args, state, device, dtype)
 
-    def forward(self, x, cos, sin, position_ids=None, doc_ids=None, kv_cache=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids, doc_ids, kv_cache)
+    def forward(self, x, cos, sin, position_ids=None, doc_ids=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids, doc_ids)
         return x + self.mlp(self.mlp_norm(x))
+
+    def cached_forward(self, x, kv_cache, doc_ids=None, linears=None):
+        """The block in generation: ``x`` (batch, seq, hidden) are the next ``seq`` positions after those
+        this layer's ``kv_cache`` holds (their keys and values are appended; the rotary factors are the
+        cache's). ``linears`` (a :class:`megaevo.model.decode.LayerLinears`) replaces the projections by
+        inference-only copies of their weights. The norms' forward is called directly: at one token per
+        row, module dispatch is a noticeable part of a small model's decode step."""
+        attn, mlp = self.attention, self.mlp
+        qkv, dense, gate_up, down = ((attn.qkv, attn.dense, mlp.gate_up, mlp.down) if linears is None
+                                     else (linears.qkv, linears.dense, linears.gate_up, linears.down))
+        x = x + dense(attn.attend_cached(qkv(self.attention_norm.forward(x)), kv_cache, doc_ids))
+        return x + down(gated(gate_up(self.mlp_norm.forward(x))))
 
 
 class LlamaStage(nn.Module):
@@ -131,7 +152,7 @@ class LlamaStage(nn.Module):
 
     ``forward(x, labels=None, position_ids=None, doc_ids=None)``: ``x`` is token ids (batch, seq)
     on a stage with the embedding, else hidden states from the previous stage. Returns, on a stage
-    with the head, the per-token loss (float32, (batch, seq); 0 where ``labels == -100``) when
+    with the head, the per-token loss (float32, (batch, seq); 0 where ``labels == ignore_index``) when
     ``labels`` is given, else this rank's vocab slice of the logits (padded ids at the dtype's
     minimum); with ``with_entropy`` also the per-token entropy of the predicted distribution, as
     ``(loss, entropy)`` (the log-probability of each label is ``-loss``); on other stages the hidden states ((batch, seq / tp, hidden) under sequence
@@ -140,7 +161,10 @@ class LlamaStage(nn.Module):
     With ``kv_cache`` (a :class:`megaevo.inference.kv_cache.KVCache`, for generation) ``x`` is the
     next ``seq`` tokens after the cache's filled length: each layer appends its keys and values to
     the cache and attends over everything cached so far, and the cache then advances by ``seq``;
-    ``last_only`` then gives the logits of the last position only, (batch, 1, vocab).
+    ``last_only`` then gives the logits of the last position only, (batch, 1, vocab). A decode step
+    may also pass ``linears`` (:class:`megaevo.model.decode.DecodeLinears` of this stage): the same
+    forward on inference-only (e.g. packed) copies of the projections, its head over the real
+    vocabulary only, (batch, seq, vocab_size).
 
     Parameters are initialised by :meth:`reset_parameters` from ``seed`` and their logical names,
     so every layout (TP size, pipeline split) starts from the same logical weights.
@@ -184,6 +208,15 @@ class LlamaStage(nn.Module):
     def has_head(self) -> bool:
         return self.output is not None
 
+    @property
+    def is_whole_model(self) -> bool:
+        """Whether this stage holds the embedding, every decoder layer and the head."""
+        return self.has_embedding and self.has_head and self.first_layer == 0 and self.end_layer == self.args.num_layers
+
+    def head_weight(self) -> torch.Tensor:
+        """This rank's weight of the output head (the embedding's when they are tied on this stage)."""
+        return self.embedding.weight if self.tied_here else self.output.weight
+
     def logical_name(self, local_name: str) -> str:
         """The layer-global name of a parameter (``layers.0...`` here may be ``layers.7...`` logically)."""
         if local_name.startswith("layers."):
@@ -216,7 +249,7 @@ class LlamaStage(nn.Module):
                 full.zero_()
             else:
                 gen = torch.Generator(device=param.device)
-                gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                gen.manual_seed(stream_seed(seed, name))
                 scale = std / math.sqrt(2 * self.args.num_layers) if name.endswith(OUTPUT_PROJECTIONS) else std
                 full.normal_(0.0, scale, generator=gen)
             param.copy_(meta.layout.shard(full, meta.tp_rank, meta.tp_size))
@@ -231,8 +264,8 @@ class LlamaStage(nn.Module):
         return self._rope_cache[key]
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, ignore_index: int = -100, with_entropy: bool = False,
-                kv_cache=None, last_only: bool = False):
+                doc_ids: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX, with_entropy: bool = False,
+                kv_cache=None, last_only: bool = False, linears=None):
         h = self.embedding(x) if self.has_embedding else x
         cos, sin = self.rope_tables(h.device)
         if kv_cache is not None:
@@ -240,7 +273,7 @@ class LlamaStage(nn.Module):
         full_recompute = self.args.recompute == "full" and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if kv_cache is not None:
-                h = layer(h, cos, sin, position_ids, doc_ids, kv_cache.layer(i))
+                h = layer.cached_forward(h, kv_cache.layer(i), doc_ids, None if linears is None else linears.layers[i])
             elif full_recompute:
                 h = checkpoint(layer, h, cos, sin, position_ids, doc_ids, use_reentrant=False)
             else:
@@ -252,7 +285,10 @@ class LlamaStage(nn.Module):
         if kv_cache is not None and last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        logits = self.output(h, self.embedding.weight if self.tied_here else None)
+        if linears is not None:
+            logits = linears.head(h)
+        else:
+            logits = self.output(h, self.embedding.weight if self.tied_here else None)
         logits = mask_vocab_padding(logits, self.args.vocab_size, self.state)
         if labels is None:
             return logits
@@ -300,25 +336,3 @@ def build_stage(args: ModelArgs, state: ParallelState | None = None, *, seed: in
     """This process's pipeline stage (one chunk): its share of the layers, the embedding first, the head last."""
     return build_chunks(args, state, seed=seed, device=device, dtype=dtype)[0]
 
-
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """The logical ``attention.qkv`` weight (or bias) from separate q, k, v in Hugging Face order."""
-    q_per_kv = num_heads // num_kv_heads
-    head_dim = q.shape[0] // num_heads
-    rest = q.shape[1:]
-    groups = torch.cat([q.reshape(num_kv_heads, q_per_kv, head_dim, *rest),
-                        k.reshape(num_kv_heads, 1, head_dim, *rest),
-                        v.reshape(num_kv_heads, 1, head_dim, *rest)], dim=1)
-    return groups.reshape(-1, *rest)
-
-
-def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The inverse of :func:`fuse_qkv`: separate q, k, v weights (or biases) in Hugging Face order."""
-    q_per_kv = num_heads // num_kv_heads
-    head_dim = qkv.shape[0] // (num_heads + 2 * num_kv_heads)
-    rest = qkv.shape[1:]
-    groups = qkv.reshape(num_kv_heads, q_per_kv + 2, head_dim, *rest)
-    q = groups[:, :q_per_kv].reshape(num_heads * head_dim, *rest)
-    k = groups[:, q_per_kv].reshape(num_kv_heads * head_dim, *rest)
-    v = groups[:, q_per_kv + 1].reshape(num_kv_heads * head_dim, *rest)
-    return q, k, v

@@ -1,5 +1,5 @@
 """A model's weights generation: how a cached copy of the weights (the inference-only packed weights of
-:mod:`megaevo.inference.decode`) knows that the weights changed.
+:mod:`megaevo.model.decode`) knows that the weights changed.
 
 The optimizer writes the flat parameter buffer that the parameters are views of, which autograd's
 version counters do not see; so whatever writes the weights in place (the engine after every optimizer

@@ -19,6 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megaevo.common import IGNORE_INDEX, padded_vocab_size
+from megaevo.kernels import cross_entropy
+
 from . import compat
 from .layout import ParamLayout
 from .mappings import (copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp,
@@ -35,12 +38,6 @@ def normal_init(std: float = 0.02) -> InitMethod:
 
 def skip_init(t: torch.Tensor) -> None:
     """An init method that leaves the weight uninitialised (the owner initialises it later)."""
-
-
-def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int:
-    """``vocab_size`` rounded up to a multiple of ``multiple * tp_size``."""
-    step = multiple * tp_size
-    return -(-vocab_size // step) * step
 
 
 def tag_param(param: nn.Parameter, layout: ParamLayout, weight_decay: bool = True,
@@ -218,22 +215,20 @@ def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, state: ParallelSta
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, state: ParallelState,
-                                 vocab_size: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+                                 vocab_size: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per-token cross-entropy (float32, ``target``'s shape) from vocab-parallel logits.
 
     Each rank holds logits for a contiguous slice of the (padded) vocabulary; only per-token
     max, sum of exponentials and the target logit cross the TP group, never the vocab dim.
     With ``vocab_size``, padded ids are masked out first. Positions with ``ignore_index`` give 0.
     """
-    from megaevo.kernels import cross_entropy
-
     if vocab_size is not None:
         logits = mask_vocab_padding(logits, vocab_size, state)
     return cross_entropy(logits, target, ignore_index=ignore_index, group=state.tp_group)
 
 
 def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, state: ParallelState,
-                             vocab_size: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+                             vocab_size: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per-token log-probability of ``target`` (float32; 0 where ``target == ignore_index``) from
     vocab-parallel logits, differentiable, without gathering the vocabulary."""
     return -vocab_parallel_cross_entropy(logits, target, state, vocab_size, ignore_index)

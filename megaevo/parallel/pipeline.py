@@ -218,13 +218,6 @@ class StepStats:
     total_s: float = 0.0
 
 
-def token_loss(chunk: torch.nn.Module, x: torch.Tensor, batch: dict[str, torch.Tensor]):
-    """The default loss of the last stage: the sum of the per-token losses and the number of tokens
-    that count (labels other than -100)."""
-    per_token = chunk(x, batch["labels"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
-    return per_token.float().sum(), (batch["labels"] != -100).sum()
-
-
 class PipelineEngine:
     """Runs this rank's model chunks through a schedule.
 
@@ -243,25 +236,19 @@ class PipelineEngine:
     def _stage(self, chunk: int) -> int:
         return chunk * self.state.pp_size + self.state.pp_rank
 
-    def run(self, batches: list[dict[str, torch.Tensor]], *, loss_fn: LossFn | None = None,
-            loss_scale: float | None = None, forward_only: bool = False,
+    def run(self, batches: list[dict[str, torch.Tensor]], *, loss_fn: LossFn, loss_scale: float,
+            forward_only: bool = False,
             no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> StepStats:
         """Forward (and backward) every micro-batch of ``batches`` (named tensors: ``tokens``, and
         whatever ``loss_fn`` reads; ``position_ids`` and ``doc_ids`` reach every chunk).
 
         On the last stage ``loss_fn(chunk, x, batch)`` runs the head and returns ``(loss_sum,
-        count)`` (default :func:`token_loss`); backward starts from ``loss_sum * loss_scale``
-        (with the default loss, by default one over the tokens of all of ``batches``). Backwards run inside
+        count)``; backward starts from ``loss_sum * loss_scale`` (the engine's: data-parallel size over the
+        step's global count, see megaevo.training.unit). Backwards run inside
         ``no_sync()`` except the last one of each chunk (that chunk's gradient reduction may then
         start while the remaining backwards run).
         """
         s = self.state
-        if loss_fn is None:
-            loss_fn = token_loss
-            if loss_scale is None:
-                loss_scale = 1.0 / max(sum(int((b["labels"] != -100).sum()) for b in batches), 1)
-        elif loss_scale is None and not forward_only:
-            raise ValueError("PipelineEngine.run: a custom loss_fn needs loss_scale (one over the step's count)")
         p2p = _P2P(s)
         n = len(batches)
         plan = schedule(n, s.pp_size, s.pp_rank, self.vpp, forward_only)

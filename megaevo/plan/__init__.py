@@ -53,7 +53,7 @@ Memory per GPU (bytes; the pipeline rank with the largest total)
 
 Step time (seconds)
 -------------------
-* compute: ``6 P + 6 L s h`` FLOPs per token (megaevo.training.metrics.flops_per_token; selective
+* compute: ``6 P + 6 L s h`` FLOPs per token (megaevo.model.flops.flops_per_token; selective
   recompute adds the attention forward, full recompute a whole forward of the layers) at
   ``efficiency x peak`` on every GPU. ``efficiency = base x T / (T + 1024)`` for ``T = b s`` tokens per
   micro-batch: small micro-batches run below the kernels' best; ``base`` (``--efficiency``) is 0.6 by

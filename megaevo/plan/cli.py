@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from megaevo.config import load_config
 from megaevo.errors import UserError
+from megaevo.model.args import ModelArgs
 
 from . import GB, GPUS, INTERCONNECTS, MEMORY_TERMS, Workload, hardware, plan, row
 
@@ -37,14 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _workload(args) -> tuple[Workload, list[int] | None]:
     if args.config:
-        from megaevo.config import load_config
-
         cfg = load_config(args.config)
         seq = args.seq_len or cfg.seq_len
         batch = args.global_batch or cfg.train.global_batch_size
         return Workload(cfg.model, seq, batch, bucket_size_mb=cfg.parallel.bucket_size_mb), cfg.parallel.pp_layers
-    from megaevo.model.args import ModelArgs
-
     shape = ModelArgs.from_preset(args.model)
     return Workload(shape, args.seq_len or shape.max_seq_len, args.global_batch or 512), None
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from megaevo.model.args import ModelArgs
-from megaevo.training.metrics import flops_per_token
+from megaevo.model.flops import flops_per_token
 
 GB = 2**30  # memory is reported in GiB, as megaevo's mem_gb and torch.cuda report it
 MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "temporary")

@@ -1,145 +1,34 @@
-"""What differs per stage, plugged into the one training engine (megaevo.training.trainer).
+"""The training stages the engine (megaevo.training.trainer) runs, by the name the config's `stage` gives.
 
-A stage is data and a loss:
-
-* a :class:`BatchSource` yields each step's micro-batches for this data-parallel rank as named
-  tensors — ``tokens`` and ``labels`` (batch, seq), and as the stage needs them ``loss_mask``
-  (per-token weights), ``position_ids`` and ``doc_ids`` — and can save and restore its position;
-* a :class:`LossFunction` runs the head of the last pipeline stage on a micro-batch and returns
-  ``(loss_sum, count)``. It also says, from the micro-batch alone, what ``count`` will be, so the
-  engine can sum the counts of the whole step over every micro-batch and data-parallel rank (one
-  all-reduce, before any backward) and divide by that global count. Gradient accumulation and data
-  parallelism then never change the loss, however unevenly the loss tokens fall.
-
-Pre-training and continued pre-training are :mod:`megaevo.stages.pretrain`; supervised fine-tuning
-(packed conversations with loss masks) is :mod:`megaevo.stages.sft`.
+Each is a :class:`megaevo.training.stage.Stage` (the declared interface: data, a loss, and the
+optional capabilities with their defaults): pre-training and continued pre-training are
+:mod:`megaevo.stages.pretrain`; supervised fine-tuning (packed conversations with loss masks) is
+:mod:`megaevo.stages.sft`; reinforcement learning with verifiable rewards (PPO, GRPO) is
+:mod:`megaevo.stages.rl.stage`. Whoever launches a run passes :func:`build_stage` to the trainer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
-Batch = dict[str, torch.Tensor]
-IGNORE_INDEX = -100
+from megaevo.config import Config, ConfigError, Layout
+from megaevo.parallel.state import ParallelState
+from megaevo.stages.pretrain import pretrain_stage
+from megaevo.stages.rl.stage import rl_stage
+from megaevo.stages.sft import sft_stage
+from megaevo.training.stage import Stage
+
+STAGES: dict[str, Callable[[Config, Layout, ParallelState, torch.device], Stage]] = {
+    "pretrain": pretrain_stage,
+    "sft": sft_stage,
+    "rl": rl_stage,
+}
 
 
-class BatchSource(Protocol):
-    def next_step(self) -> list[Batch]:
-        """This DP rank's micro-batches of the next step (already on the training device)."""
-
-    def state_dict(self) -> dict:
-        """The position of the source, JSON-serialisable (saved in checkpoints)."""
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a position given by :meth:`state_dict`."""
-
-
-class LossFunction(Protocol):
-    def count(self, batch: Batch) -> torch.Tensor:
-        """What the loss of ``batch`` is summed over (e.g. its loss tokens), known before the forward."""
-
-    def __call__(self, chunk: torch.nn.Module, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the last model chunk on ``x`` and return ``(loss_sum, count)`` for ``batch``."""
-
-
-@dataclass
-class Stage:
-    """A stage as the engine sees it.
-
-    ``valid`` maps a validation set's name to a function giving this DP rank's micro-batches of one
-    evaluation (the loss is reported as ``val/NAME``). ``tokens_per_sample`` is what throughput and
-    the ``tokens`` counter count per sample of the global batch. ``iters``: the run's length when
-    the stage counts it from its data (``train.epochs``); None leaves it to ``train.iters``.
-    """
-
-    name: str
-    train: BatchSource
-    loss: LossFunction
-    tokens_per_sample: int
-    valid: dict[str, Callable[[], list[Batch]]] = field(default_factory=dict)
-    iters: int | None = None
-
-
-
-class SampleBatches:
-    """This DP rank's micro-batches of an indexable stream of samples (numpy rows of named arrays),
-    positioned by the count of consumed samples: global sample ``k`` of the run is ``samples[k]``, and
-    a resumed run (also on another layout with the same global batch) reads what an uninterrupted one
-    reads. ``collate`` stacks a micro-batch's rows into tensors; ``what`` names the data in errors."""
-
-    def __init__(self, samples, *, micro_batch_size: int, micro_batches: int, state, device: torch.device,
-                 vocab_size: int, collate: Callable[[list], Batch], what: str = "data", consumed_samples: int = 0):
-        self.samples, self.micro_batch_size, self.micro_batches = samples, micro_batch_size, micro_batches
-        self.state, self.device, self.vocab_size = state, device, vocab_size
-        self.collate, self.what = collate, what
-        self.consumed_samples = consumed_samples
-
-    @property
-    def samples_per_step(self) -> int:
-        return self.micro_batch_size * self.state.dp_size * self.micro_batches
-
-    def batches(self, consumed: int, count: int) -> list[Batch]:
-        """``count`` micro-batches of this DP rank starting at global sample ``consumed``."""
-        from megaevo.config import ConfigError
-        from megaevo.data.sampler import MicroBatchSampler
-
-        stride = self.micro_batch_size * self.state.dp_size
-        sampler = MicroBatchSampler(consumed + count * stride, consumed, self.micro_batch_size,
-                                    self.state.dp_rank, self.state.dp_size)
-        out = []
-        for indices in sampler:
-            batch = self.collate([self.samples[i] for i in indices])
-            top = int(batch["tokens"].max())
-            if top >= self.vocab_size:
-                raise ConfigError(f"the {self.what} holds token id {top} but model.vocab_size is {self.vocab_size}: "
-                                  f"use the tokenizer the model was sized for, or raise model.vocab_size")
-            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        return out
-
-    def next_step(self) -> list[Batch]:
-        out = self.batches(self.consumed_samples, self.micro_batches)
-        self.consumed_samples += self.samples_per_step
-        return out
-
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed_samples = int(state["consumed_samples"])
-
-
-class TokenLoss:
-    """The mean next-token loss over the labels that count: ``labels != -100``, weighted by the
-    batch's ``loss_mask`` when it has one (0/1 masks or per-token weights)."""
-
-    def count(self, batch: Batch) -> torch.Tensor:
-        keep = (batch["labels"] != IGNORE_INDEX).to(torch.float64)
-        if "loss_mask" in batch:
-            keep = keep * batch["loss_mask"].to(torch.float64)
-        return keep.sum()
-
-    def __call__(self, chunk, x, batch):
-        per_token = chunk(x, batch["labels"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
-        if "loss_mask" in batch:
-            per_token = per_token * batch["loss_mask"].to(per_token.dtype)
-        return per_token.float().sum(), self.count(batch)
-
-
-class MicroBatchMeanLoss:
-    """Each micro-batch's mean over its own loss tokens (as :class:`TokenLoss` weighs them), averaged
-    over the step's micro-batches and DP ranks: the per-micro-batch mean many fine-tuning recipes use.
-
-    A micro-batch counts 1 and returns its mean; one without loss tokens counts 0 and returns zero, so
-    it neither adds to the average nor dilutes it (and never gives NaN)."""
-
-    def __init__(self):
-        self.tokens = TokenLoss()
-
-    def count(self, batch: Batch) -> torch.Tensor:
-        return (self.tokens.count(batch) > 0).to(torch.float64)
-
-    def __call__(self, chunk, x, batch):
-        loss_sum, tokens = self.tokens(chunk, x, batch)
-        return loss_sum / tokens.clamp_min(1).to(loss_sum.dtype), (tokens > 0).to(torch.float64)
+def build_stage(cfg: Config, layout: Layout, state: ParallelState, device: torch.device) -> Stage:
+    """The stage the config describes (`stage`): pre-training / CPT, supervised fine-tuning or RL."""
+    builder = STAGES.get(cfg.stage)
+    if builder is None:
+        raise ConfigError(f"stage={cfg.stage}: unknown stage: use stage=pretrain, stage=sft or stage=rl")
+    return builder(cfg, layout, state, device)

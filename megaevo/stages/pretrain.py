@@ -13,7 +13,7 @@ from megaevo.config import Config, ConfigError, Layout
 from megaevo.data.blended import build_datasets
 from megaevo.data.sampler import collate
 from megaevo.parallel.state import ParallelState
-from megaevo.stages import SampleBatches, Stage, TokenLoss
+from megaevo.training.stage import SampleBatches, Stage, TokenLoss
 
 
 class GPTBatches(SampleBatches):

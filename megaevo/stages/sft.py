@@ -30,7 +30,7 @@ per token) as it names pre-training corpora: one prefix, or `[weight, prefix, ..
   counts. Padding at the end is token 0 with a doc id of its own and label -100.
 * **Loss.** `sft.loss_normalization: global_tokens` is the engine's normalisation (the step's loss
   summed over its loss tokens / their number, over every micro-batch and DP rank);
-  `micro_batch_mean` averages each micro-batch's mean (megaevo.stages.MicroBatchMeanLoss).
+  `micro_batch_mean` averages each micro-batch's mean (megaevo.training.stage.MicroBatchMeanLoss).
 * **Validation** covers each validation set once (at most `train.eval_iters` global batches); a
   last, partial global batch is filled with padding rows that have no loss tokens.
 """
@@ -45,13 +45,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from megaevo.common import IGNORE_INDEX
 from megaevo.config import Config, ConfigError, Layout
 from megaevo.data import DataError
 from megaevo.data.blended import parse_blend
 from megaevo.data.gpt_dataset import split_ranges
+from megaevo.data.sft import SFTDataset
 from megaevo.log import get_logger
 from megaevo.parallel.state import ParallelState
-from megaevo.stages import IGNORE_INDEX, Batch, MicroBatchMeanLoss, SampleBatches, Stage, TokenLoss
+from megaevo.training.stage import Batch, MicroBatchMeanLoss, SampleBatches, Stage, TokenLoss
 
 log = get_logger(__name__)
 
@@ -322,8 +324,6 @@ def sft_batches(samples: SFTSamples, **kwargs) -> SampleBatches:
 # -- the stage ---------------------------------------------------------------------------------------
 def open_sft_dataset(prefix: str):
     """The SFT dataset at ``prefix`` (``.bin``/``.idx`` and ``.loss_mask.bin``)."""
-    from megaevo.data.sft import SFTDataset
-
     return SFTDataset(prefix)
 
 

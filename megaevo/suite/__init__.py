@@ -5,7 +5,7 @@ with an evaluation after each stage, collected into one results table.
 
 The spec format: :mod:`megaevo.suite.spec`; the run tree: :mod:`megaevo.suite.tree`; launchers:
 :mod:`megaevo.suite.launch` (a child's progress: :mod:`megaevo.suite.progress`; the dry run's summary:
-:mod:`megaevo.suite.plan`); the table: :mod:`megaevo.suite.results`.
+:mod:`megaevo.suite.plan`; what a run has done: :mod:`megaevo.suite.markers`); the table: :mod:`megaevo.suite.results`.
 """
 from megaevo.suite.launch import main, run_local, run_slurm
 from megaevo.suite.results import collect, write_results

@@ -45,11 +45,13 @@ from typing import Callable
 import yaml
 
 from megaevo.errors import report_user_error
+from megaevo.suite.markers import DONE, eval_done, eval_hash, run_iters, train_done, training_complete, write_marker
+from megaevo.suite.plan import make_plan
 from megaevo.suite.progress import POLL_S, Progress
+from megaevo.suite.results import collect, write_results
 from megaevo.suite.spec import SpecError, SuiteSpec, load_spec
-from megaevo.suite.tree import Run, _digest, expand, select
+from megaevo.suite.tree import Run, expand, select
 
-DONE = "DONE"
 # runner(cmd, log_path, cwd, env) -> exit code; the default runs a subprocess (tests inject their own)
 Runner = Callable[[list, Path, Path, dict], int]
 STOP_GRACE_S = 120.0  # how long a child may take to save on Ctrl-C before it is killed
@@ -79,61 +81,6 @@ def eval_command(run: Run, out: Path, python: str = sys.executable) -> list[str]
         if getattr(e, key) is not None:
             cmd += [flag, str(getattr(e, key))]
     return cmd
-
-
-def eval_hash(run: Run) -> str | None:
-    return _digest({"run": run.hash, "eval": run.eval.as_dict()}) if run.eval else None
-
-
-def _marker_ok(path: Path, expected: str) -> bool:
-    try:
-        return json.loads(path.read_text()).get("hash") == expected
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _write_marker(path: Path, h: str, **extra) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"hash": h, **extra}) + "\n")
-    os.replace(tmp, path)
-
-
-def train_done(run: Run, out: Path) -> bool:
-    return _marker_ok(run.run_dir(out) / DONE, run.hash)
-
-
-def eval_done(run: Run, out: Path) -> bool:
-    return run.eval is None or _marker_ok(run.run_dir(out) / "eval" / DONE, eval_hash(run))
-
-
-def training_complete(run_dir: Path, iters: int | None) -> bool:
-    """Whether the run reached its last iteration: its latest checkpoint's (checkpoints/latest) when it
-    has one, else the last step of its metrics.jsonl (a train process stopped by a signal exits 0 after
-    saving). Without either, or without a fixed length (train.epochs), the exit code decides."""
-    if iters is None:
-        return True
-    latest = Path(run_dir) / "checkpoints" / "latest"
-    if latest.is_file():
-        name = re.fullmatch(r"iter_(\d+)", latest.read_text().strip())
-        if name is not None:
-            return int(name.group(1)) >= iters
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return True
-    last = None
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            last = rec["step"]
-    return last is None or last >= iters
-
-
-def _iters(run: Run) -> int | None:
-    t = run.config["train"]
-    return None if t.get("epochs") is not None else t.get("iters")
 
 
 def write_run_config(run: Run, out: Path) -> Path:
@@ -231,7 +178,7 @@ def run_local(spec: SuiteSpec, runs: list[Run], out: Path, runner: Runner = subp
                 write_run_config(run, out)
                 echo(f"TRAIN   {run.dir_name}  {run.name}  (log {d / 'train.log'})")
                 rc = runner(train_command(run, out), d / "train.log", spec.root, env)
-                if rc != 0 or not training_complete(d, _iters(run)):
+                if rc != 0 or not training_complete(d, run_iters(run)):
                     why = f"exit code {rc}" if rc != 0 else "stopped before its last iteration"
                     msg = f"FAILED  {run.dir_name}  {run.name}: training {why}; see {d / 'train.log'}"
                     echo(msg)
@@ -239,7 +186,7 @@ def run_local(spec: SuiteSpec, runs: list[Run], out: Path, runner: Runner = subp
                     result.problems.append(msg)
                     bad.add(run.hash)
                     continue
-                _write_marker(d / DONE, run.hash, run=run.id, name=run.name)
+                write_marker(d / DONE, run.hash, run=run.id, name=run.name)
                 result.trained.append(run.dir_name)
             if not eval_done(run, out):
                 (d / "eval").mkdir(parents=True, exist_ok=True)
@@ -252,7 +199,7 @@ def run_local(spec: SuiteSpec, runs: list[Run], out: Path, runner: Runner = subp
                     result.failed.append(run.dir_name)
                     result.problems.append(msg)
                     continue  # the checkpoint is fine: its children still train
-                _write_marker(d / "eval" / DONE, eval_hash(run), run=run.id)
+                write_marker(d / "eval" / DONE, eval_hash(run), run=run.id)
                 result.evaluated.append(run.dir_name)
     except KeyboardInterrupt:
         result.interrupted = True
@@ -264,7 +211,6 @@ def run_local(spec: SuiteSpec, runs: list[Run], out: Path, runner: Runner = subp
 # ------------------------------------------------------------------------------------ slurm
 
 
-SIGNAL_BEFORE_S = 300  # default lead of the time-limit signal (slurm.signal_before)
 # torchrun (--signals-to-handle, read from PET_SIGNALS_TO_HANDLE) passes these on to its workers (SIGUSR1:
 # the time-limit warning they save on)
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -285,12 +231,6 @@ def _header(run: Run, d: Path, name: str, nodes: int, gpus: int, time: str | Non
     return lines
 
 
-def signal_before(run: Run) -> int:
-    """Seconds before the time limit at which a train job's batch shell gets SIGUSR1 (0: none)."""
-    value = run.stage_spec.slurm.get("signal_before", SIGNAL_BEFORE_S)
-    return int(value or 0)
-
-
 def sbatch_script(run: Run, out: Path, root: Path, python: str = sys.executable) -> str:
     """The train job of a run: srun torchrun over the nodes; `slurm.signal_before` seconds before the
     time limit the batch shell gets SIGUSR1 and passes it to the workers, which save a checkpoint and
@@ -302,7 +242,7 @@ def sbatch_script(run: Run, out: Path, root: Path, python: str = sys.executable)
     s = run.stage_spec.slurm
     nodes = int(s.get("nodes") or 1)
     gpus = int(s.get("gpus_per_node") or run.stage_spec.nproc)
-    lead = signal_before(run)
+    lead = run.stage_spec.signal_before
     lines = _header(run, d, f"megaevo-{run.dir_name}", nodes, gpus, s.get("time"))
     lines.insert(7, "#SBATCH --requeue")
     if lead:
@@ -316,7 +256,7 @@ def sbatch_script(run: Run, out: Path, root: Path, python: str = sys.executable)
              f"-m megaevo.train --config {q(str(cfg))}")
     check = (f"{q(python)} -c 'import sys; from megaevo.suite.launch import training_complete; "
              f"sys.exit(0 if training_complete(sys.argv[1], None if sys.argv[2] == \"-\" else int(sys.argv[2])) "
-             f"else 1)' {q(str(d))} {_iters(run) if _iters(run) is not None else '-'}")
+             f"else 1)' {q(str(d))} {run_iters(run) if run_iters(run) is not None else '-'}")
     done = q(str(d / DONE))
     lines += ["", "set -uo pipefail", f"# {run.name}", f"cd {q(str(root))}", "export PYTHONUNBUFFERED=1",
               f"export PET_SIGNALS_TO_HANDLE={TORCHRUN_SIGNALS}",
@@ -463,15 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(slurm: the sbatch scripts)")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local")
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these runs (id, STAGE-ID or run name) and "
-                                                             "their ancestors")
+                                                             "their ancestors (replaces the spec's `only`)")
     return p
 
 
 def dry_run(spec: SuiteSpec, runs: list[Run], out: Path, launcher: str, verbose: bool = False,
             echo: Callable[[str], None] = print) -> None:
     """Print the runs (local: the tree; slurm: the submission order) and the summary; run nothing."""
-    from megaevo.suite.plan import make_plan
-
     if launcher == "slurm":
         run_slurm(spec, runs, out, dry_run=True, echo=echo, verbose=verbose)
     else:
@@ -486,7 +424,7 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         out = Path(args.out).resolve() if args.out else (spec.out or spec.path.with_name(spec.path.stem + "-out"))
-        runs = select(expand(spec), args.only)
+        runs = select(expand(spec), args.only or spec.only, flag="--only" if args.only else f"{spec.path.name}: only")
         if args.dry_run:
             dry_run(spec, runs, out, args.launcher, args.verbose)
             return 0
@@ -496,8 +434,6 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
         outcome = run_local(spec, runs, out, runner=runner or progress_runner(print))
     except (ValueError, OSError) as e:
         return report_user_error(e, "suite")
-    from megaevo.suite.results import collect, write_results
-
     rows = collect(runs, out)
     paths = write_results(rows, out, runs)
     print(f"trained {len(outcome.trained)}, evaluated {len(outcome.evaluated)}, already finished "

@@ -8,7 +8,7 @@
 * the training tokens of the stages whose runs have a fixed length (pretrain and cpt without
   ``train.epochs``: iterations x global batch x sequence length, a budget branched from a stable run
   counting only its own iterations) and their training FLOPs
-  (:func:`megaevo.training.metrics.flops_per_token`); SFT and RL are left out (their length depends on
+  (:func:`megaevo.model.flops.flops_per_token`); SFT and RL are left out (their length depends on
   the data and on generation);
 * per run of those stages, its layout (TP x PP x DP over the stage's GPUs) and the GPU-hours the layout
   planner (:mod:`megaevo.plan`) estimates for it on H100-80GB, with the compute efficiency it assumed;
@@ -22,6 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megaevo.config import config_from_dict
+from megaevo.data import indexed
+from megaevo.data.blended import parse_blend
+from megaevo.model.args import ModelArgs
+from megaevo.model.flops import flops_per_token
+from megaevo.plan import estimate, hardware, of_config
+from megaevo.suite.markers import eval_done, train_done
 from megaevo.suite.spec import STAGES, SuiteSpec
 from megaevo.suite.tree import Run
 
@@ -100,20 +107,14 @@ def _seq_len(c: dict) -> int:
 
 def _flops(run: Run, tokens: int) -> float | None:
     try:
-        from megaevo.model.args import ModelArgs
-        from megaevo.training.metrics import flops_per_token
-
         return flops_per_token(ModelArgs(**run.config["model"]), _seq_len(run.config)) * tokens
-    except (ImportError, TypeError, ValueError, KeyError):
+    except (TypeError, ValueError, KeyError):
         return None
 
 
 def run_estimate(run: Run, tokens: int) -> str | None:
     """One line: the run's layout and the planner's GPU-hours for its tokens (None when it cannot say)."""
     try:
-        from megaevo.config import config_from_dict
-        from megaevo.plan import estimate, hardware, of_config
-
         cfg = config_from_dict({k: v for k, v in run.config.items() if v is not None})
         spec = run.stage_spec
         gpus = spec.nproc * int((spec.slurm or {}).get("nodes") or 1)
@@ -123,7 +124,7 @@ def run_estimate(run: Run, tokens: int) -> str | None:
         if dp < 1 or c.gpus != gpus:
             return None
         e = estimate(w, c, hardware("h100-80g", gpus_per_node=spec.nproc))
-    except (ImportError, TypeError, ValueError, KeyError, ZeroDivisionError):
+    except (TypeError, ValueError, KeyError, ZeroDivisionError):
         return None
     hours = tokens / e.tokens_per_s * gpus / 3600
     return (f"  {run.dir_name}: tp {p.tp} pp {p.pp} dp {dp} on {gpus} GPU(s): ~{hours:.3g} H100 GPU-hours "
@@ -132,8 +133,6 @@ def run_estimate(run: Run, tokens: int) -> str | None:
 
 def input_paths(run: Run) -> list[tuple[str, str, bool]]:
     """(key, path, is a dataset prefix) for every input path of a run's config and evaluation."""
-    from megaevo.data.blended import parse_blend
-
     c = run.config
     data = c.get("data") or {}
     out: list[tuple[str, str, bool]] = []
@@ -161,8 +160,6 @@ def input_paths(run: Run) -> list[tuple[str, str, bool]]:
 
 
 def _exists(path: str, prefix: bool, root: Path) -> bool:
-    from megaevo.data import indexed
-
     p = Path(path) if Path(path).is_absolute() else root / path
     return indexed.exists(p) if prefix else p.exists()
 
@@ -186,8 +183,6 @@ def missing_paths(runs: list[Run], root: Path) -> list[MissingPath]:
 
 
 def make_plan(spec: SuiteSpec, runs: list[Run], out: Path, launcher: str = "local") -> Plan:
-    from megaevo.suite.launch import eval_done, signal_before, train_done
-
     counts: dict[str, int] = {}
     stable: dict[str, int] = {}
     tokens: dict[str, int] = {}
@@ -221,7 +216,7 @@ def make_plan(spec: SuiteSpec, runs: list[Run], out: Path, launcher: str = "loca
     if launcher == "slurm":
         pending = [r for r in runs if not train_done(r, out)]
         slurm = {"train": len(pending), "eval": sum(r.eval is not None and not eval_done(r, out) for r in runs),
-                 "signal_before": max((signal_before(r) for r in pending), default=0)}
+                 "signal_before": max((r.stage_spec.signal_before for r in pending), default=0)}
     if estimates:
         estimates.insert(0, "estimated GPU-hours per run (layout planner, megaevo plan):")
     return Plan(counts, stable, finished, to_train, to_evaluate, tokens, flops, missing_paths(runs, spec.root),

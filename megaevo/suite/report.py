@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from megaevo.errors import UserError
-from megaevo.log import get_logger
+from megaevo.errors import UserError, report_user_error
+from megaevo.log import configured, get_logger, setup_logging
+from megaevo.metrics import EVAL_PREFIX, METRICS_FILE, VAL_PREFIX, read_metrics
 
 logger = get_logger(__name__)
 
@@ -63,28 +64,6 @@ def _number(v: Any) -> float | None:
         return None
     v = float(v)
     return v if math.isfinite(v) else None
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``; blank lines, and lines that are not a JSON object (a line
-    cut short while the run was writing it), are left out."""
-    records, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                bad += 1
-    if bad:
-        logger.info("%s: left out %d line(s) that are not a JSON record", path, bad)
-    return records
 
 
 def series(records: Sequence[dict], key: str, x: str = "tokens") -> tuple[list[float], list[float]]:
@@ -154,7 +133,7 @@ def run_loss_panels(records: Sequence[dict]) -> list[Panel]:
     """Training loss with each ``val/DOMAIN`` loss, the learning rate and the gradient norm, against tokens."""
     x = _x_key(records)
     losses = [Line("train", *series(records, "loss", x), {"linewidth": 1.0, "alpha": 0.7})]
-    losses += [Line(k, *series(records, k, x), {"marker": "o"}) for k in _keys(records, "val/")]
+    losses += [Line(k, *series(records, k, x), {"marker": "o"}) for k in _keys(records, VAL_PREFIX)]
     return [Panel("loss", x, "loss", losses),
             Panel("learning rate", x, "lr", [Line(None, *series(records, "lr", x))]),
             Panel("gradient norm", x, "grad norm", [Line(None, *series(records, "grad_norm", x))])]
@@ -164,8 +143,8 @@ def run_eval_panels(records: Sequence[dict]) -> list[Panel]:
     """One panel per task of the ``eval/TASK/METRIC`` values, each metric a line, against tokens."""
     x = _x_key(records)
     tasks: dict[str, list[str]] = {}
-    for k in _keys(records, "eval/"):
-        task, _, metric = k[len("eval/"):].rpartition("/")
+    for k in _keys(records, EVAL_PREFIX):
+        task, _, metric = k[len(EVAL_PREFIX):].rpartition("/")
         tasks.setdefault(task or metric, []).append(k)
     return [Panel(task, x, "value", [Line(k.rpartition("/")[2], *series(records, k, x), {"marker": "o"})
                                      for k in keys]) for task, keys in tasks.items()]
@@ -336,7 +315,7 @@ def stability_series(suite_dir: str | Path, rows: Sequence[dict], fraction: floa
     out: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for row in _stage_rows(rows, "cpt"):
         run = str(row.get("run"))
-        path = runs_dir / run / "metrics.jsonl"
+        path = runs_dir / run / METRICS_FILE
         if not path.is_file():
             logger.info("stability gap: no %s", path)
             continue
@@ -346,10 +325,10 @@ def stability_series(suite_dir: str | Path, rows: Sequence[dict], fraction: floa
             continue
         limit = fraction * max(steps)
         parent = None
-        parent_path = runs_dir / str(row.get("parent")) / "metrics.jsonl"
+        parent_path = runs_dir / str(row.get("parent")) / METRICS_FILE
         if row.get("parent") is not None and parent_path.is_file():
             parent = read_metrics(parent_path)
-        keys = _keys(records, "val/") + [k for k in _keys(records, "eval/") if is_accuracy_metric(k)]
+        keys = _keys(records, VAL_PREFIX) + [k for k in _keys(records, EVAL_PREFIX) if is_accuracy_metric(k)]
         for key in keys:
             xs, ys = series(records, key, "step")
             n = max(sum(1 for s in xs if s <= limit), min(2, len(xs)))
@@ -431,7 +410,7 @@ def _classify(dirs: Sequence[str | Path]) -> tuple[dict[str, Path], list[tuple[P
     for d in map(Path, dirs):
         if not d.is_dir():
             raise UserError(f"{d}: not a directory (give a run directory or a suite directory)")
-        metrics, results = d / "metrics.jsonl", d / "results.json"
+        metrics, results = d / METRICS_FILE, d / "results.json"
         suite = None
         if results.is_file():
             try:
@@ -507,7 +486,7 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> list[Pa
         else:
             color = {run: f"C{i % 10}" for i, run in enumerate(dict.fromkeys(r for lines in gap.values()
                                                                               for r in lines))}
-            panels = [Panel(key, "step", "loss" if key.startswith("val/") else key.rpartition("/")[2],
+            panels = [Panel(key, "step", "loss" if key.startswith(VAL_PREFIX) else key.rpartition("/")[2],
                             [Line(run, xs, ys, {"marker": "o", "color": color[run]})
                              for run, (xs, ys) in lines.items()])
                       for key, lines in gap.items()]
@@ -528,9 +507,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``megaevo report``: print the files written, one a line; a mistake in the input (a UserError, a
     path that cannot be read or written) is one line on stderr, ``error: megaevo report: ...``, exit 2."""
-    from megaevo.errors import report_user_error
-    from megaevo.log import configured, setup_logging
-
     args = build_parser().parse_args(argv)
     if not configured():
         setup_logging()

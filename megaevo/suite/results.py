@@ -25,26 +25,21 @@ import json
 import math
 from pathlib import Path
 
+from megaevo.metrics import METRICS_FILE, STEP, TOKENS, VAL_PREFIX, read_metrics
 from megaevo.suite.tree import Run
 
 COUNTS = ("n", "tasks")
 
 
-def read_metrics(run_dir: Path) -> dict:
+def last_metrics(run_dir: Path) -> dict:
     """The last `step`, `tokens` and each `val/NAME` of a run's metrics.jsonl ({} when there is none)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     out: dict = {}
     if not path.is_file():
         return out
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(rec, dict):
-            continue
+    for rec in read_metrics(path, quiet=True):
         for k, v in rec.items():
-            if k in ("step", "tokens") or k.startswith("val/"):
+            if k in (STEP, TOKENS) or k.startswith(VAL_PREFIX):
                 if v is not None:
                     out[k] = v
     return out
@@ -75,17 +70,17 @@ def collect(runs: list[Run], out: str | Path) -> list[dict]:
         if run.branch == "stable":  # a budget's shared prefix, not a result of its own
             continue
         d = run.run_dir(out)
-        own, ev = read_metrics(d), read_eval(d)
+        own, ev = last_metrics(d), read_eval(d)
         if not own and not ev:
             continue
         metrics: dict = {}
         for r in [r for r in run.chain if r.branch != "stable"]:
-            m = own if r is run else read_metrics(r.run_dir(out))
+            m = own if r is run else last_metrics(r.run_dir(out))
             if "tokens" in m:
                 metrics[f"tokens/{r.stage}"] = m["tokens"]
             if "step" in m:
                 metrics[f"steps/{r.stage}"] = m["step"]
-        metrics.update({f"loss/{k[4:]}": v for k, v in own.items() if k.startswith("val/")})
+        metrics.update({f"loss/{k[len(VAL_PREFIX):]}": v for k, v in own.items() if k.startswith(VAL_PREFIX)})
         metrics.update(ev)
         parent = run.parent.parent if run.branch == "decay" else run.parent  # the stable run has no row
         rows.append({"run": run.dir_name, "stage": run.stage,

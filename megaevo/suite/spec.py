@@ -6,6 +6,7 @@ The spec is one YAML file::
     overrides:                       # applied to every stage (after its config file), e.g. the model shape
       - model.preset=evolm-1b
     eval: {tasks: [gsm8k_platinum], limit: 200}   # the suite's downstream tasks: evaluated after every stage
+    only: ["pretrain[tokens=40B]/cpt[replay=0.16]"]   # optional: these runs and their ancestors, not the grid
     stages:                          # in order: an increasing subsequence of pretrain, cpt, sft, rl
       - stage: pretrain
         config: configs/pretrain.yaml    # a megaevo train config, relative to this file (optional)
@@ -53,6 +54,10 @@ is evaluated on them, so each row of the results can be compared with its parent
 are evaluated. `out_dir` and `checkpoint.load` are the suite's: a run writes OUT/runs/STAGE-ID
 and a stage after the first starts from its parent's final checkpoint, weights only.
 
+`only` keeps the runs it names and their ancestors (names as `megaevo suite --dry-run` prints them;
+the same rule as the `--only` flag, which replaces it): a study whose questions each need a few chains
+of the tree, not the whole product of its axes.
+
 With ``optim.schedule`` ``wsd`` or ``inf-cos``, a pretrain / cpt stage's grid points that differ only in
 ``train.iters`` (budgets) share one stable run and branch from its checkpoint, each running only its own
 decay (megaevo.suite.tree); the suite then sets their ``data.train_samples`` too.
@@ -71,9 +76,10 @@ from megaevo.errors import UserError
 STAGES = ("pretrain", "cpt", "sft", "rl")
 TRAIN_STAGE = {"pretrain": "pretrain", "cpt": "pretrain", "sft": "sft", "rl": "rl"}
 EVAL_KEYS = {"tasks", "limit", "samples", "template", "data_dir", "max_length", "batch_size", "seed"}
+SIGNAL_BEFORE_S = 300  # default lead of the time-limit signal (slurm.signal_before)
 SLURM_KEYS = {"nodes", "gpus_per_node", "time", "partition", "sbatch", "signal_before", "max_restarts", "eval_time"}
 STAGE_KEYS = {"stage", "config", "overrides", "axes", "eval", "nproc", "slurm"}
-TOP_KEYS = {"out", "overrides", "stages", "name", "eval"}
+TOP_KEYS = {"out", "overrides", "stages", "name", "eval", "only"}
 # keys the suite sets itself
 RESERVED = ("stage", "out_dir", "checkpoint.load", "checkpoint.finetune")
 
@@ -120,6 +126,11 @@ class StageSpec:
     slurm: dict = field(default_factory=dict)
     root: Path | None = None         # the spec's directory: relative paths in the configs are relative to it
 
+    @property
+    def signal_before(self) -> int:
+        """Seconds before the time limit at which a train job's batch shell gets SIGUSR1 (0: none)."""
+        return int(self.slurm.get("signal_before", SIGNAL_BEFORE_S) or 0)
+
 
 @dataclass
 class SuiteSpec:
@@ -128,6 +139,7 @@ class SuiteSpec:
     out: Path | None
     stages: list[StageSpec]
     eval: EvalSpec | None = None     # the suite's downstream tasks (top-level `eval`), in every stage's eval
+    only: list[str] = field(default_factory=list)  # the runs the suite is (with their ancestors); [] for all
 
 
 def _override_text(key: str, value: Any) -> str:
@@ -321,4 +333,7 @@ def spec_from_dict(raw: Any, path: str | Path) -> SuiteSpec:
         ev = merge_eval(suite_eval, _eval_dict(s.get("eval"), f"{where}.eval"))
         stages.append(StageSpec(name, config, common + own, axes, _eval(ev), nproc, dict(slurm), root))
     out = raw.get("out")
-    return SuiteSpec(path, root, (root / str(out)).resolve() if out else None, stages, _eval(suite_eval))
+    only = raw.get("only") or []
+    if not isinstance(only, list) or not all(isinstance(x, str) and x for x in only):
+        raise SpecError(f"{path.name}: only must be a list of run names (as --only takes them), got {only!r}")
+    return SuiteSpec(path, root, (root / str(out)).resolve() if out else None, stages, _eval(suite_eval), list(only))

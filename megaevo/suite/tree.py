@@ -37,13 +37,14 @@ from typing import Any
 
 from megaevo.config import OptimConfig, absolute_paths, config_to_dict, load_config
 from megaevo.suite.spec import TRAIN_STAGE, EvalSpec, SpecError, StageSpec, SuiteSpec
+from megaevo.training.schedules import lr_at
 
 ID_LEN = 10
 BRANCH_SCHEDULES = ("wsd", "inf-cos")
 MAX_CHECKED_STEPS = 2_000_000  # branch_step compares the learning rates of at most this many steps
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -186,8 +187,6 @@ def branch_step(configs: list[dict]) -> int | None:
     k = min(_decay_start(optim, n) for n in iters)
     if not 0 < k < iters[0] or k > MAX_CHECKED_STEPS:
         return None
-    from megaevo.training.schedules import lr_at
-
     for step in range(k):
         lr = lr_at(step, held, k)
         if any(lr_at(step, optim, n) != lr for n in iters):
@@ -198,7 +197,7 @@ def branch_step(configs: list[dict]) -> int | None:
 def _budget_key(d: dict) -> str:
     d = copy.deepcopy(d)
     d["train"]["iters"] = None
-    return _digest(d)
+    return digest(d)
 
 
 def _branches(points: list[tuple[dict, dict]]) -> dict[str, tuple[int, int]]:
@@ -253,7 +252,7 @@ def expand(spec: SuiteSpec) -> list[Run]:
                     d["checkpoint"]["load"] = None
                     d["checkpoint"]["finetune"] = True
                 if branch is None:
-                    h = _digest({"config": d, "parent": parent.hash if parent else None})
+                    h = digest({"config": d, "parent": parent.hash if parent else None})
                     add(h, stage, parent, d, stage.eval, point, nxt)
                     continue
                 step, samples = branch
@@ -262,11 +261,11 @@ def expand(spec: SuiteSpec) -> list[Run]:
                 s["train"]["iters"] = step
                 s["optim"] = _held(d)
                 s["checkpoint"]["save"] = True
-                sh = _digest({"config": s, "parent": parent.hash if parent else None, "branch": "stable"})
+                sh = digest({"config": s, "parent": parent.hash if parent else None, "branch": "stable"})
                 stable = add(sh, stage, parent, s, None, point, None, branch="stable", branch_step=step)
                 d["checkpoint"]["load"] = None  # resumes the stable run's checkpoint (see Run.resolved)
                 d["checkpoint"]["finetune"] = False
-                h = _digest({"config": d, "parent": stable.hash, "branch": "decay"})
+                h = digest({"config": d, "parent": stable.hash, "branch": "decay"})
                 add(h, stage, stable, d, stage.eval, point, nxt, branch="decay", branch_step=step)
         level = nxt
     roots = [r for r in by_hash.values() if r.parent is None]
@@ -285,9 +284,9 @@ def expand(spec: SuiteSpec) -> list[Run]:
     return ordered
 
 
-def select(runs: list[Run], only: list[str] | None) -> list[Run]:
+def select(runs: list[Run], only: list[str] | None, flag: str = "--only") -> list[Run]:
     """The runs named in `only` (an id, a unique id prefix of 4+ digits, STAGE-ID or the run's name)
-    and their ancestors, in tree order; all runs when `only` is empty."""
+    and their ancestors, in tree order; all runs when `only` is empty. ``flag`` names `only` in errors."""
     if not only:
         return list(runs)
     keep: set[str] = set()
@@ -297,7 +296,7 @@ def select(runs: list[Run], only: list[str] | None) -> list[Run]:
             hits = [r for r in runs if r.id.startswith(want)]
         if len(hits) != 1:
             what = "no run" if not hits else f"{len(hits)} runs"
-            raise SpecError(f"--only {want}: {what} match (give an id, STAGE-ID or a run name; "
+            raise SpecError(f"{flag} {want}: {what} match (give an id, STAGE-ID or a run name; "
                             f"`megaevo suite SPEC --dry-run` lists them)")
         for r in hits[0].chain:
             keep.add(r.hash)

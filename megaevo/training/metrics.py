@@ -1,20 +1,19 @@
 """Training metrics: one record per log step to metrics.jsonl, TensorBoard and the console.
 
-A record is a flat dict: ``step``, ``consumed_samples``, ``tokens``, ``loss``, ``lr``, ``grad_norm``,
-``tokens_per_s``, ``mfu`` (against the device's dense bf16 peak; null where unknown), ``mem_gb``,
-``skipped_steps``, and ``val/NAME`` after an evaluation. Only rank 0 writes.
+A record is a flat dict (its keys: :mod:`megaevo.metrics`): ``step``, ``consumed_samples``, ``tokens``,
+``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``mfu`` (against the device's dense bf16 peak; null where
+unknown), ``mem_gb``, ``skipped_steps``, and ``val/NAME`` after an evaluation. Only rank 0 writes.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
 
 from megaevo.log import get_logger
-
-if TYPE_CHECKING:  # torch loads late: the planner reads this module's formulas without it
-    import torch
+from megaevo.metrics import EVAL_PREFIX, METRICS_FILE, VAL_PREFIX, parse_record
 
 log = get_logger(__name__)
 
@@ -25,27 +24,13 @@ _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    import torch  # late: the planner reads this module's formulas without loading torch
-
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(shape, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters plus causal attention scores and values."""
-    h, f, layers = shape.hidden_size, shape.ffn_hidden_size, shape.num_layers
-    kv = shape.num_kv_heads * shape.head_dim
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * f
-    matmul = layers * per_layer + h * shape.vocab_size
-    attention = layers * 2 * seq_len * h  # QK^T and PV, halved by the causal mask, x2 for multiply-add
-    return 6 * matmul + 3 * attention
 
 
 def memory_gb(device: torch.device) -> float:
     """Peak memory: allocated on the GPU, else this process's resident set."""
     if device.type == "cuda":
-        import torch
-
         return torch.cuda.max_memory_allocated(device) / 2**30
     try:
         import resource
@@ -75,7 +60,7 @@ def describe(r: dict, iters: int) -> str:
             parts.append(f"ev {r['explained_variance']:.3f}")
         if "generation_share" in r:
             parts.append(f"gen {100 * r['generation_share']:.0f}%")
-    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith(("val/", "eval/"))]
+    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith((VAL_PREFIX, EVAL_PREFIX))]
     return "  ".join(parts)
 
 
@@ -88,7 +73,7 @@ class MetricsWriter:
     step once whatever stopped and relaunched the run."""
 
     def __init__(self, out_dir: str | Path, iters: int, enabled: bool = True, start: int = 0):
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path = Path(out_dir) / METRICS_FILE
         self.iters = iters
         self.enabled = enabled
         if enabled:
@@ -122,11 +107,8 @@ def truncate_metrics(path: str | Path, start: int) -> int:
         return 0
     kept, dropped = [], 0
     for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start:
+        record = parse_record(line)
+        if record is not None and isinstance(record.get("step"), int) and record["step"] <= start:
             kept.append(line)
         elif line.strip():
             dropped += 1

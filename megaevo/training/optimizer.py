@@ -18,13 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from megaevo.checkpoint.format import STATE_KINDS
 from megaevo.kernels import adamw_step, sum_of_squares
 from megaevo.parallel import compat
 from megaevo.parallel.data_parallel import GradBuffers
 from megaevo.parallel.layout import ParamMeta
 from megaevo.parallel.state import ParallelState
-
-STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
 @dataclass

@@ -4,9 +4,8 @@
 estimators, policy and value losses, loss aggregation as the engine's ``(loss_sum, count)``);
 :mod:`~megaevo.stages.rl.rewards` the prompt records and the reward functions that score completions;
 :mod:`~megaevo.stages.rl.rollout` the prompt stream and sampling with the live policy;
-:mod:`~megaevo.stages.rl.critic` PPO's value model; :mod:`~megaevo.stages.rl.stage` the stage the engine runs
-(``stage: rl``). The stage's modules are imported on use (``megaevo.stages.rl.stage``), so the arithmetic
-and the rewards load without the model.
+:mod:`~megaevo.stages.rl.critic` PPO's value model (a second train unit); :mod:`~megaevo.stages.rl.stage` the
+stage the engine runs (``stage: rl``, registered in :mod:`megaevo.stages`).
 """
 from megaevo.stages.rl.algorithms import (
     AGGREGATION_MODES,

@@ -7,39 +7,33 @@ tokens up to ``t``: the state in which token ``t + 1`` is chosen, the alignment 
 per-token log-probabilities (see :mod:`megaevo.stages.rl.rollout`). Under sequence parallelism the
 values of each rank's sequence slice are gathered, so every rank sees the whole (batch, seq).
 
-:class:`Critic` gives it what the engine gives the actor: fp32 gradient buffers reduced over data
-parallelism, its own distributed AdamW and learning rate (``rl.critic``), a pipeline engine to run it
-through :meth:`megaevo.training.trainer.Trainer.forward_backward`, and layout-free checkpoint tensors
-(kinds ``critic`` and ``critic_master`` / ``critic_exp_avg`` / ``critic_exp_avg_sq``, names prefixed
-``critic.``), so a checkpoint's ``model`` tensors stay the actor's alone.
+:func:`build_critic` makes it a :class:`~megaevo.training.unit.TrainUnit` like the actor's: fp32
+gradient buffers reduced over data parallelism, its own distributed AdamW and learning rate
+(``rl.critic``), a pipeline engine (PP = 1), and layout-free checkpoint tensors (kinds ``critic`` and
+``critic_master`` / ``critic_exp_avg`` / ``critic_exp_avg_sq``, names prefixed ``critic.``), so a
+checkpoint's ``model`` tensors stay the actor's alone.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import zlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megaevo.common import stream_seed
 from megaevo.config import Config, OptimConfig
 from megaevo.model.llama import LlamaStage, RMSNorm
-from megaevo.model.weights import weights_changed
-from megaevo.parallel.data_parallel import GradBuffers
-from megaevo.parallel.layers import allreduce_sequence_parallel_grads, tag_param
+from megaevo.parallel.layers import tag_param
 from megaevo.parallel.layout import ParamLayout, ParamMeta, param_meta
 from megaevo.parallel.mappings import gather_from_sequence
-from megaevo.parallel.pipeline import PipelineEngine
 from megaevo.parallel.state import ParallelState
-from megaevo.training.checkpoint import CheckpointError, LoadedCheckpoint, read_local
-from megaevo.training.optimizer import STATE_KINDS, DistributedAdamW, StepResult
+from megaevo.checkpoint import (CRITIC_NAME_PREFIX, CRITIC_STATE_PREFIX, CRITIC_WEIGHTS_KIND, CheckpointError,
+                                LoadedCheckpoint)
 from megaevo.training.schedules import lr_at
+from megaevo.training.unit import ModelChunks, TrainUnit
 
 VALUE_HEAD = "value_head.weight"
-PREFIX = "critic."
-WEIGHTS_KIND = "critic"
-STATE_KIND_PREFIX = "critic_"
 
 
 class ValueModel(nn.Module):
@@ -54,7 +48,7 @@ class ValueModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.norm_eps, sp, device, dtype)
         head = torch.empty(1, args.hidden_size, device=device, dtype=torch.float32)
         gen = torch.Generator(device=head.device)
-        gen.manual_seed((seed * 1_000_003 + zlib.crc32(VALUE_HEAD.encode())) % 2**63)
+        gen.manual_seed(stream_seed(seed, VALUE_HEAD))
         head.normal_(0.0, args.init_std, generator=gen)
         self.value_head = tag_param(nn.Parameter(head.to(dtype or torch.float32)), ParamLayout(), weight_decay=True,
                                     sequence_parallel=sp)
@@ -74,91 +68,44 @@ class ValueModel(nn.Module):
 
 
 def critic_optim(cfg: Config) -> OptimConfig:
-    """The critic's learning-rate schedule and AdamW settings: ``rl.critic`` over the actor's ``optim``."""
-    c, o = cfg.rl.critic, cfg.optim
-    warmup = o.warmup if o.warmup_fraction is None else int(round(o.warmup_fraction * cfg.train.iters))
-    if c.warmup is not None:
-        warmup = c.warmup
-    if c.warmup_fraction is not None:
-        warmup = int(round(c.warmup_fraction * cfg.train.iters))
-    return dataclasses.replace(o, lr=c.lr, min_lr=c.min_lr, warmup=warmup, warmup_fraction=None,
+    """The critic's learning-rate schedule and AdamW settings: ``rl.critic`` over the actor's ``optim`` of a
+    resolved config."""
+    c, o = cfg.rl.critic, cfg.optim  # both warmups in iterations already (megaevo.config.resolve)
+    return dataclasses.replace(o, lr=c.lr, min_lr=c.min_lr, warmup=o.warmup if c.warmup is None else c.warmup,
+                               warmup_fraction=None,
                                weight_decay=o.weight_decay if c.weight_decay is None else c.weight_decay,
                                clip_grad=o.clip_grad if c.clip_grad is None else c.clip_grad)
 
 
-class Critic:
-    """The value model of a run with its gradient buffers, optimizer and pipeline (PP = 1)."""
+def build_critic(cfg: Config, state: ParallelState, device: torch.device, dtype: torch.dtype) -> TrainUnit:
+    """The value model of a run as a train unit (PP = 1) with the ``rl.critic`` optimizer settings."""
+    model = ValueModel(cfg.model, state, cfg.train.seed, device, dtype)
+    return TrainUnit(ModelChunks.of([model]), state, device, dtype, parallel=cfg.parallel, optim=critic_optim(cfg),
+                     micro_shape=(cfg.train.micro_batch_size, cfg.seq_len, cfg.model.hidden_size),
+                     weights_kind=CRITIC_WEIGHTS_KIND, state_prefix=CRITIC_STATE_PREFIX,
+                     name_prefix=CRITIC_NAME_PREFIX)
 
-    def __init__(self, cfg: Config, state: ParallelState, device: torch.device, dtype: torch.dtype):
-        self.cfg, self.state, self.device = cfg, state, device
-        self.model = ValueModel(cfg.model, state, cfg.train.seed, device, dtype)
-        named = self.model.named_parameters_with_meta()
-        self.params = {n: p for n, p, _ in named}
-        self.metas = {n: m for n, _, m in named}
-        p = cfg.parallel
-        self.optim = critic_optim(cfg)
-        self.buffers = GradBuffers(self.params, state, dtype, bucket_size=int(p.bucket_size_mb * 2**20 / 4),
-                                   distributed=p.distributed_optimizer, overlap=p.overlap_grad_reduce)
-        o = self.optim
-        self.optimizer = DistributedAdamW(self.buffers, self.metas, state, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                          weight_decay=o.weight_decay, clip_grad=o.clip_grad)
-        self.pipeline = PipelineEngine([self.model], state, (cfg.train.micro_batch_size, cfg.seq_len,
-                                                             cfg.model.hidden_size), dtype, device)
 
-    def lr(self, iteration: int) -> float:
-        return lr_at(iteration, self.optim, self.cfg.train.iters)
+def critic_lr(critic: TrainUnit, iteration: int, iters: int) -> float:
+    return lr_at(iteration, critic.optim, iters)
 
-    @torch.no_grad()
-    def values(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.model.eval()
-        return self.model(tokens)
 
-    def update(self, trainer, batches: list[dict], loss, lr: float) -> tuple[float, StepResult | None]:
-        """One optimizer update on ``batches`` through the engine's forward/backward (global normalisation)."""
-        self.buffers.zero_grad()
-        self.model.train()
-        value = trainer.forward_backward(batches, loss, pipeline=self.pipeline, buffers=self.buffers)
-        self.buffers.finish_grad_sync()
-        allreduce_sequence_parallel_grads(self.params.values(), self.state, grad_attr="main_grad")
-        result = self.optimizer.step(lr) if math.isfinite(value) else None
-        weights_changed(self.model)  # as the engine does for the actor
-        return value, result
+@torch.no_grad()
+def critic_values(critic: TrainUnit, tokens: torch.Tensor) -> torch.Tensor:
+    critic.module.eval()
+    return critic.module(tokens)
 
-    # -- checkpoints -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def load_body(self, ck: LoadedCheckpoint) -> None:
-        """Take the body and final norm from a policy checkpoint's ``model`` tensors (any layout); the value
-        head keeps its fresh initialisation and the optimizer starts over."""
-        for name, p in self.params.items():
-            if name != VALUE_HEAD:
-                p.copy_(read_local(ck, "model", name, self.metas[name], p.shape).to(p.dtype))
-        self.optimizer.reset_master()
 
-    @torch.no_grad()
-    def load(self, ck: LoadedCheckpoint, with_optimizer: bool, step: int) -> None:
-        """Weights (and with ``with_optimizer`` the optimizer state, at AdamW step ``step``) saved by
-        :meth:`checkpoint_tensors`."""
-        if not ck.has(WEIGHTS_KIND):
-            raise CheckpointError(f"{ck.path}: holds no critic ({WEIGHTS_KIND!r} tensors); it was not saved by a "
-                                  f"PPO run. Start PPO from it with checkpoint.finetune=true")
-        for name, p in self.params.items():
-            p.copy_(read_local(ck, WEIGHTS_KIND, PREFIX + name, self.metas[name], p.shape).to(p.dtype))
-        if not with_optimizer:
-            self.optimizer.reset_master()
-            return
-        state = {name: {k: read_local(ck, STATE_KIND_PREFIX + k, PREFIX + name, self.metas[name], p.shape)
-                        for k in STATE_KINDS} for name, p in self.params.items()}
-        self.optimizer.load_local_state(state, step)
+def load_critic_body(critic: TrainUnit, ck: LoadedCheckpoint) -> None:
+    """Take the body and final norm from a policy checkpoint's ``model`` tensors (any layout); the value
+    head keeps its fresh initialisation and the optimizer starts over."""
+    critic.load_weights(ck, kind="model", prefix="", skip={VALUE_HEAD})
+    critic.optimizer.reset_master()
 
-    def checkpoint_tensors(self) -> dict[str, dict[str, tuple]]:
-        """``{kind: {name: (local tensor, fragments, logical shape)}}`` for the trainer's save (collective
-        over DP with the distributed optimizer)."""
-        optimizer_state = self.optimizer.local_state()
-        out: dict[str, dict[str, tuple]] = {WEIGHTS_KIND: {}, **{STATE_KIND_PREFIX + k: {} for k in STATE_KINDS}}
-        for name, p in self.params.items():
-            m = self.metas[name]
-            frags = [] if (m.tp_replicated and self.state.tp_rank != 0) else m.fragments(p.shape)
-            out[WEIGHTS_KIND][PREFIX + name] = (p.detach(), frags, m.logical_shape)
-            for k in STATE_KINDS:
-                out[STATE_KIND_PREFIX + k][PREFIX + name] = (optimizer_state[name][k], frags, m.logical_shape)
-        return out
+
+def resume_critic(critic: TrainUnit, ck: LoadedCheckpoint, step: int) -> None:
+    """Weights and optimizer state (at AdamW step ``step``) of the critic a PPO run saved in ``ck``."""
+    if not ck.has(CRITIC_WEIGHTS_KIND):
+        raise CheckpointError(f"{ck.path}: holds no critic ({CRITIC_WEIGHTS_KIND!r} tensors); it was not saved by a "
+                              f"PPO run. Start PPO from it with checkpoint.finetune=true")
+    critic.load(ck, with_optimizer=True, step=step)

@@ -28,6 +28,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 from megaevo.errors import UserError
 from megaevo.eval.grading import DEFAULT_TIMEOUT, Grader, GradingPool, Job
+from megaevo.eval.tasks import ENV_DATA_DIR, EvalError, GenerativeTask, known_tasks, resolve_task
+from megaevo.eval.tasks import data_dir as eval_data_dir
 
 VERIFIABLE = "verifiable"
 
@@ -217,8 +219,6 @@ def load_prompts(specs: str | Sequence[str], data_dir: str | None = None, limit:
     set (a path, or a set's name in ``data_dir`` / ``$MEGAEVO_EVAL_DIR``) or ``rg:NAME[:COUNT[:SEED]]``;
     ``limit`` caps the problems taken from each. A :class:`UserError` for a spec that names no
     problem/answer set (e.g. a multiple-choice set)."""
-    from megaevo.eval.tasks import EvalError, GenerativeTask, resolve_task
-
     if isinstance(specs, str):
         specs = [specs]
     records: list[dict] = []
@@ -252,8 +252,6 @@ def load_prompts(specs: str | Sequence[str], data_dir: str | None = None, limit:
 def _missing_set(spec: str, data_dir: str | None) -> str | None:
     """What is wrong when ``spec`` names no prompt file: the message in the terms of the run's settings
     (``rl.prompts``, ``rl.prompts_data_dir``); None when the spec names something that exists."""
-    from megaevo.eval.tasks import ENV_DATA_DIR, data_dir as eval_data_dir, known_tasks
-
     if spec.startswith("rg:") or Path(spec).is_file():
         return None
     if Path(spec).suffix == ".jsonl":

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megaevo.common import IGNORE_INDEX
 from megaevo.config import ConfigError
+from megaevo.data.templates import get_template
+from megaevo.inference.generate import generate_rows
 from megaevo.log import get_logger
 from megaevo.parallel.state import ParallelState
-from megaevo.stages import IGNORE_INDEX
 from megaevo.stages.rl.rewards import load_prompts
 
 log = get_logger(__name__)
@@ -50,8 +52,6 @@ class PromptSet:
 def load_prompt_set(specs, tokenizer, template: str, max_prompt_len: int, data_dir: str | None = None) -> PromptSet:
     """The records of ``specs`` (:func:`~megaevo.stages.rl.rewards.load_prompts`) rendered by ``template``;
     those over ``max_prompt_len`` tokens left out."""
-    from megaevo.data.templates import get_template
-
     chat = get_template(template, tokenizer)
     records, ids, dropped = [], [], 0
     for record in load_prompts(specs, data_dir):
@@ -108,8 +108,6 @@ def sample_responses(chunk, state: ParallelState, prompts: list[list[int]], posi
                      batch_prompts: int, seed: int, iteration: int, tokenizer, stop_ids) -> list:
     """``params.n`` completions of each prompt (grouped by prompt), generated ``batch_prompts`` prompts at a
     time; see the module's doc for the seeding."""
-    from megaevo.inference.generate import generate_rows
-
     device = next(chunk.parameters()).device
     chunk.rope_tables(device)  # built outside inference mode: the training forward saves them for backward
     out = []

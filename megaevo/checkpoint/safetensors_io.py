@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConvertError
+from megaevo.errors import ConvertError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -111,7 +111,7 @@ class StreamingWriter:
     ``write(name, tensor)`` puts one tensor at its place (any order, each exactly once);
     ``close()`` checks that every tensor was written. The file is preallocated, not filled, so
     nothing is written twice. ``size`` is the file's length in bytes. With ``checksum`` (an object
-    with ``update(bytes)``, e.g. a ``hashlib`` hash or ``checkpoint.RunningChecksum``), every byte
+    with ``update(bytes)``, e.g. a ``hashlib`` hash or ``integrity.RunningChecksum``), every byte
     of the file goes through it in order, header first: tensors must then be written in file order.
     """
 
