@@ -350,7 +350,7 @@ def test_a_stopped_single_run_says_where_it_stopped_and_shows_no_table(tmp_path,
     import os
     import signal
 
-    from megaevo.training import trainer as trainer_module
+    from megaevo.demo import training as trainer_module  # where the demo looks its Trainer up
 
     original = trainer_module.Trainer
 

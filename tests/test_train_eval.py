@@ -9,7 +9,8 @@ from megaevo.stages import build_stage
 from megaevo.training.trainer import Trainer
 from helpers import config, make_data
 
-EVALS = Path(__file__).resolve().parents[2] / "shared" / "evolm-evals"
+EVALS = Path(__file__).resolve().parents[2] / "shared" / "evolm-evals"  # ../shared beside the repository
+needs_evals = pytest.mark.skipif(not EVALS.is_dir(), reason="EvoLM eval copies (../shared/evolm-evals) not present")
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +19,7 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.slow
+@needs_evals
 def test_eval_tasks_are_logged_at_every_eval_interval(data, spm_model, tmp_path):
     tasks = [str(EVALS / "GSM8KPlatinum.jsonl"), "rg:basic_arithmetic:3:1"]
     # The model's vocabulary (640) is larger than the tokenizer's (600): ids it cannot decode are never sampled.
@@ -35,6 +37,7 @@ def test_eval_tasks_are_logged_at_every_eval_interval(data, spm_model, tmp_path)
         assert line["eval/GSM8KPlatinum/timeouts"] == 0
 
 
+@needs_evals
 def test_eval_tasks_need_a_tokenizer_and_a_known_task(data, tmp_path):
     with pytest.raises(ConfigError, match="data.tokenizer"):
         Trainer(config(data, tmp_path, **{"train.eval_tasks": json.dumps([str(EVALS / "MATHLevel1.jsonl")])}),
