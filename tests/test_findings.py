@@ -66,17 +66,20 @@ def curve(before: float, after: float) -> list[dict]:
 GENERAL_AFTER = {0.0: 3.5, 0.05: 3.1, 0.5: 3.02, 1.0: 2.98}   # general loss before CPT: 3.0
 
 
-def fake_suite(root: Path, rl_gain_heavy: float = 0.02, with_post: bool = True) -> Path:
+def fake_suite(root: Path, rl_gain_heavy: float = 0.02, with_post: bool = True,
+               domain_after: dict | None = None) -> Path:
     """Budgets 100/200/400 (ID accuracy after post-training 0.2/0.3/0.34: diminishing), CPT replay 0-1 under the
     largest budget (forgetting without replay, limited by 5%), SFT 1 or 4 epochs x 2 seeds (ID up, OOD down),
-    RL after each (gain 0.10 after 1 epoch, `rl_gain_heavy` after 4)."""
+    RL after each (gain 0.10 after 1 epoch, `rl_gain_heavy` after 4). ``domain_after``: the math loss after
+    CPT by replay share (default 2.0 for all; 2.5 before CPT)."""
     s = FakeSuite(root)
     base = {100: 0.20, 200: 0.30, 400: 0.34}
     for tokens, acc in base.items():
         p = s.run("pretrain", None, {"tokens": tokens}, pretrain_cfg(tokens), {"loss/general": 3.0, "loss/math": 2.5})
         for replay in (GENERAL_AFTER if tokens == 400 else (0.05,)):
             c = s.run("cpt", p, {"replay": replay}, cpt_cfg(replay),
-                      {"loss/general": GENERAL_AFTER[replay], "loss/math": 2.0}, curve(3.0, GENERAL_AFTER[replay]))
+                      {"loss/general": GENERAL_AFTER[replay], "loss/math": (domain_after or {}).get(replay, 2.0)},
+                      curve(3.0, GENERAL_AFTER[replay]))
             if not with_post or replay not in (0.05, 1.0):
                 continue
             for epochs in (1, 4):
@@ -118,6 +121,12 @@ def test_a_gain_within_the_noise_is_not_reproduced(tmp_path):
     found, _ = write_findings(suite, tmp_path / "out")
     e = {f.key: f for f in found}["e"]
     assert e.reproduced is False and "not reproduced at this scale" in e.answer
+
+
+def test_replay_that_costs_the_domain_its_gain_does_not_reproduce_b(tmp_path):
+    suite = fake_suite(tmp_path / "suite", with_post=False, domain_after={0.05: 2.45})
+    b = {f.key: f for f in write_findings(suite, tmp_path / "out")[0]}["b"]
+    assert b.reproduced is False and "falls 10% as far as without replay" in b.answer
 
 
 def test_questions_the_suite_cannot_answer(tmp_path):

@@ -54,9 +54,11 @@ def test_critical_ratio_is_where_the_general_loss_crosses_the_tolerance():
     assert critical_ratio(ends, 2.0, 2.6, tolerance=0.1)["value"] is None
 
 
-def _suite(root: Path, shares, law: bool = True) -> Path:
+def _suite(root: Path, shares, law: bool = True, eval_only: bool = False) -> Path:
     """A suite directory of one pretrain run and CPT runs at the given domain shares, their validation losses
-    made with the D-CPT law (general loss before CPT: 2.62), plus noise."""
+    made with the D-CPT law (general loss before CPT: 2.62), plus noise. ``eval_only``: every other record
+    is an evaluation between log steps, with ``consumed_samples`` and no ``tokens`` (as runs before the
+    engine wrote tokens on such records logged them)."""
     rng = np.random.default_rng(2)
     rows = [{"run": "pretrain-0", "stage": "pretrain", "parent": None, "axes": {},
              "metrics": {"loss/general": 2.62, "loss/math": 3.4}}]
@@ -70,8 +72,9 @@ def _suite(root: Path, shares, law: bool = True) -> Path:
                                                                                     {"math": {"prefix": "/x/math"}}}}))
         tokens = np.geomspace(0.05, 2.0, 6)
         lines = []
-        for t in tokens:
-            rec = {"step": int(t * 1000), "tokens": float(t * TOKENS_UNIT),
+        for k, t in enumerate(tokens):
+            rec = {"step": int(t * 1000), "consumed_samples": float(t * TOKENS_UNIT / 256),
+                   **({} if eval_only and k % 2 else {"tokens": float(t * TOKENS_UNIT)}),
                    "val/math": float(dcpt(DOMAIN, t, share) + rng.normal(0, 0.002)),
                    "val/general": float(dcpt(GENERAL, t, 1 - share) + rng.normal(0, 0.002))}
             lines.append(json.dumps(rec))
@@ -101,6 +104,14 @@ def test_fit_of_a_suite_predicts_the_held_out_ratio(tmp_path):
     assert below <= c["value"] <= min(s for s, v in final.items() if v > c["threshold"])
     tol = fit_suite(suite, tolerance=0.5)["critical_ratio"]
     assert tol["tolerance"] == 0.5 and tol["value"] >= below
+
+
+def test_evaluations_between_log_steps_are_points_of_the_fit(tmp_path):
+    full = fit_suite(_suite(tmp_path / "a", [0.2, 0.5, 1.0]))
+    sparse = fit_suite(_suite(tmp_path / "b", [0.2, 0.5, 1.0], eval_only=True))
+    assert [len(p["tokens"]) for p in sparse["points"]] == [6, 6, 6]  # tokens from consumed_samples
+    for a, b in zip(sparse["points"], full["points"]):
+        assert a["tokens"] == pytest.approx(b["tokens"])
 
 
 def test_a_suite_without_a_mixture_axis_is_one_line(tmp_path, capsys):

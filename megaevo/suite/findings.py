@@ -16,7 +16,9 @@ How the runs of each question are recognised — from what the runs' ``train.yam
 * (b) **replay**: the cpt stage's runs, their replay share ``1 - r`` read from ``data.train`` (the domain
   corpus is the one with the largest mean weight over the CPT runs, see megaevo.suite.fit); the metric is
   the general corpus's final validation loss (``loss/GENERAL``) against the replay share, beside the loss
-  before CPT (the parent's);
+  before CPT (the parent's). Reproduced when CPT without replay raises the general loss, the smallest
+  replay share lowers it, and that replay keeps at least ``DOMAIN_KEPT`` of the domain loss's fall without
+  replay ("a small share limits forgetting at little cost to the domain");
 * (c) **CPT before post-training**: sft (and rl) runs grouped by their CPT ancestor: "no domain CPT" is a
   CPT run with domain share 0 (continued training on the general corpus only, the same steps) or one that
   does not train (``optim.lr`` 0 or ``train.iters`` 0); every other share is domain CPT;
@@ -52,6 +54,7 @@ QUESTIONS = {
 }
 LOSS_FLOOR = 0.005   # a loss difference without seed repeats counts above this fraction of the loss
 Z = 2.0              # a difference counts above Z standard errors
+DOMAIN_KEPT = 0.8    # (b): "little cost to the domain": the smallest replay keeps this share of the domain gain
 IGNORED = ("out_dir", "checkpoint", "data.train_samples")
 
 
@@ -320,14 +323,31 @@ def q_replay(suite: Suite, lay: Layout) -> Finding:
             continue
         kept = (small.mean - before) / rise0 if rise0 else float("nan")
         lower = differs(p[0], small, loss=True) < 0
-        verdicts.append(lower and kept < 0.5)
+        cost = _domain_cost(runs, domain, general, parent.last_val(domain) if parent else None, small.x)
+        verdicts.append(lower and cost is not None and cost >= DOMAIN_KEPT)
+        domain_text = (f"; the domain loss falls {cost:.0%} as far as without replay" if cost is not None
+                       else "; no domain loss to weigh the cost")
         parts.append(f"{b}: general loss {before:.3f} before CPT rises to {_fmt(p[0])} without replay (+{rise0:.3f}); "
                      f"replay {small.x:g} gives {_fmt(small)} ({kept:.0%} of the rise"
-                     f"{'' if lower else ', not lower beyond the noise'}); "
+                     f"{'' if lower else ', not lower beyond the noise'}){domain_text}; "
                      + ", ".join(f"replay {q.x:g}: {_fmt(q)}" for q in p[2:]))
     f.reproduced = _unanimous(verdicts)
     f.answer = "; ".join(parts)
     return f
+
+
+def _domain_cost(runs: list[SuiteRun], domain: str | None, general: str, before: float | None,
+                 replay: float) -> float | None:
+    """How far the domain loss falls with ``replay`` as a share of its fall without replay (mean over seeds)."""
+    def fall(share: float) -> float | None:
+        vals = [r.last_val(domain) for r in runs if abs(r.mixture.get(general, 0.0) - share) < 1e-6]
+        vals = [v for v in vals if v is not None]
+        return before - sum(vals) / len(vals) if vals and before is not None else None
+
+    if domain is None:
+        return None
+    none, some = fall(0.0), fall(replay)
+    return some / none if none and some is not None and none > 0 else None
 
 
 def _no_cpt(run: SuiteRun, domain: str | None) -> bool:

@@ -98,11 +98,23 @@ class SuiteRun:
     def seed(self) -> Any:
         return (self.config.get("train") or {}).get("seed")
 
+    def tokens_per_sample(self) -> float | None:
+        """``tokens / consumed_samples`` of the run's records (the engine's rule for ``tokens``)."""
+        for r in self.records:
+            t, s = number(r.get("tokens")), number(r.get("consumed_samples"))
+            if t is not None and s:
+                return t / s
+        return None
+
     def val_curve(self, name: str) -> tuple[list[float], list[float]]:
-        """(tokens, loss) of ``val/NAME`` over the run's records (tokens of this run)."""
+        """(tokens, loss) of ``val/NAME`` over the run's records (tokens of this run). A record of an
+        evaluation alone may hold ``consumed_samples`` and no ``tokens``: its tokens follow from the others'."""
         xs, ys = [], []
+        per_sample = self.tokens_per_sample()
         for r in self.records:
             t, v = number(r.get("tokens")), number(r.get(f"val/{name}"))
+            if t is None and per_sample is not None and number(r.get("consumed_samples")) is not None:
+                t = number(r.get("consumed_samples")) * per_sample
             if t is not None and v is not None:
                 xs.append(t)
                 ys.append(v)

@@ -307,14 +307,14 @@ class Trainer:
         return True
 
     def _position(self) -> dict:
-        return {"step": self.run.iteration, "consumed_samples": self.run.consumed_samples}
+        return {"step": self.run.iteration, "consumed_samples": self.run.consumed_samples,
+                "tokens": self.run.consumed_samples * self.stage.tokens_per_sample}
 
     def _record(self, stats: dict, clock: "_Throughput") -> dict:
         tps = clock.tokens_per_s(self.run.consumed_samples * self.stage.tokens_per_sample)
         metrics = stats.get("metrics") or {}  # a stage's own (run_iteration)
         tps = metrics.get("tokens_per_s", tps)
-        return {**self._position(), "tokens": self.run.consumed_samples * self.stage.tokens_per_sample,
-                "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"], "tokens_per_s": tps,
+        return {**self._position(), "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"], "tokens_per_s": tps,
                 "mfu": tps * self._flops_per_token / (self._peak * self.world_size) if self._peak else None,
                 "mem_gb": memory_gb(self.device), "skipped_steps": self.run.skipped_steps, **metrics}
 
