@@ -130,3 +130,10 @@ def test_cli_fit_prints_the_fit(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held out domain share 0.4" in out and "critical mixture ratio" in out and "R²=" in out
     assert (suite / "fit" / "fit.json").is_file()
+
+
+def test_two_shares_cannot_hold_one_out(tmp_path, capsys):
+    suite = _suite(tmp_path / "s", [0.5, 1.0])
+    assert cli_main(["report", "--fit", str(suite)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs 3 shares or more, and the CPT runs have 2 (0.5, 1)" in err and len(err.splitlines()) == 1

@@ -327,10 +327,12 @@ def q_replay(suite: Suite, lay: Layout) -> Finding:
         verdicts.append(lower and cost is not None and cost >= DOMAIN_KEPT)
         domain_text = (f"; the domain loss falls {cost:.0%} as far as without replay" if cost is not None
                        else "; no domain loss to weigh the cost")
+        if cost is not None and cost < DOMAIN_KEPT:
+            domain_text += f" (less than {DOMAIN_KEPT:.0%}: not at little cost to the domain)"
         parts.append(f"{b}: general loss {before:.3f} before CPT rises to {_fmt(p[0])} without replay (+{rise0:.3f}); "
                      f"replay {small.x:g} gives {_fmt(small)} ({kept:.0%} of the rise"
-                     f"{'' if lower else ', not lower beyond the noise'}){domain_text}; "
-                     + ", ".join(f"replay {q.x:g}: {_fmt(q)}" for q in p[2:]))
+                     f"{'' if lower else ', not lower beyond the noise'}){domain_text}"
+                     + "".join(f"; replay {q.x:g}: {_fmt(q)}" for q in p[2:]))
     f.reproduced = _unanimous(verdicts)
     f.answer = "; ".join(parts)
     return f

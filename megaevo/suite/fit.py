@@ -115,7 +115,8 @@ def fit_dcpt(d: Sequence[float], r: Sequence[float], loss: Sequence[float], eps:
     shares ``r`` (the domain share for the domain loss, the general share for the general one)."""
     d, r, y = (np.asarray(v, dtype=float) for v in (d, r, loss))
     if len(y) < len(DCPT_PARAMS):
-        raise FitError(f"the D-CPT law has {len(DCPT_PARAMS)} parameters and there are {len(y)} points")
+        raise FitError(f"the D-CPT law has {len(DCPT_PARAMS)} parameters and the CPT runs give {len(y)} points to fit "
+                       f"them: evaluate them more often (train.eval_interval) or add values to the mixture axis")
     lo, hi = float(y.min()), float(y.max())
     spread = max(hi - lo, 1e-3)
     starts = [[lo - spread * f, spread * g, beta, eta, spread * h, gamma]
@@ -275,6 +276,10 @@ def heldout_check(curves: list[Curve], share: float | None = None) -> dict:
     """Fit the D-CPT law on every ratio but one (``share``, default the middle one) and predict that run's
     final losses."""
     shares = sorted({c.share for c in curves})
+    if len(shares) < 3:
+        raise FitError(f"the held-out check fits the law on every domain share but one and predicts that one: it "
+                       f"needs 3 shares or more, and the CPT runs have {len(shares)} "
+                       f"({', '.join(f'{s:g}' for s in shares)}); add values to the mixture axis")
     if share is None:
         inner = shares[1:-1] or shares
         share = inner[len(inner) // 2]
