@@ -19,14 +19,8 @@ from typing import Any
 import yaml
 
 from megaevo.errors import UserError
+from megaevo.metrics import METRICS_FILE, read_metrics
 from megaevo.suite.report import read_suite
-
-try:
-    from megaevo.metrics import read_metrics
-except ImportError:  # the metrics module's reader is the report's until megaevo.metrics exists
-    from megaevo.suite.report import read_metrics
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def number(v: Any) -> float | None:
