@@ -91,7 +91,8 @@ def main() -> None:
         torch.set_num_threads(min(torch.get_num_threads(), 2))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tokenizer = args.tokenizer or prompt_tokenizer(tmp, min(args.vocab_size or 4096, 4096))
+        # GCD questions give about 430 pieces at most: the tokenizer stays below, the model's vocabulary may be larger
+        tokenizer = args.tokenizer or prompt_tokenizer(tmp, min(args.vocab_size or 400, 400))
         for algorithm in args.algorithm.split(","):
             print(json.dumps(run(args, algorithm.strip(), tokenizer, tmp)), flush=True)
 
