@@ -47,3 +47,15 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int
     rows, as Megatron-LM pads them)."""
     step = multiple * tp_size
     return -(-vocab_size // step) * step
+
+
+def activation_bound(num_micro: int, pp: int, rank: int, virtual_pp: int = 1) -> int:
+    """The most micro-batch activations (per model chunk) pipeline rank ``rank`` holds at once under the
+    engine's schedule (megaevo.parallel.pipeline: 1F1B, or interleaved with ``virtual_pp`` chunks); the
+    layout planner counts activation memory with it."""
+    if virtual_pp == 1:
+        return min(pp - rank, num_micro)
+    total = num_micro * virtual_pp
+    if num_micro == pp:
+        return total
+    return min((pp - rank - 1) * 2 + (virtual_pp - 1) * pp + 1, total)

@@ -12,7 +12,8 @@ from megaevo.checkpoint import LoadedCheckpoint
 from megaevo.convert import reshard
 from megaevo.model import ModelArgs
 from megaevo.model.llama import build_chunks
-from megaevo.parallel.pipeline import (BACKWARD, FORWARD, ScheduleError, activation_bound, schedule, simulate)
+from megaevo.common import activation_bound
+from megaevo.parallel.pipeline import BACKWARD, FORWARD, ScheduleError, schedule, simulate
 from megaevo.parallel.state import ParallelState
 from dist_utils import run_distributed
 from helpers import assert_close_runs, config, fit, logical_weights, make_data

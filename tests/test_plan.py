@@ -8,7 +8,8 @@ import pytest
 from megaevo.cli import main
 from megaevo.model.args import ModelArgs
 from megaevo.plan import Candidate, Workload, check_fits, hardware, plan
-from megaevo.plan.model import in_flight, padded_vocab
+from megaevo.plan import model as plan_model
+from megaevo.plan.model import padded_vocab
 
 ROW_KEYS = {"tp", "pp", "dp", "virtual_pp", "micro_batch_size", "recompute", "distributed_optimizer", "memory_gb",
             "memory", "fits", "step_s", "tokens_per_s", "mfu", "overrides"}
@@ -39,11 +40,14 @@ def test_every_layout_is_legal_and_ranked_fitting_fastest_first():
 
 def test_in_flight_and_vocab_padding_follow_the_engine():
     from megaevo.parallel.layers import padded_vocab_size
-    from megaevo.parallel.pipeline import activation_bound
+    from megaevo.common import activation_bound
+    from megaevo.parallel.pipeline import simulate
 
+    assert plan_model.activation_bound is activation_bound  # one rule: the engine's schedule's bound
     for m, pp, vpp in ((8, 4, 1), (8, 4, 2), (4, 4, 2), (2, 4, 1), (12, 2, 3)):
+        live = simulate(m, pp, vpp).max_live
         for r in range(pp):
-            assert in_flight(m, pp, r, vpp) == activation_bound(m, pp, r, vpp)
+            assert live[r] <= plan_model.activation_bound(m, pp, r, vpp)
     shape = ModelArgs.from_preset("evolm-1b")
     for tp in (1, 2, 4, 8):
         assert padded_vocab(shape, tp) == padded_vocab_size(shape.vocab_size, tp, shape.vocab_pad_multiple)

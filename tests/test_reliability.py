@@ -44,16 +44,19 @@ def test_a_run_that_diverges_exits_non_zero_and_keeps_latest_finite(data, tmp_pa
     assert len(errors) == 1 and f"checkpoint.load={latest}" in errors[0], errors
 
 
-SIGNALLED_RUN = """
-import sys, time
+SLOWED_RUN = """
+import os, sys, time
 from pathlib import Path
 from megaevo import cli
 from megaevo.training import trainer
 step = trainer.Trainer.train_step
 def slow_step(self):
-    time.sleep(0.15)  # time for the test to send its signal mid-run
+    time.sleep(float(sys.argv[2]))  # time for the test to signal or kill it mid-run
     return step(self)
 trainer.Trainer.train_step = slow_step
+if len(sys.argv) > 3:  # where each worker says its pid, by rank and restart attempt
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    Path(sys.argv[3], f"pid_rank{os.environ['RANK']}_attempt{attempt}").write_text(str(os.getpid()))
 sys.exit(cli.main(["train", "--config", sys.argv[1]]))
 """
 
@@ -64,7 +67,7 @@ def test_sigterm_saves_and_the_run_resumes_exactly(data, tmp_path):
                 "optim.schedule": "constant", "optim.warmup": 0}
     out = tmp_path / "run"
     path = save_config(config(data, out, **settings), tmp_path / "run.yaml")
-    proc = subprocess.Popen([sys.executable, "-c", SIGNALLED_RUN, str(path)], cwd=TESTS, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", SLOWED_RUN, str(path), "0.15"], cwd=TESTS, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -278,22 +281,6 @@ def test_mistakes_under_torchrun_are_one_line(data, tmp_path, overrides, setting
     assert any(setting in line for line in lines) and "Traceback" not in outputs[0], outputs[0]
 
 
-ELASTIC_WORKER = """
-import os, sys, time
-from pathlib import Path
-from megaevo import cli
-from megaevo.training import trainer
-step = trainer.Trainer.train_step
-def slow_step(self):
-    time.sleep(0.2)  # time for the test to kill a worker mid-run
-    return step(self)
-trainer.Trainer.train_step = slow_step
-attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-Path(sys.argv[2], f"pid_rank{os.environ['RANK']}_attempt{attempt}").write_text(str(os.getpid()))
-sys.exit(cli.main(["train", "--config", sys.argv[1]]))
-"""
-
-
 def _records(metrics: Path) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
 
@@ -305,11 +292,11 @@ def test_torchrun_restarts_a_killed_group_from_the_latest_checkpoint(data, tmp_p
     settings = {"train.iters": 12, "checkpoint.interval": 2, "train.eval_interval": 0}
     out = tmp_path / "run"
     save_config(config(data, out, **settings), tmp_path / "run.yaml")
-    (tmp_path / "worker.py").write_text(ELASTIC_WORKER)
+    (tmp_path / "worker.py").write_text(SLOWED_RUN)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGAEVO_CHECKPOINT_TIMEOUT": "5",
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5", "PYTHONPATH": str(TESTS.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", "1", str(tmp_path / "worker.py"), str(tmp_path / "run.yaml"), str(tmp_path)]
+           "--max-restarts", "1", str(tmp_path / "worker.py"), str(tmp_path / "run.yaml"), "0.2", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = _Lines(proc.stdout)
     metrics, pid = out / "metrics.jsonl", tmp_path / "pid_rank1_attempt0"

@@ -88,16 +88,6 @@ def schedule(num_micro: int, pp: int, rank: int, virtual_pp: int = 1, forward_on
     return actions
 
 
-def activation_bound(num_micro: int, pp: int, rank: int, virtual_pp: int = 1) -> int:
-    """The most micro-batch activations (per chunk) a rank holds at once under :func:`schedule`."""
-    if virtual_pp == 1:
-        return min(pp - rank, num_micro)
-    total = num_micro * virtual_pp
-    if num_micro == pp:
-        return total
-    return min((pp - rank - 1) * 2 + (virtual_pp - 1) * pp + 1, total)
-
-
 # -- checking schedules without processes ------------------------------------------------------------
 @dataclass
 class SimulationResult:

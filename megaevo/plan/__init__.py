@@ -23,7 +23,7 @@ Memory per GPU (bytes; the pipeline rank with the largest total)
 * optimizer ``12 N_own``: float32 master weights and both Adam moments. Without the distributed
   optimizer ``N_own = N``; with it (ZeRO-1) each DP rank owns ``size / r`` of every bucket.
 * activations: ``in_flight x A_chunk``, with ``in_flight`` the schedule's bound
-  (megaevo.parallel.pipeline.activation_bound): ``min(p - rank, m)`` for 1F1B, ``min(2 (p - rank - 1)
+  (megaevo.common.activation_bound): ``min(p - rank, m)`` for 1F1B, ``min(2 (p - rank - 1)
   + (v - 1) p + 1, m v)`` chunk-micro-batches for the interleaved schedule (every one when m = p). Per
   decoder layer and micro-batch (after Korthikanti et al. 2022, "Reducing Activation Recomputation in
   Large Transformer Models", Table 2, for megaevo's kernels)::

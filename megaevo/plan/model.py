@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from megaevo.common import activation_bound
 from megaevo.model.args import ModelArgs
 from megaevo.model.flops import flops_per_token
 
@@ -208,17 +209,6 @@ def rope_bytes(shape: ModelArgs) -> float:
     return 2 * shape.max_seq_len * (shape.head_dim // 2) * 4
 
 
-def in_flight(num_micro: int, pp: int, rank: int, virtual_pp: int) -> int:
-    """Micro-batch activations (per chunk) alive at once on a pipeline rank: the schedule's bound,
-    as megaevo.parallel.pipeline.activation_bound computes it."""
-    if virtual_pp == 1:
-        return min(pp - rank, num_micro)
-    total = num_micro * virtual_pp
-    if num_micro == pp:
-        return total
-    return min((pp - rank - 1) * 2 + (virtual_pp - 1) * pp + 1, total)
-
-
 def chunk_activation_bytes(shape: ModelArgs, w: Workload, c: Candidate, stage: int) -> tuple[float, float]:
     """(activations, logits) that virtual stage ``stage`` saves for backward for one micro-batch."""
     layers = stage_layers(shape, c.pp, c.virtual_pp, c.pp_layers)
@@ -241,7 +231,7 @@ def rank_memory(w: Workload, c: Candidate, rank: int) -> dict[str, float]:
     buf = rank_buffers(shape, c.tp, c.pp, c.dp, c.virtual_pp, c.pp_layers, rank, c.distributed_optimizer,
                        w.bucket_size_mb)
     num_micro = w.global_batch // (c.dp * c.micro_batch_size)
-    live = in_flight(num_micro, c.pp, rank, c.virtual_pp)
+    live = activation_bound(num_micro, c.pp, rank, c.virtual_pp)
     chunks = [chunk_activation_bytes(shape, w, c, k * c.pp + rank) for k in range(c.virtual_pp)]
     # the in-flight sets are spread over the rank's chunks; the head's logits live for one at a time
     act = live * sum(a for a, _ in chunks) / c.virtual_pp
