@@ -1,6 +1,6 @@
 """Small rules every layer shares, in one place: the label that no loss counts, the names of the compute
-dtypes, how a seed and a name make the seed of one tensor's random stream, and how the vocabulary is padded
-for tensor parallelism.
+dtypes, how a seed and a name make the seed of one tensor's random stream, how the vocabulary is padded
+for tensor parallelism, and how many micro-batch activations the pipeline schedule keeps alive.
 
 Nothing here imports torch at module level, so the configuration and command-line layers stay light.
 """
